@@ -1,0 +1,15 @@
+"""Token compressors behind one registry: ``get_compressor("fastervlm")``, ``list_compressors("*")``."""
+from . import fastervlm, simple  # noqa: F401  (registration)
+from .base import Compressor, InLLMCompressor, KeepPlan, PreLLMCompressor
+from .registry import COMPRESSORS
+
+
+def get_compressor(name: str, **kwargs) -> Compressor:
+    return COMPRESSORS.get(name)(**kwargs)
+
+
+def list_compressors(pattern: str = "*") -> list[str]:
+    return COMPRESSORS.names(pattern)
+
+
+__all__ = ["COMPRESSORS", "Compressor", "InLLMCompressor", "KeepPlan", "PreLLMCompressor", "get_compressor", "list_compressors"]

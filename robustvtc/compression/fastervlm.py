@@ -1,0 +1,26 @@
+"""FasterVLM (Zhang et al., "[CLS] Attention is All You Need for Training-Free Visual Token Pruning", 2024).
+
+Rule (reference code Theia-4869/FasterVLM): score each patch by the CLS->patch attention of the encoder's
+feature layer (LLaVA: penultimate), averaged over heads; keep the top-K, in raster order, no merging.
+"""
+from __future__ import annotations
+
+from ..models.base import VisualTokens
+from .base import KeepPlan, PreLLMCompressor, topk_sorted
+from .registry import COMPRESSORS
+
+
+@COMPRESSORS.register()
+class FasterVLM(PreLLMCompressor):
+    name = "fastervlm"
+    paper = "FasterVLM, arXiv 2412.01818"
+
+    def __init__(self, layer: int | None = None):
+        self.layer = layer  # None = the feature layer, as in the reference code
+
+    def signal_layers(self) -> tuple[int, ...]:
+        return () if self.layer is None else (self.layer,)
+
+    def plan(self, tokens: VisualTokens, budget: int) -> KeepPlan:
+        scores = tokens.cls_attention(self.layer, reduce="mean")
+        return KeepPlan.from_indices(topk_sorted(scores, budget), tokens.num_tokens)

@@ -1,0 +1,3 @@
+from ..registry import Registry
+
+COMPRESSORS: Registry = Registry("compressor")

@@ -1,0 +1,233 @@
+"""Seeded synthetic visual-question task the built-in model is trained and tested on.
+
+Scenes are 96x96 RGB images with 3-6 small objects (shape, colour, size) placed in the cells of a 3x3
+grid over a cluttered grey background. Every question needs specific image regions, so dropping the
+wrong visual tokens loses the answer -- the property that makes token compression matter.
+
+Determinism: sample ``i`` of a split is drawn from ``numpy.random.default_rng([SPLIT_SEEDS[split], seed, i])``,
+so splits never overlap and any sample can be regenerated on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import UserInputError
+
+IMAGE_SIZE = 96
+PATCH_SIZE = 8
+GRID = 3
+CELL = IMAGE_SIZE // GRID
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (225, 35, 35),
+    "green": (35, 185, 55),
+    "blue": (40, 80, 235),
+    "yellow": (240, 220, 30),
+    "purple": (160, 50, 210),
+    "cyan": (30, 215, 225),
+}
+SHAPES = ("circle", "square", "triangle", "cross", "diamond")
+SIZES = {"small": 5.0, "large": 7.5}  # half-extent in pixels: 10 or 15 px objects, 2x2..3x3 patches
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+NUMBERS = ("zero", "one", "two", "three")
+RELATIONS = ("left of", "right of", "above", "below")
+QUESTION_TYPES = ("color", "shape", "count", "exist", "relation")
+ANSWERS: tuple[str, ...] = (*COLOURS, *SHAPES, *NUMBERS, "yes", "no")
+SPLIT_SEEDS = {"train": 1001, "val": 2002, "test": 3003}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    size: str
+    cell: int  # 0..8, raster order over the 3x3 grid
+    cx: float
+    cy: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass
+class VQASample:
+    """One image-question-answer triple, with the ground truth needed to analyse token selection."""
+
+    image: np.ndarray  # (96, 96, 3) uint8
+    question: str
+    answer: str
+    qtype: str
+    objects: list[SceneObject] = field(default_factory=list)
+    index: int = 0
+    split: str = "test"
+
+    def patch_coverage(self, patch_size: int = PATCH_SIZE) -> np.ndarray:
+        """(objects, H/p, W/p) fraction of each patch that each object covers."""
+        g = IMAGE_SIZE // patch_size
+        cov = [_shape_mask(o, IMAGE_SIZE).reshape(g, patch_size, g, patch_size).mean(axis=(1, 3)) for o in self.objects]
+        return np.stack(cov) if cov else np.zeros((0, g, g), np.float32)
+
+    def object_patch_mask(self, patch_size: int = PATCH_SIZE) -> np.ndarray:
+        """(H/p, W/p) bool grid: patches an object's pixels fall into."""
+        return (self.patch_coverage(patch_size) > 0.02).any(axis=0)
+
+
+def _shape_mask(obj: SceneObject, size: int, supersample: int = 2) -> np.ndarray:
+    """Anti-aliased coverage in [0,1] of one object, rendered by supersampling its bounding box."""
+    r = SIZES[obj.size]
+    out = np.zeros((size, size), np.float32)
+    x0, x1 = int(np.floor(obj.cx - r - 1)), int(np.ceil(obj.cx + r + 1))
+    y0, y1 = int(np.floor(obj.cy - r - 1)), int(np.ceil(obj.cy + r + 1))
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, size), min(y1, size)
+    s = supersample
+    ys = (np.arange(y0 * s, y1 * s) + 0.5) / s - obj.cy
+    xs = (np.arange(x0 * s, x1 * s) + 0.5) / s - obj.cx
+    dy, dx = np.meshgrid(ys, xs, indexing="ij")
+    if obj.shape == "circle":
+        inside = dx**2 + dy**2 <= r**2
+    elif obj.shape == "square":
+        inside = (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85)
+    elif obj.shape == "diamond":
+        inside = np.abs(dx) + np.abs(dy) <= r * 1.1
+    elif obj.shape == "cross":
+        arm = r * 0.38
+        inside = ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+    elif obj.shape == "triangle":  # apex up
+        inside = (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.62)
+    else:  # pragma: no cover - SHAPES is closed
+        raise ValueError(obj.shape)
+    cov = inside.reshape(y1 - y0, s, x1 - x0, s).mean(axis=(1, 3))
+    out[y0:y1, x0:x1] = cov
+    return out
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    """Low-saturation clutter: a smooth grey field, grey strokes and specks, sensor noise."""
+    coarse = rng.uniform(0.25, 0.6, size=(4, 4)).astype(np.float32)
+    idx = np.linspace(0, 3, IMAGE_SIZE)
+    i0 = np.floor(idx).astype(int).clip(0, 2)
+    t = (idx - i0)[:, None]
+    rows = coarse[i0] * (1 - t) + coarse[i0 + 1] * t  # (96, 4)
+    u = (idx - i0)[None, :]
+    field_ = rows[:, i0] * (1 - u) + rows[:, i0 + 1] * u
+    img = np.repeat(field_[..., None], 3, axis=2)
+    img += rng.normal(0, 0.03, size=(1, 1, 3)).astype(np.float32)  # faint global tint
+    for _ in range(rng.integers(6, 12)):  # thin strokes, rasterised inside their bounding box
+        x0, y0 = rng.uniform(0, IMAGE_SIZE, 2)
+        ang = rng.uniform(0, np.pi)
+        width, half_len = rng.uniform(0.5, 1.2), rng.uniform(8, 30)
+        ex, ey = abs(np.cos(ang)) * half_len + 2, abs(np.sin(ang)) * half_len + 2
+        ya, yb = int(max(y0 - ey, 0)), int(min(y0 + ey + 1, IMAGE_SIZE))
+        xa, xb = int(max(x0 - ex, 0)), int(min(x0 + ex + 1, IMAGE_SIZE))
+        yy, xx = np.mgrid[ya:yb, xa:xb]
+        dist = np.abs((xx - x0) * np.sin(ang) - (yy - y0) * np.cos(ang))
+        along = np.abs((xx - x0) * np.cos(ang) + (yy - y0) * np.sin(ang))
+        img[ya:yb, xa:xb][(dist < width) & (along < half_len)] = rng.uniform(0.15, 0.8)
+    for _ in range(rng.integers(15, 30)):  # specks
+        x, y = rng.integers(0, IMAGE_SIZE - 2, 2)
+        img[y : y + 2, x : x + 2] = rng.uniform(0.1, 0.85)
+    img += rng.normal(0, 0.025, size=img.shape).astype(np.float32)
+    return img
+
+
+def _render(objects: list[SceneObject], rng: np.random.Generator) -> np.ndarray:
+    img = _background(rng)
+    for obj in objects:
+        cov = _shape_mask(obj, IMAGE_SIZE)[..., None]
+        colour = np.array(COLOURS[obj.colour], np.float32) / 255.0
+        shade = rng.uniform(0.85, 1.05)
+        img = img * (1 - cov) + np.clip(colour * shade, 0, 1) * cov
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _random_objects(rng: np.random.Generator) -> list[SceneObject]:
+    n = int(rng.integers(3, 7))
+    cells = rng.choice(GRID * GRID, size=n, replace=False)
+    combos = rng.choice(len(COLOURS) * len(SHAPES), size=n, replace=False)  # (colour, shape) unique per scene
+    colours = list(COLOURS)
+    objects = []
+    for cell, combo in zip(cells, combos):
+        size = str(rng.choice(list(SIZES)))
+        margin = CELL / 2 - SIZES[size] - 1.5
+        cx = (cell % GRID + 0.5) * CELL + rng.uniform(-margin, margin)
+        cy = (cell // GRID + 0.5) * CELL + rng.uniform(-margin, margin)
+        objects.append(SceneObject(SHAPES[combo % len(SHAPES)], colours[combo // len(SHAPES)], size, int(cell), cx, cy))
+    return objects
+
+
+def _relation_holds(a: SceneObject, b: SceneObject, rel: str) -> bool | None:
+    """Grid-cell relation; None when the relation is not decided by the cells (same column/row)."""
+    ca, ra, cb, rb = a.cell % GRID, a.cell // GRID, b.cell % GRID, b.cell // GRID
+    if rel in ("left of", "right of"):
+        return None if ca == cb else (ca < cb) == (rel == "left of")
+    return None if ra == rb else (ra < rb) == (rel == "above")
+
+
+def _candidate_questions(objects: list[SceneObject], qtype: str) -> list[tuple[str, str]]:
+    """All (question, answer) pairs of one type that the scene answers unambiguously."""
+    out: list[tuple[str, str]] = []
+    if qtype == "color":
+        for shape in SHAPES:
+            match = [o for o in objects if o.shape == shape]
+            if len(match) == 1:
+                out.append((f"what color is the {shape} ?", match[0].colour))
+    elif qtype == "shape":
+        for o in objects:
+            out.append((f"what shape is at the {POSITIONS[o.cell]} ?", o.shape))
+    elif qtype == "count":
+        for colour in COLOURS:
+            c = sum(o.colour == colour for o in objects)
+            if c < len(NUMBERS):
+                out.append((f"how many {colour} objects are there ?", NUMBERS[c]))
+    elif qtype == "exist":
+        present = {(o.colour, o.shape) for o in objects}
+        for colour in COLOURS:
+            for shape in SHAPES:
+                out.append((f"is there a {colour} {shape} ?", "yes" if (colour, shape) in present else "no"))
+    elif qtype == "relation":
+        for a in objects:
+            for b in objects:
+                if a is b:
+                    continue
+                for rel in RELATIONS:
+                    holds = _relation_holds(a, b, rel)
+                    if holds is not None:
+                        out.append((f"is the {a.name} {rel} the {b.name} ?", "yes" if holds else "no"))
+    return out
+
+
+def generate_sample(index: int, split: str = "test", seed: int = 0, qtype: str | None = None) -> VQASample:
+    """Sample ``index`` of ``split``; the question type cycles so every type is equally frequent.
+
+    Answers are balanced within a type: the answer class is drawn uniformly among those the scene offers,
+    then a question with that answer (scenes are redrawn until the drawn class is available).
+    """
+    if split not in SPLIT_SEEDS:
+        raise UserInputError(f"unknown split {split!r}; accepted: {', '.join(SPLIT_SEEDS)}")
+    qtype = qtype or QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    if qtype not in QUESTION_TYPES:
+        raise UserInputError(f"unknown question type {qtype!r}; accepted: {', '.join(QUESTION_TYPES)}")
+    rng = np.random.default_rng([SPLIT_SEEDS[split], seed, index])
+    answer_space = {"color": list(COLOURS), "shape": list(SHAPES), "count": list(NUMBERS)}.get(qtype, ["yes", "no"])
+    wanted = str(rng.choice(answer_space))
+    while True:
+        objects = _random_objects(rng)
+        pairs = [p for p in _candidate_questions(objects, qtype) if p[1] == wanted]
+        if pairs:
+            question, answer = pairs[int(rng.integers(len(pairs)))]
+            return VQASample(_render(objects, rng), question, answer, qtype, objects, index, split)
+
+
+def generate_dataset(n: int, split: str = "test", seed: int = 0, start: int = 0) -> list[VQASample]:
+    return [generate_sample(i, split, seed) for i in range(start, start + n)]
+
+
+def question_vocabulary() -> list[str]:
+    """Every word a question or answer of this task can contain (for the word-level tokenizer)."""
+    words = {"what", "color", "is", "the", "shape", "at", "how", "many", "objects", "are", "there", "?", "a"}
+    for text in (*COLOURS, *SHAPES, *POSITIONS, *NUMBERS, *RELATIONS, "yes", "no"):
+        words.update(text.split())
+    return sorted(words)

@@ -1,0 +1,76 @@
+"""Turn user images into the pixel tensors attacks work on: float (B, 3, H, W) in [0, 1] at model resolution."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserInputError
+
+ACCEPTED = "a PIL RGB image, an (H, W, 3) uint8/float array, a (3, H, W) or (B, 3, H, W) float tensor in [0, 1], or an image file path"
+
+
+def check_pixels(pixels: Any, size: int | tuple[int, int]) -> torch.Tensor:
+    """Validate a pixel batch: (B, 3, H, W) floating tensor, finite, within [0, 1], at the model's resolution."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if not isinstance(pixels, torch.Tensor):
+        raise UserInputError(f"pixels must be a torch tensor, got {type(pixels).__name__}; accepted: {ACCEPTED}")
+    if pixels.dim() == 3:
+        pixels = pixels.unsqueeze(0)
+    if pixels.dim() != 4 or pixels.shape[1] != 3:
+        raise UserInputError(f"pixels must have shape (B, 3, {h}, {w}), got {tuple(pixels.shape)}")
+    if not pixels.is_floating_point():
+        raise UserInputError(f"pixels must be a floating tensor in [0, 1], got dtype {pixels.dtype}")
+    if tuple(pixels.shape[-2:]) != (h, w):
+        raise UserInputError(
+            f"image size {tuple(pixels.shape[-2:])} does not match the model's input resolution ({h}, {w}); "
+            "resize first (to_pixels(..., resize=True))"
+        )
+    if not torch.isfinite(pixels).all():
+        raise UserInputError("pixels contain NaN or infinite values; accepted: finite values in [0, 1]")
+    lo, hi = pixels.min().item(), pixels.max().item()
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise UserInputError(f"pixel values must lie in [0, 1], got range [{lo:.3g}, {hi:.3g}] (normalisation is done inside)")
+    return pixels
+
+
+def to_pixels(image: Any, size: int | tuple[int, int], resize: bool = False) -> torch.Tensor:
+    """One image (PIL, array, tensor or path) -> (1, 3, H, W) float tensor in [0, 1].
+
+    Resizing is opt-in (bicubic, in torch) because the attack's threat model is stated at model resolution.
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise UserInputError(f"image file not found: {path}")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB") if im.mode in ("L", "P", "RGBA") else im.copy()
+        except UnidentifiedImageError:
+            raise UserInputError(f"{path} is not an image file PIL can read; accepted: PNG, JPEG, ...") from None
+    if type(image).__module__.startswith("PIL."):
+        if image.mode != "RGB":
+            raise UserInputError(f"image mode {image.mode!r} is not supported; accepted: 'RGB' (use image.convert('RGB'))")
+        image = np.asarray(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise UserInputError(f"image array must have shape (H, W, 3), got {image.shape}")
+        if image.dtype == np.uint8:
+            tensor = torch.from_numpy(image.astype(np.float32) / 255.0)
+        elif np.issubdtype(image.dtype, np.floating):
+            tensor = torch.from_numpy(image.astype(np.float32))
+        else:
+            raise UserInputError(f"image array dtype {image.dtype} is not supported; accepted: uint8 or float in [0, 1]")
+        image = tensor.permute(2, 0, 1)
+    if not isinstance(image, torch.Tensor):
+        raise UserInputError(f"not an image: {type(image).__name__}; accepted: {ACCEPTED}")
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if resize and image.dim() == 4 and tuple(image.shape[-2:]) != (h, w):
+        image = torch.nn.functional.interpolate(image.float(), size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
+    return check_pixels(image, (h, w))

@@ -1,0 +1,115 @@
+"""What every LVLM adapter exposes: pixels -> visual tokens (+ importance signals) -> LLM -> answer scores.
+
+An adapter owns the model-specific plumbing (normalisation, encoder hooks, prompt splicing, decoder
+loop); compressors and attacks only see :class:`VisualTokens`, visual embeddings and these methods, so
+one attack or compressor runs on every model family.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import UserInputError
+
+
+@dataclass
+class LayerSignals:
+    """Queries and keys of one vision-encoder attention layer, index 0 = CLS (B, heads, 1+N, head_dim)."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    scale: float
+
+    def attention_from(self, query_index: int = 0) -> torch.Tensor:
+        """Softmax attention row of one query token over all 1+N tokens, per head: (B, heads, 1+N)."""
+        logits = torch.einsum("bhd,bhnd->bhn", self.queries[:, :, query_index], self.keys) * self.scale
+        return logits.softmax(dim=-1)
+
+
+@dataclass
+class VisualTokens:
+    """Patch features of the encoder's feature layer plus the signals compressors score tokens by.
+
+    ``features`` excludes CLS (N = grid_h * grid_w tokens in raster order); ``cls`` is the CLS hidden state
+    of the same layer. ``signals`` maps an absolute encoder layer index to its :class:`LayerSignals`.
+    Everything is differentiable w.r.t. the pixels it came from.
+    """
+
+    features: torch.Tensor  # (B, N, D_vision)
+    cls: torch.Tensor | None  # (B, D_vision)
+    grid: tuple[int, int]
+    feature_layer: int  # absolute index of the encoder layer whose output ``features`` is
+    signals: dict[int, LayerSignals] = field(default_factory=dict)
+    num_layers: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[1]
+
+    def layer_index(self, layer: int | None) -> int:
+        """Absolute encoder layer index; negative values count from the end like ``hidden_states[layer]``."""
+        if layer is None:
+            return self.feature_layer
+        return layer + self.num_layers if layer < 0 else layer
+
+    def layer_signals(self, layer: int | None = None) -> LayerSignals:
+        idx = self.layer_index(layer)
+        if idx not in self.signals:
+            raise UserInputError(
+                f"encoder layer {idx} signals were not captured; captured layers: {sorted(self.signals)}"
+            )
+        return self.signals[idx]
+
+    def cls_attention(self, layer: int | None = None, reduce: str = "mean") -> torch.Tensor:
+        """CLS->patch attention of ``layer``: (B, N) reduced over heads ("mean"/"sum"), or (B, heads, N) for "none"."""
+        att = self.layer_signals(layer).attention_from(0)[..., 1:]
+        if reduce == "none":
+            return att
+        if reduce in ("mean", "sum"):
+            return getattr(att, reduce)(dim=1)
+        raise UserInputError(f"unknown head reduction {reduce!r}; accepted: mean, sum, none")
+
+    def keys(self, layer: int | None = None, reduce: str = "mean") -> torch.Tensor:
+        """Patch keys of ``layer`` without CLS: (B, N, head_dim) averaged over heads, or (B, heads, N, head_dim)."""
+        k = self.layer_signals(layer).keys[:, :, 1:]
+        return k.mean(dim=1) if reduce == "mean" else k
+
+    def norms(self) -> torch.Tensor:
+        """L2 norm of every patch feature: (B, N)."""
+        return self.features.norm(dim=-1)
+
+    def select(self, index: torch.Tensor) -> "VisualTokens":
+        """The same tokens for a subset of batch items (signals included)."""
+        return VisualTokens(
+            self.features[index], None if self.cls is None else self.cls[index], self.grid, self.feature_layer,
+            {k: LayerSignals(v.queries[index], v.keys[index], v.scale) for k, v in self.signals.items()},
+            self.num_layers,
+        )
+
+
+@dataclass
+class InLLMContext:
+    """What an in-LLM compressor sees at its pruning layer (the input of decoder layer ``layer``).
+
+    ``visual_index`` (B, K) holds the sequence positions of the visual tokens still alive; ``text_index``
+    (B, T) those of the text after the image (question + assistant prompt), with ``text_valid`` marking real entries. ``attention_rows(q)`` returns
+    the previous layer's head-averaged attention (B, len(q) per sample, L) from the query positions ``q``
+    (B, Q) -- recomputed from that layer's queries and keys, so no eager attention is needed.
+    """
+
+    layer: int
+    hidden: torch.Tensor  # (B, L, D)
+    attention_mask: torch.Tensor  # (B, L), 1 = real token
+    visual_index: torch.Tensor  # (B, K)
+    text_index: torch.Tensor  # (B, T), short rows padded by repeating their last position
+    text_valid: torch.Tensor  # (B, T) bool, False at that padding
+    attention_rows: Callable[[torch.Tensor], torch.Tensor]
+    previous_keys: Callable[[], torch.Tensor]  # (B, heads, L, head_dim) keys of the previous layer, after RoPE
+    input_embeds: torch.Tensor  # (B, L, D) the LLM's input embeddings (SparseVLM's raters use them)
+

@@ -1,0 +1,196 @@
+"""Train the built-in LLaVA from scratch on the synthetic task (``robustvtc train-builtin``).
+
+Recipe (all choices are here and recorded in ``training_report.json``):
+
+* LM loss on the one-word answer and the end-of-sequence token, through the very adapter users attack.
+* CLIP-like supervision of the vision tower, discarded after training: the CLS token of the last layer
+  (CLIP's pooled output) and of the feature layer predict which (colour, shape) pairs the scene holds, so
+  the CLS token must attend to the objects -- the property CLS-attention compressors rely on in CLIP;
+  each patch token of the feature layer predicts the colour and shape of the object covering it.
+* Token-drop augmentation: on half of the batches the LLM sees only k ~ U[16, N] visual tokens (all
+  object patches first, then random background patches, raster order, contiguous positions), so the
+  tiny LLM tolerates the shorter visual sequences compressors produce, as large LVLMs do by scale.
+  Object patches are chosen from ground truth, never from the model's attention.
+
+Data are drawn fresh every step from the train split (sample index = step * batch + j), so the run is
+deterministic for a seed and never repeats an image.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import synthetic as S
+from .models.builtin import CLIP_MEAN, CLIP_STD, PROMPT_TEMPLATE, build_tokenizer, builtin_config
+from .models.llava import LlavaAdapter
+
+COMBOS = [(c, s) for c in S.COLOURS for s in S.SHAPES]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1100
+    batch_size: int = 64
+    lr: float = 1.5e-3
+    warmup: int = 60
+    weight_decay: float = 0.05
+    drop_prob: float = 0.5
+    min_keep: int = 16
+    aux_weight: float = 0.5
+    seed: int = 0
+    eval_every: int = 250
+    eval_samples: int = 250
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Batches of the train split, rendered in a worker process while the main process trains."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int = 0):
+        self.cfg, self.start_step = cfg, start_step
+
+    def __iter__(self):
+        cfg = self.cfg
+        for step in range(self.start_step, cfg.steps):
+            samples = [S.generate_sample(step * cfg.batch_size + j, "train", cfg.seed) for j in range(cfg.batch_size)]
+            yield _collate(samples)
+
+
+def _collate(samples: list[S.VQASample]) -> dict:
+    g = S.IMAGE_SIZE // S.PATCH_SIZE
+    pixels = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255.0
+    presence = torch.zeros(len(samples), len(COMBOS))
+    patch_colour = torch.zeros(len(samples), g * g, dtype=torch.long)  # 0 = background
+    patch_shape = torch.zeros(len(samples), g * g, dtype=torch.long)
+    object_mask = torch.zeros(len(samples), g * g, dtype=torch.bool)
+    colours, shapes = list(S.COLOURS), list(S.SHAPES)
+    for b, s in enumerate(samples):
+        cov = s.patch_coverage().reshape(len(s.objects), -1)
+        for o in s.objects:
+            presence[b, COMBOS.index((o.colour, o.shape))] = 1
+        if len(s.objects):
+            best = cov.argmax(0)
+            strong = cov.max(0) > 0.2
+            for p in np.nonzero(strong)[0]:
+                o = s.objects[best[p]]
+                patch_colour[b, p] = colours.index(o.colour) + 1
+                patch_shape[b, p] = shapes.index(o.shape) + 1
+            object_mask[b] = torch.from_numpy((cov > 0.02).any(0))
+    return {"pixels": pixels, "questions": [s.question for s in samples], "answers": [s.answer for s in samples],
+            "presence": presence, "patch_colour": patch_colour, "patch_shape": patch_shape, "object_mask": object_mask}
+
+
+def _keep_indices(object_mask: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, k) raster-ordered indices: object patches first (random order if more than k), then random others."""
+    noise = torch.rand(object_mask.shape, generator=gen)
+    priority = noise + object_mask.float() * 2.0
+    return priority.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def new_builtin(seed: int = 0) -> LlavaAdapter:
+    """A freshly initialised built-in model wrapped in its adapter."""
+    from transformers import LlavaForConditionalGeneration
+
+    tok = build_tokenizer()
+    cfg = builtin_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, tok.bos_token_id,
+                         tok.eos_token_id)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
+    return LlavaAdapter(model, tok, image_mean=CLIP_MEAN, image_std=CLIP_STD, prompt_template=PROMPT_TEMPLATE,
+                        name="builtin")
+
+
+def save_builtin(adapter: LlavaAdapter, out_dir: Path, report: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter.model.save_pretrained(out_dir)
+    adapter.tokenizer.save_pretrained(out_dir)
+    size = {"height": adapter.image_size, "width": adapter.image_size}
+    pre = {"image_processor_type": "CLIPImageProcessor", "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+           "size": {"shortest_edge": adapter.image_size}, "crop_size": size, "do_center_crop": True,
+           "do_resize": True, "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+           "robustvtc_prompt_template": PROMPT_TEMPLATE}
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
+
+
+def train_builtin(out_dir: str | Path, cfg: TrainConfig | None = None, log=print) -> dict:
+    cfg = cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    adapter = new_builtin(cfg.seed)
+    model = adapter.model
+    model.train()
+    model.requires_grad_(True)
+    vdim = model.config.vision_config.hidden_size
+    heads = torch.nn.ModuleDict({
+        "pool": torch.nn.Linear(vdim, len(COMBOS)),
+        "cls": torch.nn.Linear(vdim, len(COMBOS)),
+        "patch_colour": torch.nn.Linear(vdim, len(S.COLOURS) + 1),
+        "patch_shape": torch.nn.Linear(vdim, len(S.SHAPES) + 1),
+    })
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    eos = adapter.tokenizer.eos_token_id
+    answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
+    tower = model.model.vision_tower
+    loader = torch.utils.data.DataLoader(_Stream(cfg), batch_size=None, num_workers=1, prefetch_factor=4)
+    history, t0 = [], time.time()
+    for step, batch in enumerate(loader):
+        out = tower(pixel_values=adapter.normalize(batch["pixels"]), output_hidden_states=True)
+        hidden = out.hidden_states[adapter.feature_layer + 1]
+        feats = hidden[:, 1:]
+        presence = batch["presence"]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        ce = torch.nn.functional.cross_entropy
+        aux = (bce(heads["pool"](out.pooler_output), presence) + bce(heads["cls"](hidden[:, 0]), presence)
+               + ce(heads["patch_colour"](feats).flatten(0, 1), batch["patch_colour"].flatten())
+               + ce(heads["patch_shape"](feats).flatten(0, 1), batch["patch_shape"].flatten()))
+        if torch.rand((), generator=gen).item() < cfg.drop_prob:
+            k = int(torch.randint(cfg.min_keep, feats.shape[1] + 1, (), generator=gen))
+            idx = _keep_indices(batch["object_mask"], k, gen)
+            feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        conts = [[answer_id[a], eos] for a in batch["answers"]]
+        h, _ = adapter.hidden_states(adapter.project(feats), batch["questions"], conts)
+        L = h.shape[1]
+        logits = adapter.logits_at(h, torch.tensor([[L - 3, L - 2]]).expand(h.shape[0], -1))
+        lm = ce(logits.flatten(0, 1), torch.tensor(conts).flatten())
+        loss = lm + cfg.aux_weight * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0:
+            log(f"step {step:5d}  lm {lm.item():.3f}  aux {aux.item():.3f}  {time.time() - t0:6.0f}s")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            model.eval()
+            acc = quick_accuracy(adapter, cfg.eval_samples)
+            model.train()
+            history.append({"step": step + 1, "val_accuracy": acc, "seconds": round(time.time() - t0, 1)})
+            log(f"step {step + 1:5d}  val accuracy {acc:.3f}")
+    model.eval()
+    model.requires_grad_(False)
+    report = {"config": asdict(cfg), "history": history, "train_seconds": round(time.time() - t0, 1),
+              "torch_threads": torch.get_num_threads()}
+    save_builtin(adapter, Path(out_dir), report)
+    return report
+
+
+@torch.no_grad()
+def quick_accuracy(adapter: LlavaAdapter, n: int, split: str = "val") -> float:
+    samples = S.generate_dataset(n, split)
+    correct = 0
+    for i in range(0, n, 50):
+        chunk = samples[i:i + 50]
+        pixels = torch.from_numpy(np.stack([s.image for s in chunk])).permute(0, 3, 1, 2).float() / 255.0
+        tokens = adapter.encode(pixels)
+        scores = adapter.candidate_logprobs(adapter.project(tokens.features), [s.question for s in chunk], S.ANSWERS)
+        pred = scores.argmax(-1).tolist()
+        correct += sum(S.ANSWERS[p] == s.answer for p, s in zip(pred, chunk))
+    return correct / n
