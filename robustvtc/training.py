@@ -63,7 +63,7 @@ class _Stream(torch.utils.data.IterableDataset):
 
 def _collate(samples: list[S.VQASample]) -> dict:
     g = S.IMAGE_SIZE // S.PATCH_SIZE
-    pixels = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255.0
+    pixels = S.to_pixels(samples)
     presence = torch.zeros(len(samples), len(COMBOS))
     patch_colour = torch.zeros(len(samples), g * g, dtype=torch.long)  # 0 = background
     patch_shape = torch.zeros(len(samples), g * g, dtype=torch.long)
@@ -188,7 +188,7 @@ def quick_accuracy(adapter: LlavaAdapter, n: int, split: str = "val") -> float:
     correct = 0
     for i in range(0, n, 50):
         chunk = samples[i:i + 50]
-        pixels = torch.from_numpy(np.stack([s.image for s in chunk])).permute(0, 3, 1, 2).float() / 255.0
+        pixels = S.to_pixels(chunk)
         tokens = adapter.encode(pixels)
         scores = adapter.candidate_logprobs(adapter.project(tokens.features), [s.question for s in chunk], S.ANSWERS)
         pred = scores.argmax(-1).tolist()

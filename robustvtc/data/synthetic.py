@@ -231,3 +231,10 @@ def question_vocabulary() -> list[str]:
     for text in (*COLOURS, *SHAPES, *POSITIONS, *NUMBERS, *RELATIONS, "yes", "no"):
         words.update(text.split())
     return sorted(words)
+
+
+def to_pixels(samples: list[VQASample]):
+    """(B, 3, 96, 96) float tensor in [0, 1] of the samples' images."""
+    import torch
+
+    return torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255.0

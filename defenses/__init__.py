@@ -1,0 +1,1 @@
+"""Defenses, one per file, installed as ``robustvtc.defenses``."""

@@ -1,0 +1,33 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter():
+    """The built-in architecture with random weights (seed 0): fast, for plumbing tests."""
+    from robustvtc.training import new_builtin
+
+    return new_builtin(seed=0)
+
+
+@pytest.fixture(scope="session")
+def builtin_adapter():
+    """The shipped, trained built-in model loaded through from_pretrained (offline)."""
+    from robustvtc.models import load_model
+
+    return load_model("builtin")
+
+
+@pytest.fixture(scope="session")
+def samples():
+    from robustvtc.data.synthetic import generate_dataset
+
+    return generate_dataset(20, "test")
+
