@@ -76,6 +76,9 @@ class LlavaAdapter:
                         prompt_template: str | None = None, name: str | None = None, **model_kwargs) -> "LlavaAdapter":
         """Load a llava-hf checkpoint (local directory or hub id); SDPA attention, nothing downloaded offline."""
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         model = LlavaForConditionalGeneration.from_pretrained(
             str(path), dtype=resolve_dtype(dtype), attn_implementation="sdpa", **model_kwargs)
