@@ -1,0 +1,53 @@
+"""White-box PGD on the answer loss, through the full-token model or through the compressed model.
+
+The strongest attacker of the threat-model ladder: gradients of the whole LVLM, the compressor and the
+budget known, the question used. Through the compressed model the top-K selection is piecewise constant,
+so gradients either flow through the kept tokens' values with the selection held fixed for the step, or
+through the compressor's differentiable relaxation (soft top-K / straight-through) where it offers one.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from robustvtc.errors import UserInputError
+from robustvtc.target import Target
+
+from .base import ATTACKS, Attack, ThreatModel, attack_target, check_choice
+
+
+@ATTACKS.register()
+class WhiteBox(Attack):
+    """Untargeted: maximise the answer's negative log-likelihood. Targeted (``target_answers=`` at call
+    time): maximise the log-likelihood of the chosen answers.
+
+    Args:
+        path: "compressed" = through the given target's compressor and budget; "full" = through the
+            full-token model (the transfer baseline: the image is then evaluated on compressed targets).
+        relaxation: "auto" (the compressor's first declared relaxation, else none), None (hard selection,
+            gradients through kept values), or a relaxation name the compressor accepts, e.g. "soft_topk".
+            The per-sample best iterate is chosen by the loss of the path gradients are taken through.
+    """
+
+    name = "whitebox"
+    paper = "PGD (Madry et al. 2018) on the LVLM answer loss"
+    threat = ThreatModel(gradients="model", compressor_known=True, budget_known=True, uses_question=True)
+
+    def __init__(self, model, *, path: str = "compressed", relaxation: str | None = "auto", **common):
+        super().__init__(model, **common)
+        self.path = check_choice(path, ("compressed", "full"), "path")
+        self.relaxation = relaxation
+        self._through = attack_target(self.target, relaxation) if path == "compressed" else Target(self.adapter)
+
+    def prepare(self, clean, questions: Sequence[str] | None, answers: Sequence[str] | None,
+                target_answers: Sequence[str] | None):
+        if target_answers is not None:
+            return list(questions), list(target_answers), -1.0
+        if answers is None:
+            raise UserInputError("whitebox needs answers (untargeted) or target_answers (targeted)")
+        return list(questions), list(answers), 1.0
+
+    def objective(self, pixels: torch.Tensor, state) -> torch.Tensor:
+        questions, answers, sign = state
+        return sign * self._through.answer_loss(pixels, questions, answers)
