@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -49,14 +48,16 @@ def list_attacks(pattern: str = "*") -> list[str]:
 def parse_eps(value: Any, what: str = "eps") -> float:
     """A radius or step size from a number or a string such as ``"8/255"`` or ``"0.03"``.
 
-    Fractions are parsed exactly (no ``eval``), so "8/255" is the float nearest to 8/255.
+    A string is one number or one quotient of two numbers ("2.5/255"); nothing is evaluated.
     """
     if isinstance(value, bool):
         raise UserInputError(f"{what} must be a number or a string like '8/255', got {value!r}")
     if isinstance(value, str):
-        text = value.strip()
         try:
-            parsed = float(Fraction(text.replace(" ", "")))
+            parts = [float(p) for p in value.split("/")]
+            if len(parts) > 2:
+                raise ValueError(value)
+            parsed = parts[0] / parts[1] if len(parts) == 2 else parts[0]
         except (ValueError, ZeroDivisionError):
             raise UserInputError(f"{what} {value!r} is not a number; accepted: a float like 0.03 or a fraction "
                                  "like '8/255'") from None
