@@ -343,31 +343,30 @@ def descending_rank(scores: torch.Tensor) -> torch.Tensor:
 
 
 def attack_target(target: Target, relaxation: str | None) -> Target:
-    """The target gradients are taken through: ``target`` itself, or a copy whose compressor uses a
-    differentiable relaxation (``relaxation=`` constructor keyword of compressors that offer one).
+    """The target gradients are taken through: ``target`` itself, or a copy whose compressor uses one of its
+    differentiable relaxations (compressors with ``relaxable = True`` accept ``relaxation=`` in their
+    constructor: "straight_through" or "soft_topk").
 
-    ``"auto"`` picks the compressor's first declared relaxation, or none when it has none -- then gradients
-    flow through the kept tokens' values and the selection is held fixed for the step (BPDA-identity).
+    "auto" picks "straight_through" where offered -- the forward pass stays the exact deployed rule, so the
+    objective the attack tracks is the real one, while the backward pass reaches the importance scores --
+    and keeps a target that already has a relaxation as it is. None or "none" is the exact rule:
+    gradients flow through the kept tokens' values and the selection is held fixed for the step.
     """
     comp = target.compressor
-    offered = _relaxations(type(comp))
-    if relaxation is None or (relaxation == "auto" and not offered):
+    current = getattr(comp, "relaxation", "none")
+    if relaxation is None or relaxation == "none" or (relaxation == "auto" and current != "none"):
         return target
+    if not getattr(comp, "relaxable", False):
+        if relaxation == "auto":
+            return target
+        raise UserInputError(f"compressor {comp.name!r} has no differentiable relaxation; use relaxation='auto' or None")
     if relaxation == "auto":
-        relaxation = offered[0]
-    if relaxation not in offered:
-        raise UserInputError(f"compressor {comp.name!r} offers no relaxation {relaxation!r}; "
-                             f"accepted: {', '.join(('auto', *offered)) if offered else 'auto or None'}")
+        relaxation = "straight_through"
+    if relaxation == current:
+        return target
     sig = inspect.signature(type(comp).__init__).parameters
     kwargs = {k: v for k, v in vars(comp).items() if k in sig and k != "relaxation"}
     return Target(target.adapter, type(comp)(**kwargs, relaxation=relaxation), target.budget)
-
-
-def _relaxations(cls) -> tuple[str, ...]:
-    declared = getattr(cls, "relaxations", None)
-    if declared is not None:
-        return tuple(r for r in declared if r is not None)
-    return ()
 
 
 def _batch_norm(x: torch.Tensor) -> torch.Tensor:

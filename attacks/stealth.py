@@ -40,12 +40,12 @@ class Stealth(Attack):
         self.loss = check_choice(loss, ("nll", "kl"), "stealth loss")
         self.mu = float(mu)
         self.relaxation = relaxation
-        self._compressed = attack_target(self.target, relaxation)
+        self.gradient_target = attack_target(self.target, relaxation)
         self._full = Target(self.adapter)
 
     def _paths(self, pixels: torch.Tensor) -> tuple[Forward, Forward]:
-        tokens = self._compressed.encode(pixels)
-        return self._compressed.forward(tokens=tokens), self._full.forward(tokens=tokens)
+        tokens = self.gradient_target.encode(pixels)
+        return self.gradient_target.forward(pixels, tokens), self._full.forward(pixels, tokens)
 
     def _next_token_logprobs(self, fwd: Forward, questions: Sequence[str]) -> torch.Tensor:
         hidden, _ = self.adapter.hidden_states(fwd.embeds, questions, in_llm=fwd.in_llm)

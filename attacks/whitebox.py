@@ -25,9 +25,10 @@ class WhiteBox(Attack):
     Args:
         path: "compressed" = through the given target's compressor and budget; "full" = through the
             full-token model (the transfer baseline: the image is then evaluated on compressed targets).
-        relaxation: "auto" (the compressor's first declared relaxation, else none), None (hard selection,
-            gradients through kept values), or a relaxation name the compressor accepts, e.g. "soft_topk".
-            The per-sample best iterate is chosen by the loss of the path gradients are taken through.
+        relaxation: "auto" (straight-through where the compressor offers it: exact forward, gradients to
+            the importance scores), None (exact selection, gradients through the kept values only), or
+            "straight_through" / "soft_topk" explicitly. The per-sample best iterate is chosen by the loss
+            of the path the gradients are taken through (with "soft_topk", the relaxed model's loss).
     """
 
     name = "whitebox"
@@ -38,7 +39,7 @@ class WhiteBox(Attack):
         super().__init__(model, **common)
         self.path = check_choice(path, ("compressed", "full"), "path")
         self.relaxation = relaxation
-        self._through = attack_target(self.target, relaxation) if path == "compressed" else Target(self.adapter)
+        self.gradient_target = attack_target(self.target, relaxation) if path == "compressed" else Target(self.adapter)
 
     def prepare(self, clean, questions: Sequence[str] | None, answers: Sequence[str] | None,
                 target_answers: Sequence[str] | None):
@@ -50,4 +51,4 @@ class WhiteBox(Attack):
 
     def objective(self, pixels: torch.Tensor, state) -> torch.Tensor:
         questions, answers, sign = state
-        return sign * self._through.answer_loss(pixels, questions, answers)
+        return sign * self.gradient_target.answer_loss(pixels, questions, answers)

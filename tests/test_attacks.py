@@ -252,3 +252,22 @@ def test_base_class_is_abstract(tiny_adapter, batch):
     with pytest.raises(NotImplementedError):
         Bare(tiny_adapter, steps=1)(clean)
     assert math.isclose(Bare(tiny_adapter).alpha, EPS / 4)
+
+
+def test_whitebox_relaxation_follows_the_compressor(tiny_adapter, compressed, batch):
+    if not getattr(compressed.compressor, "relaxable", False):
+        pytest.skip("fastervlm offers no relaxation in this tree")
+    assert WhiteBox(compressed).gradient_target.compressor.relaxation == "straight_through"
+    assert WhiteBox(compressed, relaxation=None).gradient_target is compressed
+    assert WhiteBox(compressed, relaxation="soft_topk").gradient_target.compressor.relaxation == "soft_topk"
+    with pytest.raises(UserInputError, match="no differentiable relaxation"):
+        WhiteBox(Target(tiny_adapter, "random", 16), relaxation="soft_topk")
+    clean, questions, answers = batch
+    delta = torch.zeros_like(clean)
+    grads = []
+    for relaxation in (None, "straight_through"):
+        atk = WhiteBox(compressed, relaxation=relaxation)
+        grad, loss = atk.gradient(clean, delta, atk.prepare(clean, questions, answers, None))
+        grads.append((grad, loss))
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)  # straight-through keeps the exact forward
+    assert not torch.allclose(grads[0][0], grads[1][0])  # but its backward reaches the importance scores
