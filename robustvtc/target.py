@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from .compression import Compressor, KeepPlan, get_compressor
-from .compression.base import InLLMCompressor, PreLLMCompressor
+from .compression.base import EncoderCompressor, InLLMCompressor, PreLLMCompressor
 from .errors import UserInputError
 from .models.base import VisualTokens
 
@@ -52,9 +52,20 @@ class Target:
         if isinstance(self.compressor, PreLLMCompressor):
             embeds, plan = self.compressor.compress(tokens, self.budget, self.adapter.project)
             return Forward(tokens, embeds, plan)
+        if isinstance(self.compressor, EncoderCompressor):  # merges inside the encoder: needs the pixels
+            if pixels is None:
+                raise UserInputError(f"{self.compressor.name} merges inside the vision encoder; pass the pixels")
+            embeds, plan = self.compressor.compress_pixels(self.adapter, pixels, self.budget)
+            return Forward(tokens, embeds, plan)
         assert isinstance(self.compressor, InLLMCompressor)
-        hook = self.compressor.bind(self.budget, tokens.num_tokens)
+        hook = self.compressor.bind(self.budget, tokens.num_tokens, getattr(self.adapter, "num_llm_layers", None))
         return Forward(tokens, self.adapter.project(tokens.features), None, hook)
+
+    def budget_mapping(self) -> dict:
+        """How this target's budget maps onto the compressor's own knobs (recorded with results)."""
+        depth = {"in_llm": getattr(self.adapter, "num_llm_layers", None),
+                 "in_encoder": getattr(self.adapter, "feature_layer", -1) + 1}.get(self.compressor.stage)
+        return self.compressor.budget_mapping(self.budget, self.adapter.num_visual_tokens, depth)
 
     def candidate_logprobs(self, pixels, questions: Sequence[str], candidates: Sequence[str],
                            tokens: VisualTokens | None = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Token compressors behind one registry: ``get_compressor("fastervlm")``, ``list_compressors("*")``."""
-from . import fastervlm, simple  # noqa: F401  (registration)
-from .base import Compressor, InLLMCompressor, KeepPlan, PreLLMCompressor
+from . import dart, divprune, fastervlm, fastv, pdrop, pooling, prumerge, simple, sparsevlm, tome, vispruner, visionzip  # noqa: F401  (registration)
+from .base import Compressor, EncoderCompressor, InLLMCompressor, KeepPlan, PreLLMCompressor
 from .registry import COMPRESSORS
 
 
@@ -12,4 +12,5 @@ def list_compressors(pattern: str = "*") -> list[str]:
     return COMPRESSORS.names(pattern)
 
 
-__all__ = ["COMPRESSORS", "Compressor", "InLLMCompressor", "KeepPlan", "PreLLMCompressor", "get_compressor", "list_compressors"]
+__all__ = ["COMPRESSORS", "Compressor", "EncoderCompressor", "InLLMCompressor", "KeepPlan", "PreLLMCompressor",
+           "get_compressor", "list_compressors"]

@@ -14,13 +14,17 @@ from .registry import COMPRESSORS
 class FasterVLM(PreLLMCompressor):
     name = "fastervlm"
     paper = "FasterVLM, arXiv 2412.01818"
+    native_knob = "visual_token_num = budget"
+    relaxable = True
 
-    def __init__(self, layer: int | None = None):
+    def __init__(self, layer: int | None = None, relaxation: str = "none", temperature: float = 0.1):
         self.layer = layer  # None = the feature layer, as in the reference code
+        self._set_relaxation(relaxation, temperature)
 
     def signal_layers(self) -> tuple[int, ...]:
         return () if self.layer is None else (self.layer,)
 
-    def plan(self, tokens: VisualTokens, budget: int) -> KeepPlan:
+    def plan(self, tokens: VisualTokens, budget: int, projected=None) -> KeepPlan:
         scores = tokens.cls_attention(self.layer, reduce="mean")
-        return KeepPlan.from_indices(topk_sorted(scores, budget), tokens.num_tokens)
+        index = topk_sorted(scores, budget)
+        return KeepPlan.from_indices(index, tokens.num_tokens).scale_rows(self.gains(scores, index, budget))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserInputError
 from ..models.base import VisualTokens
 from .base import KeepPlan, PreLLMCompressor
 from .registry import COMPRESSORS
@@ -16,10 +17,8 @@ class NoCompression(PreLLMCompressor):
     paper = "-"
     native_knob = "none (budget must equal the token count)"
 
-    def plan(self, tokens: VisualTokens, budget: int) -> KeepPlan:
+    def plan(self, tokens: VisualTokens, budget: int, projected=None) -> KeepPlan:
         if budget != tokens.num_tokens:
-            from ..errors import UserInputError
-
             raise UserInputError(f"compressor 'none' keeps all {tokens.num_tokens} tokens; got budget {budget}")
         idx = torch.arange(tokens.num_tokens, device=tokens.features.device).expand(tokens.batch_size, -1)
         return KeepPlan.from_indices(idx, tokens.num_tokens)
@@ -36,12 +35,13 @@ class RandomSelection(PreLLMCompressor):
     name = "random"
     paper = "UniPruneBench random baseline (arXiv 2511.02650)"
     randomized = True
+    native_knob = "keep_ratio = budget / N"
 
     def __init__(self, seed: int = 0):
         self.seed = seed
         self._gen = torch.Generator().manual_seed(seed)
 
-    def plan(self, tokens: VisualTokens, budget: int) -> KeepPlan:
+    def plan(self, tokens: VisualTokens, budget: int, projected=None) -> KeepPlan:
         noise = torch.rand(tokens.batch_size, tokens.num_tokens, generator=self._gen)
         idx = noise.topk(budget, dim=-1).indices.sort(dim=-1).values.to(tokens.features.device)
         return KeepPlan.from_indices(idx, tokens.num_tokens)

@@ -101,6 +101,8 @@ class InLLMContext:
     (B, T) those of the text after the image (question + assistant prompt), with ``text_valid`` marking real entries. ``attention_rows(q)`` returns
     the previous layer's head-averaged attention (B, len(q) per sample, L) from the query positions ``q``
     (B, Q) -- recomputed from that layer's queries and keys, so no eager attention is needed.
+    ``current_attention_rows(q)`` is the same for layer ``layer`` itself on its input (PDrop scores with
+    the layer about to run); ``final_norm`` is the decoder's final norm (DART compares normed states).
     """
 
     layer: int
@@ -112,4 +114,6 @@ class InLLMContext:
     attention_rows: Callable[[torch.Tensor], torch.Tensor]
     previous_keys: Callable[[], torch.Tensor]  # (B, heads, L, head_dim) keys of the previous layer, after RoPE
     input_embeds: torch.Tensor  # (B, L, D) the LLM's input embeddings (SparseVLM's raters use them)
+    current_attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 

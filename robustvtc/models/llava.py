@@ -61,6 +61,7 @@ class LlavaAdapter:
         self.grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
         self.num_visual_tokens = self.grid[0] * self.grid[1]
         self.num_vision_layers = int(vcfg.num_hidden_layers)
+        self.num_llm_layers = int(cfg.text_config.num_hidden_layers)
         layer = cfg.vision_feature_layer
         # hidden_states[layer] is the output of encoder layer (layer - 1) when counted from the embeddings.
         self.feature_layer = (layer + self.num_vision_layers + 1 if layer < 0 else layer) - 1
@@ -191,49 +192,36 @@ class LlavaAdapter:
         from transformers.masking_utils import create_causal_mask
 
         lm = self.model.model.language_model
+        prune_at = set(in_llm.layers) if in_llm is not None else set()
+        if prune_at and visual_index is None:
+            raise UserInputError("in-LLM compression needs the same number of visual tokens in every sample")
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         h = embeds
-        prev = None  # (input of the previous layer, its cos/sin, its 4-D mask)
+        prev = None  # (input of the previous layer, its cos/sin, its 2-D mask)
         causal = cos_sin = None
         for i, layer in enumerate(lm.layers):
-            if in_llm is not None and i == in_llm.layer and i > 0:
-                if visual_index is None:
-                    raise UserInputError("in-LLM compression needs the same number of visual tokens in every sample")
+            if i in prune_at:
                 ctx = self._in_llm_context(i, h, mask, visual_index, text_index, prev, embeds)
-                keep = in_llm.select(ctx)  # (B, K') columns of visual_index
+                keep, gain = in_llm.select(ctx)  # sorted columns of visual_index, optional relaxed gains
                 h, mask, positions, visual_index, text_index = _drop_visual(
-                    h, mask, positions, visual_index, text_index, keep, in_llm.position_policy)
+                    h, mask, positions, visual_index, text_index, keep, gain, in_llm.position_policy)
                 causal = None
             if causal is None:
                 causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
                                             past_key_values=None, position_ids=positions)
                 cos_sin = lm.rotary_emb(h, position_ids=positions)
-            prev = (h, cos_sin, mask, positions)
+            prev = (h, cos_sin, mask)
             h = layer(h, attention_mask=causal, position_ids=positions, position_embeddings=cos_sin)
         return lm.norm(h), mask
 
     def _in_llm_context(self, i, h, mask, visual_index, text_index, prev, embeds) -> InLLMContext:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
-        prev_h, (cos, sin), prev_mask, _ = prev
-        attn = self.model.model.language_model.layers[i - 1].self_attn
-        normed = self.model.model.language_model.layers[i - 1].input_layernorm(prev_h)
-        shape = (*normed.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(normed).view(shape).transpose(1, 2)
-        k = attn.k_proj(normed).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k_full = repeat_kv(k, attn.num_key_value_groups)
-
-        def attention_rows(query_index: torch.Tensor) -> torch.Tensor:
-            idx = query_index.unsqueeze(1).unsqueeze(-1).expand(-1, q.shape[1], -1, q.shape[-1])
-            qs = torch.gather(q, 2, idx)  # (B, H, Q, d)
-            logits = qs @ k_full.transpose(-1, -2) * attn.scaling  # (B, H, Q, L)
-            cols = torch.arange(prev_h.shape[1], device=prev_h.device)
-            allowed = (cols.view(1, 1, -1) <= query_index.unsqueeze(-1)) & prev_mask.bool().unsqueeze(1)
-            logits = logits.masked_fill(~allowed.unsqueeze(1), torch.finfo(logits.dtype).min)
-            return logits.softmax(-1).mean(dim=1)
-
-        return InLLMContext(i, h, mask, visual_index, text_index[0], text_index[1], attention_rows, lambda: k, embeds)
+        """Signals at the input of decoder layer ``i``; h has the layout of ``prev`` (nothing dropped between)."""
+        lm = self.model.model.language_model
+        prev_h, (cos, sin), prev_mask = prev
+        previous = _RowScorer(lm.layers[i - 1], prev_h, cos, sin, prev_mask)
+        current = _RowScorer(lm.layers[i], h, cos, sin, prev_mask)
+        return InLLMContext(i, h, mask, visual_index, text_index[0], text_index[1], previous.rows,
+                            previous.keys, embeds, current.rows, lm.norm)
 
     # ------------------------------------------------------------------ answers
     def logits_at(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -316,10 +304,49 @@ def _span_index(spans: list[tuple[int, int]], pads: list[int], device) -> tuple[
     return index, valid
 
 
-def _drop_visual(h, mask, positions, visual_index, text_index, keep, position_policy: str):
-    """Remove the visual tokens not in ``keep`` (B, K') from every row (same count per row)."""
+class _RowScorer:
+    """Queries/keys of one decoder layer on its input, computed on first use: head-averaged attention rows
+    of chosen queries without materialising the full attention (SDPA/FA stay usable)."""
+
+    def __init__(self, layer, hidden, cos, sin, mask):
+        self.layer, self.hidden, self.cos, self.sin, self.mask = layer, hidden, cos, sin, mask
+        self._qk = None
+
+    def _project(self):
+        if self._qk is None:
+            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+            attn = self.layer.self_attn
+            normed = self.layer.input_layernorm(self.hidden)
+            shape = (*normed.shape[:-1], -1, attn.head_dim)
+            q = attn.q_proj(normed).view(shape).transpose(1, 2)
+            k = attn.k_proj(normed).view(shape).transpose(1, 2)
+            self._qk = apply_rotary_pos_emb(q, k, self.cos, self.sin)
+        return self._qk
+
+    def keys(self) -> torch.Tensor:
+        """(B, kv_heads, L, head_dim) keys after RoPE."""
+        return self._project()[1]
+
+    def rows(self, query_index: torch.Tensor) -> torch.Tensor:
+        """(B, Q, L) head-mean causal softmax attention of the queries at ``query_index`` (B, Q)."""
+        from transformers.models.llama.modeling_llama import repeat_kv
+
+        q, k = self._project()
+        attn = self.layer.self_attn
+        k = repeat_kv(k, attn.num_key_value_groups)
+        idx = query_index.unsqueeze(1).unsqueeze(-1).expand(-1, q.shape[1], -1, q.shape[-1])
+        logits = torch.gather(q, 2, idx) @ k.transpose(-1, -2) * attn.scaling  # (B, H, Q, L)
+        cols = torch.arange(k.shape[2], device=k.device)
+        allowed = (cols.view(1, 1, -1) <= query_index.unsqueeze(-1)) & self.mask.bool().unsqueeze(1)
+        logits = logits.float().masked_fill(~allowed.unsqueeze(1), torch.finfo(torch.float32).min)
+        return logits.softmax(-1).mean(dim=1)
+
+
+def _drop_visual(h, mask, positions, visual_index, text_index, keep, gain, position_policy: str):
+    """Remove the visual tokens not in ``keep`` (B, K', sorted; same count per row); scale kept ones by ``gain``."""
     B, L = mask.shape
-    kept_pos = torch.gather(visual_index, 1, keep.sort(dim=1).values)
+    kept_pos = torch.gather(visual_index, 1, keep)
     alive = torch.ones(B, L, dtype=torch.bool, device=h.device)
     alive.scatter_(1, visual_index, False)
     alive.scatter_(1, kept_pos, True)
@@ -336,6 +363,9 @@ def _drop_visual(h, mask, positions, visual_index, text_index, keep, position_po
     rank = alive.long().cumsum(-1) - 1
     visual_index = torch.gather(rank, 1, kept_pos)
     text_index = (torch.gather(rank, 1, text_index[0]), text_index[1])
+    if gain is not None:
+        scale = torch.ones(B, new_len, 1, dtype=h.dtype, device=h.device)
+        h = h * scale.scatter(1, visual_index.unsqueeze(-1), gain.unsqueeze(-1).to(h.dtype))
     return h, mask, positions, visual_index, text_index
 
 
