@@ -359,7 +359,8 @@ def attack_target(target: Target, relaxation: str | None) -> Target:
     if not getattr(comp, "relaxable", False):
         if relaxation == "auto":
             return target
-        raise UserInputError(f"compressor {comp.name!r} has no differentiable relaxation; use relaxation='auto' or None")
+        raise UserInputError(f"compressor {comp.name!r} has no differentiable relaxation; "
+                             "use relaxation='auto' or None")
     if relaxation == "auto":
         relaxation = "straight_through"
     if relaxation == current:
