@@ -30,7 +30,7 @@ def pool_shape(budget: int, grid: tuple[int, int]) -> tuple[int, int]:
         side = math.isqrt(budget)
         raise UserInputError(f"pooling cannot make exactly {budget} tokens from a {gh}x{gw} grid; nearest accepted "
                              f"budgets: {below}, {above} (square: {side * side})")
-    return min(shapes, key=lambda s: (abs(math.log(s[0] / s[1]) - math.log(gh / gw)), s[0]))
+    return min(shapes, key=lambda s: (round(abs(math.log(s[0] * gw / (s[1] * gh))), 9), s[0]))  # ties: wider
 
 
 def pool_weights(grid: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
