@@ -239,7 +239,8 @@ def test_pooling_rejects_budgets_it_cannot_make_exactly():
 # ---------------------------------------------------------------------------------------------- ToMe
 def test_tome_bipartite_matching_by_hand():
     # tokens: CLS, t1..t6 -> A = CLS, t2, t4, t6 ; B = t1, t3, t5. t4 duplicates t3, t6 is close to t5.
-    metric = torch.tensor([[[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 1, 0.05], [0, 0, -1], [0, 0.2, -1]]]).float()
+    metric = torch.tensor([[[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 1, 0.05], [0, 0, -1], [0, 0.2, -1]]])
+    metric = metric.float()
     merge = bipartite_soft_matching(metric, 2)
     x = torch.arange(7.0).view(1, 7, 1)
     # t4 -> t3 and t6 -> t5 merge (sum); unmerged A keeps its order: CLS, t2
@@ -422,7 +423,8 @@ def test_in_llm_straight_through_keeps_logits_and_adds_a_score_gradient(tiny_ada
     out, grads = {}, {}
     for relaxation in ("none", "straight_through"):
         pixels = batch[0].clone().requires_grad_()
-        lp = Target(tiny_adapter, name, 36, relaxation=relaxation, **kwargs).candidate_logprobs(pixels, questions, cands)
+        target = Target(tiny_adapter, name, 36, relaxation=relaxation, **kwargs)
+        lp = target.candidate_logprobs(pixels, questions, cands)
         (grads[relaxation],) = torch.autograd.grad(lp[:, 0].sum(), pixels)
         out[relaxation] = lp.detach()
     assert torch.equal(out["none"], out["straight_through"])

@@ -1,5 +1,7 @@
 """Token compressors behind one registry: ``get_compressor("fastervlm")``, ``list_compressors("*")``."""
-from . import dart, divprune, fastervlm, fastv, pdrop, pooling, prumerge, simple, sparsevlm, tome, vispruner, visionzip  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    dart, divprune, fastervlm, fastv, pdrop, pooling, prumerge, simple, sparsevlm, tome, vispruner, visionzip,
+)
 from .base import Compressor, EncoderCompressor, InLLMCompressor, KeepPlan, PreLLMCompressor
 from .registry import COMPRESSORS
 

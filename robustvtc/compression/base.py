@@ -23,7 +23,6 @@ from ..errors import UserInputError
 from ..models.base import InLLMContext, VisualTokens
 
 RELAXATIONS = ("none", "straight_through", "soft_topk")
-SPACES = ("vision", "projected", "encoder")
 
 
 @dataclass
@@ -134,7 +133,8 @@ class PreLLMCompressor(Compressor):
         """The keep plan; ``projected`` (B, N + 1, D_llm) is given to methods with ``space = "projected"``."""
         raise NotImplementedError
 
-    def compress(self, tokens: VisualTokens, budget: int, project) -> tuple[torch.Tensor | list[torch.Tensor], KeepPlan]:
+    def compress(self, tokens: VisualTokens, budget: int,
+                 project) -> tuple[torch.Tensor | list[torch.Tensor], KeepPlan]:
         """Kept LLM-input embeddings (B, K, D_llm) and the plan; ``project`` is the adapter's projector.
 
         Adaptive plans (``plan.lengths`` set) give a list of per-image (K_b, D_llm) tensors instead.

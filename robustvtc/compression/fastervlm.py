@@ -5,6 +5,8 @@ feature layer (LLaVA: penultimate), averaged over heads; keep the top-K, in rast
 """
 from __future__ import annotations
 
+import torch
+
 from ..models.base import VisualTokens
 from .base import KeepPlan, PreLLMCompressor, topk_sorted
 from .registry import COMPRESSORS
@@ -24,7 +26,7 @@ class FasterVLM(PreLLMCompressor):
     def signal_layers(self) -> tuple[int, ...]:
         return () if self.layer is None else (self.layer,)
 
-    def plan(self, tokens: VisualTokens, budget: int, projected=None) -> KeepPlan:
+    def plan(self, tokens: VisualTokens, budget: int, projected: torch.Tensor | None = None) -> KeepPlan:
         scores = tokens.cls_attention(self.layer, reduce="mean")
         index = topk_sorted(scores, budget)
         return KeepPlan.from_indices(index, tokens.num_tokens).scale_rows(self.gains(scores, index, budget))

@@ -66,7 +66,7 @@ class Pooling(PreLLMCompressor):
             out["pool_grid"] = list(pool_shape(budget, (side, side)))
         return out
 
-    def plan(self, tokens: VisualTokens, budget: int, projected=None) -> KeepPlan:
+    def plan(self, tokens: VisualTokens, budget: int, projected: torch.Tensor | None = None) -> KeepPlan:
         w = pool_weights(tokens.grid, pool_shape(budget, tokens.grid)).to(tokens.features.device)
         w = torch.cat([w, torch.zeros(budget, 1, device=w.device)], dim=1)  # CLS never pooled
         return KeepPlan(w.expand(tokens.batch_size, -1, -1), space="projected")

@@ -81,7 +81,7 @@ class PruMerge(PreLLMCompressor):
         idx = attention.detach().topk(int(n.max()), dim=-1).indices
         return idx, torch.arange(idx.shape[1], device=idx.device) < n.unsqueeze(-1), idx.shape[1]
 
-    def plan(self, tokens: VisualTokens, budget: int, projected=None) -> KeepPlan:
+    def plan(self, tokens: VisualTokens, budget: int, projected: torch.Tensor | None = None) -> KeepPlan:
         attn = single_head_cls_attention(tokens)
         idx, valid, ranked = self.centres(attn, budget)
         B, N = attn.shape
@@ -94,7 +94,8 @@ class PruMerge(PreLLMCompressor):
         w = torch.zeros(B, C, N + 1, dtype=attn.dtype, device=attn.device)
         w = w.scatter(2, nn, attn.unsqueeze(1).expand(-1, C, -1).gather(2, nn))
         w = w.scatter(2, idx.unsqueeze(-1), 1.0) * valid.unsqueeze(-1)
-        is_centre = torch.zeros(B, N + 1, dtype=torch.bool, device=attn.device).scatter(1, idx.masked_fill(~valid, N), True)
+        is_centre = torch.zeros(B, N + 1, dtype=torch.bool, device=attn.device)
+        is_centre = is_centre.scatter(1, idx.masked_fill(~valid, N), True)
         extra = (F.pad(attn, (0, 1)) * ~is_centre).unsqueeze(1)  # (B, 1, N + 1), CLS column stays 0
         if not self.adaptive:
             plan = KeepPlan(torch.cat([w, extra], dim=1))

@@ -17,7 +17,7 @@ class NoCompression(PreLLMCompressor):
     paper = "-"
     native_knob = "none (budget must equal the token count)"
 
-    def plan(self, tokens: VisualTokens, budget: int, projected=None) -> KeepPlan:
+    def plan(self, tokens: VisualTokens, budget: int, projected: torch.Tensor | None = None) -> KeepPlan:
         if budget != tokens.num_tokens:
             raise UserInputError(f"compressor 'none' keeps all {tokens.num_tokens} tokens; got budget {budget}")
         idx = torch.arange(tokens.num_tokens, device=tokens.features.device).expand(tokens.batch_size, -1)
@@ -41,7 +41,7 @@ class RandomSelection(PreLLMCompressor):
         self.seed = seed
         self._gen = torch.Generator().manual_seed(seed)
 
-    def plan(self, tokens: VisualTokens, budget: int, projected=None) -> KeepPlan:
+    def plan(self, tokens: VisualTokens, budget: int, projected: torch.Tensor | None = None) -> KeepPlan:
         noise = torch.rand(tokens.batch_size, tokens.num_tokens, generator=self._gen)
         idx = noise.topk(budget, dim=-1).indices.sort(dim=-1).values.to(tokens.features.device)
         return KeepPlan.from_indices(idx, tokens.num_tokens)

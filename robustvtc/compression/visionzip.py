@@ -57,7 +57,7 @@ class VisionZip(PreLLMCompressor):
         d, c = self.split(budget)
         return {"budget": budget, "dominant": d, "contextual": c, "dominant_patches": d - 1, "cls_kept": True}
 
-    def plan(self, tokens: VisualTokens, budget: int, projected=None) -> KeepPlan:
+    def plan(self, tokens: VisualTokens, budget: int, projected: torch.Tensor | None = None) -> KeepPlan:
         d, c = self.split(budget)
         B, N = tokens.batch_size, tokens.num_tokens
         device = tokens.features.device

@@ -47,7 +47,7 @@ class VisPruner(PreLLMCompressor):
         imp, div = self.split(budget)
         return {"budget": budget, "important": imp, "diverse": div, "important_ratio": self.important_ratio}
 
-    def plan(self, tokens: VisualTokens, budget: int, projected=None) -> KeepPlan:
+    def plan(self, tokens: VisualTokens, budget: int, projected: torch.Tensor | None = None) -> KeepPlan:
         n_imp, n_div = self.split(budget)
         scores = tokens.cls_attention(None, reduce="mean")
         order = scores.detach().float().argsort(dim=-1, descending=True, stable=True)
