@@ -114,9 +114,6 @@ class AttackResult:
     best_step: torch.Tensor
     metadata: dict = field(default_factory=dict)
 
-    def __len__(self) -> int:
-        return self.adv.shape[0]
-
 
 class Attack:
     """Base class: subclasses set ``name``, ``threat`` and implement :meth:`prepare` / :meth:`objective`.
