@@ -55,10 +55,11 @@ def evaluate(adapter, compressors: Sequence[str] = ("none", "random", "fastervlm
     records = []
     for start in range(0, samples, batch_size):
         chunk = data[start:start + batch_size]
-        tokens = adapter.encode(S.to_pixels(chunk), layers)
+        pixels = S.to_pixels(chunk)
+        tokens = adapter.encode(pixels, layers)
         questions = [s.question for s in chunk]
         for target in targets:
-            preds = target.predict(None, questions, S.ANSWERS, tokens=tokens)
+            preds = target.predict(pixels, questions, S.ANSWERS, tokens=tokens)
             for s, p in zip(chunk, preds):
                 records.append({"sample": s.index, "qtype": s.qtype, "compressor": target.compressor.name,
                                 "budget": target.budget, "answer": s.answer, "prediction": p,

@@ -35,11 +35,13 @@ COMBOS = [(c, s) for c in S.COLOURS for s in S.SHAPES]
 
 @dataclass
 class TrainConfig:
-    steps: int = 1100
+    vision_steps: int = 300  # stage 1: the vision tower alone on its CLIP-like objectives (cheap, no LLM)
+    steps: int = 900  # stage 2: the whole LLaVA on answers, vision objectives kept
     batch_size: int = 64
     lr: float = 1.5e-3
     warmup: int = 60
     weight_decay: float = 0.05
+    curriculum_steps: int = 250  # stage 2 starts on object-dominated short visual sequences
     drop_prob: float = 0.5
     min_keep: int = 16
     aux_weight: float = 0.5
@@ -56,7 +58,7 @@ class _Stream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         cfg = self.cfg
-        for step in range(self.start_step, cfg.steps):
+        for step in range(self.start_step, cfg.vision_steps + cfg.steps):
             samples = [S.generate_sample(step * cfg.batch_size + j, "train", cfg.seed) for j in range(cfg.batch_size)]
             yield _collate(samples)
 
@@ -134,41 +136,55 @@ def train_builtin(out_dir: str | Path, cfg: TrainConfig | None = None, log=print
     })
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    total = cfg.vision_steps + cfg.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     gen = torch.Generator().manual_seed(cfg.seed)
     eos = adapter.tokenizer.eos_token_id
     answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
     tower = model.model.vision_tower
     loader = torch.utils.data.DataLoader(_Stream(cfg), batch_size=None, num_workers=1, prefetch_factor=4)
     history, t0 = [], time.time()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    ce = torch.nn.functional.cross_entropy
     for step, batch in enumerate(loader):
         out = tower(pixel_values=adapter.normalize(batch["pixels"]), output_hidden_states=True)
         hidden = out.hidden_states[adapter.feature_layer + 1]
         feats = hidden[:, 1:]
         presence = batch["presence"]
-        bce = torch.nn.functional.binary_cross_entropy_with_logits
-        ce = torch.nn.functional.cross_entropy
-        aux = (bce(heads["pool"](out.pooler_output), presence) + bce(heads["cls"](hidden[:, 0]), presence)
-               + ce(heads["patch_colour"](feats).flatten(0, 1), batch["patch_colour"].flatten())
-               + ce(heads["patch_shape"](feats).flatten(0, 1), batch["patch_shape"].flatten()))
-        if torch.rand((), generator=gen).item() < cfg.drop_prob:
-            k = int(torch.randint(cfg.min_keep, feats.shape[1] + 1, (), generator=gen))
-            idx = _keep_indices(batch["object_mask"], k, gen)
-            feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-        conts = [[answer_id[a], eos] for a in batch["answers"]]
-        h, _ = adapter.hidden_states(adapter.project(feats), batch["questions"], conts)
-        L = h.shape[1]
-        logits = adapter.logits_at(h, torch.tensor([[L - 3, L - 2]]).expand(h.shape[0], -1))
-        lm = ce(logits.flatten(0, 1), torch.tensor(conts).flatten())
-        loss = lm + cfg.aux_weight * aux
+        parts = {"pool": bce(heads["pool"](out.pooler_output), presence),
+                 "cls": bce(heads["cls"](hidden[:, 0]), presence),
+                 "colour": ce(heads["patch_colour"](feats).flatten(0, 1), batch["patch_colour"].flatten()),
+                 "shape": ce(heads["patch_shape"](feats).flatten(0, 1), batch["patch_shape"].flatten())}
+        loss = cfg.aux_weight * sum(parts.values())
+        if step >= cfg.vision_steps:  # stage 2: answers through the full LLaVA
+            stage2 = step - cfg.vision_steps
+            if stage2 < cfg.curriculum_steps:  # short sequences first: object patches + a few others
+                k = int(batch["object_mask"].sum(-1).max()) + int(torch.randint(0, 17, (), generator=gen))
+                k = min(k, feats.shape[1])
+            elif torch.rand((), generator=gen).item() < cfg.drop_prob:
+                k = int(torch.randint(cfg.min_keep, feats.shape[1] + 1, (), generator=gen))
+            else:
+                k = feats.shape[1]
+            if k < feats.shape[1]:
+                idx = _keep_indices(batch["object_mask"], k, gen)
+                feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+            conts = [[answer_id[a], eos] for a in batch["answers"]]
+            h, _ = adapter.hidden_states(adapter.project(feats), batch["questions"], conts)
+            L = h.shape[1]
+            logits = adapter.logits_at(h, torch.tensor([[L - 3, L - 2]]).expand(h.shape[0], -1))
+            parts["lm"] = ce(logits.flatten(0, 1), torch.tensor(conts).flatten())
+            loss = loss + parts["lm"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 25 == 0:
-            log(f"step {step:5d}  lm {lm.item():.3f}  aux {aux.item():.3f}  {time.time() - t0:6.0f}s")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            log(f"step {step:5d}  " + "  ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
+                + f"  {time.time() - t0:6.0f}s")
+        done = step + 1 - cfg.vision_steps
+        if done > 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
             model.eval()
             acc = quick_accuracy(adapter, cfg.eval_samples)
             model.train()
