@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 
 from .compression import Compressor, KeepPlan, get_compressor
-from .compression.base import EncoderCompressor, InLLMCompressor, PreLLMCompressor
+from .compression.base import EncoderCompressor, InLLMCompressor
 from .errors import UserInputError
-from .models.base import VisualTokens
+from .models.base import VisualEmbeds, VisualTokens
 
 
 @dataclass
@@ -21,7 +21,7 @@ class Forward:
     """One pass of a target: the visual tokens, what the compressor kept, and the LLM-input embeddings."""
 
     tokens: VisualTokens
-    embeds: torch.Tensor  # (B, K, D_llm) after any pre-LLM compression
+    embeds: torch.Tensor | list | VisualEmbeds  # (B, K, D_llm) after any pre-LLM compression, in the adapter's layout
     plan: KeepPlan | None  # None for in-LLM compressors (they decide inside the decoder)
     in_llm: object | None = None
 
@@ -34,6 +34,7 @@ class Target:
         self.budget = n if budget is None else self.compressor.check_budget(budget, n)
         if self.compressor.name == "none" and self.budget != n:
             raise UserInputError(f"compressor 'none' keeps all {n} tokens; got budget {budget}")
+        adapter.check_target(self.compressor, self.budget)
 
     def __repr__(self) -> str:
         return f"Target({self.adapter.name}, {self.compressor.name}, budget={self.budget})"
@@ -49,17 +50,13 @@ class Target:
         """Encode (or reuse ``tokens``) and apply the compressor; the LLM part runs in the scoring methods."""
         if tokens is None:
             tokens = self.encode(pixels)
-        if isinstance(self.compressor, PreLLMCompressor):
-            embeds, plan = self.compressor.compress(tokens, self.budget, self.adapter.project)
-            return Forward(tokens, embeds, plan)
-        if isinstance(self.compressor, EncoderCompressor):  # merges inside the encoder: needs the pixels
-            if pixels is None:
-                raise UserInputError(f"{self.compressor.name} merges inside the vision encoder; pass the pixels")
-            embeds, plan = self.compressor.compress_pixels(self.adapter, pixels, self.budget)
-            return Forward(tokens, embeds, plan)
-        assert isinstance(self.compressor, InLLMCompressor)
-        hook = self.compressor.bind(self.budget, tokens.num_tokens, getattr(self.adapter, "num_llm_layers", None))
-        return Forward(tokens, self.adapter.project(tokens.features), None, hook)
+        if isinstance(self.compressor, InLLMCompressor):
+            hook = self.compressor.bind(self.budget, tokens.num_tokens, getattr(self.adapter, "num_llm_layers", None))
+            return Forward(tokens, self.adapter.project(tokens.features), None, hook)
+        if isinstance(self.compressor, EncoderCompressor) and pixels is None:  # merges inside the encoder
+            raise UserInputError(f"{self.compressor.name} merges inside the vision encoder; pass the pixels")
+        embeds, plan = self.adapter.compress(self.compressor, tokens, self.budget, pixels)  # the layout is the model's
+        return Forward(tokens, embeds, plan)
 
     def budget_mapping(self) -> dict:
         """How this target's budget maps onto the compressor's own knobs (recorded with results)."""

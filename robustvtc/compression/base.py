@@ -89,6 +89,9 @@ class Compressor:
     native_knob: ClassVar[str] = "budget"  # the method's own control and how the budget maps to it
     relaxable: ClassVar[bool] = False  # offers relaxation="straight_through"/"soft_topk"
     normalized_plan: ClassVar[bool] = True  # keep-plan rows sum to 1 (False: the method adds, not averages)
+    # model capabilities the method needs (keys of robustvtc.models.base.CAPABILITIES, e.g. "cls_token");
+    # adapters that lack one refuse the method
+    requires: ClassVar[tuple[str, ...]] = ()
 
     relaxation: str = "none"
     temperature: float = 0.1
@@ -140,7 +143,7 @@ class PreLLMCompressor(Compressor):
         Adaptive plans (``plan.lengths`` set) give a list of per-image (K_b, D_llm) tensors instead.
         """
         budget = self.check_budget(budget, tokens.num_tokens)
-        sources = torch.cat([tokens.features, tokens.cls.unsqueeze(1)], dim=1)
+        sources = tokens.sources()
         if self.space == "projected":
             projected = project(sources)
             plan = self.plan(tokens, budget, projected=projected)

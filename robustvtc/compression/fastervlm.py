@@ -17,6 +17,7 @@ class FasterVLM(PreLLMCompressor):
     name = "fastervlm"
     paper = "FasterVLM, arXiv 2412.01818"
     native_knob = "visual_token_num = budget"
+    requires = ("cls_token",)
     relaxable = True
 
     def __init__(self, layer: int | None = None, relaxation: str = "none", temperature: float = 0.1):

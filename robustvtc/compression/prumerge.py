@@ -52,6 +52,7 @@ class PruMerge(PreLLMCompressor):
     name = "prumerge"
     paper = "LLaVA-PruMerge, ICCV 2025, arXiv 2403.15388"
     native_knob = "IQR-adaptive count replaced by the budget: budget - 1 merged centres + 1 extra token"
+    requires = ("cls_token",)
     relaxable = True
     normalized_plan = False
 

@@ -70,6 +70,7 @@ class ToMe(EncoderCompressor):
     name = "tome"
     paper = "ToMe, ICLR 2023, arXiv 2210.09461"
     native_knob = "r per layer, spread so that N - sum(r) = budget over the layers up to the feature layer"
+    requires = ("cls_token", "encoder_rerun")
 
     def __init__(self, prop_attn: bool = True):
         self.prop_attn = prop_attn

@@ -32,6 +32,7 @@ class VisionZip(PreLLMCompressor):
     name = "visionzip"
     paper = "VisionZip, CVPR 2025, arXiv 2412.04467"
     native_knob = "dominant + contextual = budget, split 54:10 (dominant counts the CLS token)"
+    requires = ("cls_token",)
     relaxable = True
 
     def __init__(self, ratio: tuple[int, int] = (54, 10), merge: str = "reference", relaxation: str = "none",

@@ -28,6 +28,7 @@ class VisPruner(PreLLMCompressor):
     name = "vispruner"
     paper = "VisPruner, ICCV 2025, arXiv 2412.01818v2"
     native_knob = "visual_token_num = budget; important = floor(budget * important_ratio), the rest diverse"
+    requires = ("cls_token",)
     relaxable = True
 
     def __init__(self, important_ratio: float = 0.5, per_round: int = 8, relaxation: str = "none",

@@ -13,6 +13,12 @@ import torch
 
 from ..errors import UserInputError
 
+CAPABILITIES = {
+    "cls_token": "a CLS token in the vision encoder (CLS attention and CLS hidden state)",
+    "encoder_rerun": "a single-crop CLIP vision tower it can re-run layer by layer on the pixels",
+}
+"""What an adapter may offer and a compressor may require (``Compressor.requires``), with the words used in errors."""
+
 
 @dataclass
 class LayerSignals:
@@ -33,16 +39,23 @@ class VisualTokens:
     """Patch features of the encoder's feature layer plus the signals compressors score tokens by.
 
     ``features`` excludes CLS (N = grid_h * grid_w tokens in raster order); ``cls`` is the CLS hidden state
-    of the same layer. ``signals`` maps an absolute encoder layer index to its :class:`LayerSignals`.
-    Everything is differentiable w.r.t. the pixels it came from.
+    of the same layer, None for encoders without one (Qwen2-VL). ``signals`` maps an absolute encoder layer
+    index to its :class:`LayerSignals`. Everything is differentiable w.r.t. the pixels it came from.
+
+    Multi-crop images (LLaVA-NeXT, ``crops`` > 1): ``features`` hold all crops' tokens in the order the LLM
+    reads them, ``crop_order[i]`` being the crop-major index ``crop * grid_h * grid_w + patch`` of token i;
+    ``cls`` is (B, crops, D) and signals have one row per crop (B * crops, ...). ``grid`` is one crop's grid,
+    and :meth:`crop` gives one crop as a single-crop token set (what per-crop compressors see).
     """
 
     features: torch.Tensor  # (B, N, D_vision)
-    cls: torch.Tensor | None  # (B, D_vision)
+    cls: torch.Tensor | None  # (B, D_vision); (B, crops, D_vision) when crops > 1
     grid: tuple[int, int]
     feature_layer: int  # absolute index of the encoder layer whose output ``features`` is
     signals: dict[int, LayerSignals] = field(default_factory=dict)
     num_layers: int = 0
+    crops: int = 1
+    crop_order: torch.Tensor | None = None  # (N,) long, set when crops > 1
 
     @property
     def batch_size(self) -> int:
@@ -66,9 +79,26 @@ class VisualTokens:
             )
         return self.signals[idx]
 
+    def _require_cls(self, what: str) -> None:
+        if self.cls is None:
+            raise UserInputError(f"{what} needs the vision encoder's CLS token, and this model's encoder has none; "
+                                 "use a score that does not (e.g. the feature norm)")
+
+    def _join_crops(self, per_crop: torch.Tensor) -> torch.Tensor:
+        """(B * crops, heads, n, ...) per-crop values -> (B, heads, N, ...) in token order."""
+        if self.crops == 1:
+            return per_crop
+        b = per_crop.shape[0] // self.crops
+        x = per_crop.view(b, self.crops, *per_crop.shape[1:]).transpose(1, 2)
+        x = x.reshape(b, x.shape[1], -1, *per_crop.shape[3:])
+        return x.index_select(2, self.crop_order.to(x.device))
+
     def cls_attention(self, layer: int | None = None, reduce: str = "mean") -> torch.Tensor:
-        """CLS->patch attention of ``layer``: (B, N) reduced over heads ("mean"/"sum"), or (B, heads, N) for "none"."""
-        att = self.layer_signals(layer).attention_from(0)[..., 1:]
+        """CLS->patch attention of ``layer``: (B, N) reduced over heads ("mean"/"sum"), or (B, heads, N) for "none".
+
+        Multi-crop tokens: each crop's own CLS over that crop's patches, joined in token order."""
+        self._require_cls("CLS attention")
+        att = self._join_crops(self.layer_signals(layer).attention_from(0)[..., 1:])
         if reduce == "none":
             return att
         if reduce in ("mean", "sum"):
@@ -77,20 +107,55 @@ class VisualTokens:
 
     def keys(self, layer: int | None = None, reduce: str = "mean") -> torch.Tensor:
         """Patch keys of ``layer`` without CLS: (B, N, head_dim) averaged over heads, or (B, heads, N, head_dim)."""
-        k = self.layer_signals(layer).keys[:, :, 1:]
+        k = self._join_crops(self.layer_signals(layer).keys[:, :, 1:])
         return k.mean(dim=1) if reduce == "mean" else k
 
     def norms(self) -> torch.Tensor:
         """L2 norm of every patch feature: (B, N)."""
         return self.features.norm(dim=-1)
 
+    def sources(self) -> torch.Tensor:
+        """(B, N + 1, D) the patches then CLS -- the sources keep plans index; a zero CLS when there is none."""
+        cls = self.cls if self.cls is not None else self.features.new_zeros(self.batch_size, self.features.shape[-1])
+        return torch.cat([self.features, cls.unsqueeze(1)], dim=1)
+
     def select(self, index: torch.Tensor) -> "VisualTokens":
         """The same tokens for a subset of batch items (signals included)."""
+        rows = index
+        if self.crops > 1:  # signals hold one row per crop
+            items = torch.arange(self.batch_size, device=self.features.device)[index].reshape(-1, 1)
+            rows = (items * self.crops + torch.arange(self.crops, device=items.device)).flatten()
         return VisualTokens(
             self.features[index], None if self.cls is None else self.cls[index], self.grid, self.feature_layer,
-            {k: LayerSignals(v.queries[index], v.keys[index], v.scale) for k, v in self.signals.items()},
-            self.num_layers,
+            {k: LayerSignals(v.queries[rows], v.keys[rows], v.scale) for k, v in self.signals.items()},
+            self.num_layers, self.crops, self.crop_order,
         )
+
+    def crop(self, c: int) -> "VisualTokens":
+        """Crop ``c`` of every image as a single-crop token set (its patches in raster order, its own CLS)."""
+        if self.crops == 1:
+            return self
+        n = self.grid[0] * self.grid[1]
+        where = torch.argsort(self.crop_order)[c * n:(c + 1) * n].to(self.features.device)
+        step = self.crops
+        signals = {k: LayerSignals(v.queries[c::step], v.keys[c::step], v.scale) for k, v in self.signals.items()}
+        return VisualTokens(self.features[:, where], None if self.cls is None else self.cls[:, c], self.grid,
+                            self.feature_layer, signals, self.num_layers)
+
+
+@dataclass
+class VisualEmbeds:
+    """Visual embeddings as they enter the LLM, per image, with the visual token each one stands for.
+
+    ``sources[b][i]`` is the index (0..N-1, the order of :class:`VisualTokens`) of the token whose position
+    ``embeds[b][i]`` takes -- for a merged token its largest-weight source -- or -1 for a structural token
+    that is no visual token and is never pruned (LLaVA-NeXT's row-end newline). Adapters whose positions
+    depend on where a token came from (M-RoPE) or that insert structural tokens return this from
+    ``compress``; a plain (B, N, D) tensor of all tokens in order means the uncompressed layout.
+    """
+
+    embeds: list[torch.Tensor]  # per image (L_b, D_llm)
+    sources: list[torch.Tensor]  # per image (L_b,) long
 
 
 @dataclass
