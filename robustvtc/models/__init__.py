@@ -1,17 +1,30 @@
-"""Model loading by name: ``load_model("builtin")`` or a llava-hf directory / hub id."""
+"""Model loading: ``load_model("builtin")``, a local Hugging Face directory or a hub id.
+
+The adapter is chosen by the checkpoint's ``config.model_type``: llava -> :class:`LlavaAdapter`, llava_next ->
+:class:`LlavaNextAdapter`, qwen2_vl -> :class:`Qwen2VLAdapter`, qwen2_5_vl -> :class:`Qwen25VLAdapter`.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import UserInputError
 from .builtin import BUILTIN_DIR
+from .hf import HFAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 
 BUILTIN_MODELS = {"builtin": BUILTIN_DIR}
+ADAPTERS: dict[str, type[HFAdapter]] = {
+    cls.family: cls for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter)}
 
 
-def load_model(name: str = "builtin", *, device: str = "cpu", dtype: str = "float32", **kwargs) -> LlavaAdapter:
-    """An adapter for ``name``: "builtin", a local llava-hf directory, or a hub id (cached; offline in tests)."""
+def load_model(name: str = "builtin", *, device: str = "cpu", dtype: str = "float32", **kwargs) -> HFAdapter:
+    """An adapter for ``name``: "builtin", a local Hugging Face directory, or a hub id (cached; offline in tests).
+
+    ``kwargs`` go to the adapter's ``from_pretrained``: ``image_size``, ``prompt_template``,
+    ``attn_implementation``, ``device_map`` and other transformers loading options.
+    """
     if name in BUILTIN_MODELS:
         path = BUILTIN_MODELS[name]
         if not (path / "model.safetensors").is_file():
@@ -25,20 +38,25 @@ def load_model(name: str = "builtin", *, device: str = "cpu", dtype: str = "floa
         return _load_hf(local, device, dtype, kwargs)
     if "/" in name and not name.startswith((".", "/")):
         return _load_hf(name, device, dtype, kwargs)
-    raise UserInputError(f"unknown model {name!r}; accepted: {', '.join(BUILTIN_MODELS)}, a llava-hf directory or a hub id")
+    raise UserInputError(f"unknown model {name!r}; accepted: {', '.join(BUILTIN_MODELS)}, a Hugging Face model "
+                         f"directory or hub id of type {', '.join(ADAPTERS)}")
 
 
-def _load_hf(path, device, dtype, kwargs) -> LlavaAdapter:
+def _load_hf(path, device, dtype, kwargs) -> HFAdapter:
     from transformers import AutoConfig
 
     try:
         cfg = AutoConfig.from_pretrained(str(path))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise UserInputError(f"cannot load model config from {path}: {str(exc).splitlines()[0]}") from None
-    if cfg.model_type != "llava":
-        raise UserInputError(f"model type {cfg.model_type!r} has no adapter yet; accepted: llava")
-    return LlavaAdapter.from_pretrained(path, device=device, dtype=dtype, **kwargs)
+    if cfg.model_type not in ADAPTERS:
+        raise UserInputError(f"model type {cfg.model_type!r} has no adapter; accepted: {', '.join(ADAPTERS)}")
+    return ADAPTERS[cfg.model_type].from_pretrained(path, device=device, dtype=dtype, **kwargs)
 
 
 def list_models() -> list[str]:
     return sorted(BUILTIN_MODELS)
+
+
+__all__ = ["ADAPTERS", "HFAdapter", "LlavaAdapter", "LlavaNextAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter",
+           "list_models", "load_model"]

@@ -1,0 +1,141 @@
+"""Adapters for transformers' ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``.
+
+Pixel space: one fixed (H, W), multiples of patch x merge (28 px for the released models; default 16 x 16
+merged tokens, 448 x 448). Qwen2-VL picks a resolution per image (``min_pixels``/``max_pixels``); a fixed one
+gives attacks a fixed token count N = (H / 28) * (W / 28). Inside the adapter, in torch: normalisation,
+then the processor's patchify -- 14 x 14 patches, each repeated over the 2 temporal frames of a still image,
+ordered by 2 x 2 merge groups -- and the vision tower with ``image_grid_thw = (1, H / 14, W / 14)``.
+
+Visual tokens are the PatchMerger's outputs (the LLM-input embeddings, in raster order over the merged
+grid; Qwen2.5-VL's window reordering is undone by the tower itself), so the projector is the identity.
+There is no CLS token: CLS-attention compressors (FasterVLM, VisionZip, VisPruner, PruMerge) and ToMe are
+refused; selection, pooling, diversity and in-LLM methods apply.
+
+Positions: 3-D M-RoPE ids (temporal, height, width) computed on the unpruned layout -- text before the image
+0..P-1, the image's token at merged cell (r, c) gets (P, P + r, P + c), text after it continues from
+P + max(grid) -- then sliced: a kept (or merged) token keeps the ids of its main source, text after the
+image keeps its ids. In-LLM methods that renumber positions contiguously on LLaMA (PDrop, SparseVLM) keep
+the sliced M-RoPE ids here: contiguous renumbering has no 3-D counterpart.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import UserInputError
+from .base import VisualEmbeds, VisualTokens
+from .hf import CLIP_MEAN, CLIP_STD, HFAdapter, batch_rows
+
+QWEN_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+               "<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
+DEFAULT_GRID = 16  # merged tokens per side when no image_size is given
+
+
+class Qwen2VLAdapter(HFAdapter):
+    family = "qwen2_vl"
+    hf_class = "Qwen2VLForConditionalGeneration"
+    default_prompt = QWEN_PROMPT
+    default_placeholder = "<|image_pad|>"
+    capabilities = frozenset()
+
+    def __init__(self, model, tokenizer, *, image_mean: Sequence[float] = CLIP_MEAN,
+                 image_std: Sequence[float] = CLIP_STD, image_size: int | tuple[int, int] | None = None,
+                 prompt_template: str | None = None, name: str | None = None, prompt_source: str = "argument"):
+        super().__init__(model, tokenizer, image_mean=image_mean, image_std=image_std, prompt_template=prompt_template,
+                         name=name, prompt_source=prompt_source)
+        vcfg = model.config.vision_config
+        self.patch_size, self.merge = int(vcfg.patch_size), int(vcfg.spatial_merge_size)
+        self.temporal_patch_size = int(vcfg.temporal_patch_size)
+        unit = self.patch_size * self.merge
+        if image_size is None:
+            image_size = DEFAULT_GRID * unit
+        size = (int(image_size),) * 2 if isinstance(image_size, int) else tuple(int(v) for v in image_size)
+        if len(size) != 2 or min(size) < unit or size[0] % unit or size[1] % unit:
+            raise UserInputError(f"image_size {image_size!r} must be (H, W) multiples of {unit} (patch "
+                                 f"{self.patch_size} x merge {self.merge}); e.g. {DEFAULT_GRID * unit}")
+        self.image_size = size
+        self.grid = (size[0] // unit, size[1] // unit)
+        self.num_visual_tokens = self.grid[0] * self.grid[1]
+        self.num_vision_layers = int(vcfg.depth)
+        self.feature_layer = self.num_vision_layers - 1
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.image_size
+
+    def describe_input(self) -> str:
+        h, w = self.image_size
+        p, t = self.patch_size, self.temporal_patch_size
+        return (f"{h}x{w} image, normalised, {h // p}x{w // p} patches of {p}x{p} (x{t} temporal copies), "
+                f"merged {self.merge}x{self.merge} into {self.grid[0]}x{self.grid[1]} tokens")
+
+    # ------------------------------------------------------------------ vision side
+    def patchify(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised (B, 3, H, W) -> the processor's flattened patches (B * h * w, 3 * t * p * p), in merge-group
+        order: per image, per merged cell (raster), its merge x merge patches (raster), each (channel, frame, y, x)."""
+        b, c = pixels.shape[:2]
+        p, m, t = self.patch_size, self.merge, self.temporal_patch_size
+        gh, gw = self.grid
+        x = pixels.reshape(b, c, gh, m, p, gw, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)  # b, gh, gw, m, m, c, p, p
+        x = x.unsqueeze(6).expand(*x.shape[:6], t, p, p)  # a still image fills every temporal frame
+        return x.reshape(b * gh * gw * m * m, c * t * p * p)
+
+    def encode(self, pixels: torch.Tensor, signal_layers: Sequence[int] = (), validate: bool = True) -> VisualTokens:
+        """The vision tower's merged tokens (B, N, D_llm); no CLS, no attention signals."""
+        if signal_layers:
+            raise UserInputError(f"the {self.family} vision encoder has no CLS token, so no attention signals are "
+                                 "captured; accepted: signal_layers=()")
+        if validate:
+            pixels = self.check_pixels(pixels)
+        b = pixels.shape[0]
+        gh, gw = self.grid
+        thw = torch.tensor([[1, gh * self.merge, gw * self.merge]] * b, device=pixels.device)
+        out = self.model.model.visual(self.patchify(self.normalize(pixels)), grid_thw=thw)
+        features = out.pooler_output.reshape(b, self.num_visual_tokens, -1)
+        return VisualTokens(features, None, self.grid, self.feature_layer, {}, self.num_vision_layers)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Identity: the PatchMerger (Qwen's projector) already ran inside ``encode``."""
+        return features
+
+    # ------------------------------------------------------------------ layout and positions
+    def compress(self, compressor, tokens: VisualTokens, budget: int, pixels: torch.Tensor | None = None):
+        """The compressor's kept tokens, each tagged with its main source so that it keeps that token's M-RoPE ids."""
+        kept, plan = super().compress(compressor, tokens, budget, pixels)
+        rows = batch_rows(kept)
+        main = plan.primary_sources()
+        return VisualEmbeds(rows, [main[b, :r.shape[0]] for b, r in enumerate(rows)]), plan
+
+    def _plain_layout(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if visual.shape[0] != self.num_visual_tokens:
+            raise UserInputError(f"{self.family} positions need to know where each token came from: a plain tensor "
+                                 f"must hold all {self.num_visual_tokens} tokens, got {visual.shape[0]}; compressed "
+                                 "tokens come from adapter.compress / Target.forward")
+        return super()._plain_layout(visual)
+
+    def _positions(self, mask: torch.Tensor, rows: VisualEmbeds, questions: Sequence[str]) -> torch.Tensor:
+        """(3, B, L) M-RoPE ids of the unpruned layout, sliced to the tokens present; 0 at left padding."""
+        B, L = mask.shape
+        width, extent = self.grid[1], max(self.grid)
+        positions = torch.zeros(3, B, L, dtype=torch.long, device=mask.device)
+        for b, (src, q) in enumerate(zip(rows.sources, questions)):
+            before = len(self._prompt_ids(q)[0])
+            real = int(mask[b].sum())
+            after = real - before - src.numel()
+            src = src.to(mask.device)
+            positions[:, b, L - real:] = torch.cat([
+                torch.arange(before, device=mask.device).expand(3, -1),
+                torch.stack([torch.full_like(src, before), before + src // width, before + src % width]),
+                (before + extent + torch.arange(after, device=mask.device)).expand(3, -1)], dim=1)
+        return positions
+
+    def _renumber(self, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return positions
+
+
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL: the same interface; its vision tower's window attention and RMSNorm are internal to it."""
+
+    family = "qwen2_5_vl"
+    hf_class = "Qwen2_5_VLForConditionalGeneration"
