@@ -45,6 +45,7 @@ class TrainConfig:
     drop_prob: float = 0.5
     min_keep: int = 16
     aux_weight: float = 0.5
+    grounding_weight: float = 0.3
     seed: int = 0
     eval_every: int = 250
     eval_samples: int = 250
@@ -70,6 +71,7 @@ def _collate(samples: list[S.VQASample]) -> dict:
     patch_colour = torch.zeros(len(samples), g * g, dtype=torch.long)  # 0 = background
     patch_shape = torch.zeros(len(samples), g * g, dtype=torch.long)
     object_mask = torch.zeros(len(samples), g * g, dtype=torch.bool)
+    referent_mask = torch.zeros(len(samples), g * g, dtype=torch.bool)
     colours, shapes = list(S.COLOURS), list(S.SHAPES)
     for b, s in enumerate(samples):
         cov = s.patch_coverage().reshape(len(s.objects), -1)
@@ -83,8 +85,29 @@ def _collate(samples: list[S.VQASample]) -> dict:
                 patch_colour[b, p] = colours.index(o.colour) + 1
                 patch_shape[b, p] = shapes.index(o.shape) + 1
             object_mask[b] = torch.from_numpy((cov > 0.02).any(0))
+            if s.referents:
+                referent_mask[b] = torch.from_numpy((cov[list(s.referents)] > 0.02).any(0))
     return {"pixels": pixels, "questions": [s.question for s in samples], "answers": [s.answer for s in samples],
-            "presence": presence, "patch_colour": patch_colour, "patch_shape": patch_shape, "object_mask": object_mask}
+            "presence": presence, "patch_colour": patch_colour, "patch_shape": patch_shape, "object_mask": object_mask,
+            "referent_mask": referent_mask}
+
+
+class _AttentionProbe:
+    """In-LLM hook that prunes nothing: it reads decoder layer ``layer``'s attention from the last prompt token
+    (``offset`` positions before the end) over the visual tokens, for the grounding objective."""
+
+    position_policy = "original"
+
+    def __init__(self, layer: int, offset: int):
+        self.layers, self.offset = (layer,), offset
+        self.visual_attention: torch.Tensor | None = None
+
+    def select(self, ctx):
+        b, length = ctx.attention_mask.shape
+        query = torch.full((b, 1), length - 1 - self.offset, device=ctx.hidden.device)
+        self.visual_attention = ctx.current_attention_rows(query)[:, 0].gather(1, ctx.visual_index)
+        keep = torch.arange(ctx.visual_index.shape[1], device=ctx.hidden.device).expand(b, -1)
+        return keep, None
 
 
 def _keep_indices(object_mask: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -143,6 +166,7 @@ def train_builtin(out_dir: str | Path, cfg: TrainConfig | None = None, log=print
     eos = adapter.tokenizer.eos_token_id
     answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
     tower = model.model.vision_tower
+    grounding_layer = model.config.text_config.num_hidden_layers - 1  # the last layer: FastV's layer stays free
     loader = torch.utils.data.DataLoader(_Stream(cfg), batch_size=None, num_workers=1, prefetch_factor=4)
     history, t0 = [], time.time()
     bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -169,11 +193,20 @@ def train_builtin(out_dir: str | Path, cfg: TrainConfig | None = None, log=print
             if k < feats.shape[1]:
                 idx = _keep_indices(batch["object_mask"], k, gen)
                 feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+            else:
+                idx = torch.arange(k).expand(feats.shape[0], -1)
             conts = [[answer_id[a], eos] for a in batch["answers"]]
-            h, _ = adapter.hidden_states(adapter.project(feats), batch["questions"], conts)
+            probe = _AttentionProbe(grounding_layer, offset=2)
+            h, _ = adapter.hidden_states(adapter.project(feats), batch["questions"], conts, in_llm=probe)
             L = h.shape[1]
             logits = adapter.logits_at(h, torch.tensor([[L - 3, L - 2]]).expand(h.shape[0], -1))
             parts["lm"] = ce(logits.flatten(0, 1), torch.tensor(conts).flatten())
+            referents = torch.gather(batch["referent_mask"], 1, idx)
+            has_ref = referents.any(-1)
+            if has_ref.any():
+                mass = (probe.visual_attention * referents).sum(-1)[has_ref]
+                parts["ground"] = -(mass + 1e-6).log().mean()
+                loss = loss + cfg.grounding_weight * parts["ground"]
             loss = loss + parts["lm"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

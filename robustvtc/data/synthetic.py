@@ -61,6 +61,7 @@ class VQASample:
     answer: str
     qtype: str
     objects: list[SceneObject] = field(default_factory=list)
+    referents: tuple[int, ...] = ()  # indices into ``objects`` of the objects the question is about
     index: int = 0
     split: str = "test"
 
@@ -166,36 +167,36 @@ def _relation_holds(a: SceneObject, b: SceneObject, rel: str) -> bool | None:
     return None if ra == rb else (ra < rb) == (rel == "above")
 
 
-def _candidate_questions(objects: list[SceneObject], qtype: str) -> list[tuple[str, str]]:
-    """All (question, answer) pairs of one type that the scene answers unambiguously."""
-    out: list[tuple[str, str]] = []
+def _candidate_questions(objects: list[SceneObject], qtype: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """All (question, answer, referents) triples of one type that the scene answers unambiguously."""
+    out: list[tuple[str, str, tuple[int, ...]]] = []
     if qtype == "color":
         for shape in SHAPES:
-            match = [o for o in objects if o.shape == shape]
+            match = [i for i, o in enumerate(objects) if o.shape == shape]
             if len(match) == 1:
-                out.append((f"what color is the {shape} ?", match[0].colour))
+                out.append((f"what color is the {shape} ?", objects[match[0]].colour, tuple(match)))
     elif qtype == "shape":
-        for o in objects:
-            out.append((f"what shape is at the {POSITIONS[o.cell]} ?", o.shape))
+        for i, o in enumerate(objects):
+            out.append((f"what shape is at the {POSITIONS[o.cell]} ?", o.shape, (i,)))
     elif qtype == "count":
         for colour in COLOURS:
-            c = sum(o.colour == colour for o in objects)
-            if c < len(NUMBERS):
-                out.append((f"how many {colour} objects are there ?", NUMBERS[c]))
+            match = tuple(i for i, o in enumerate(objects) if o.colour == colour)
+            if len(match) < len(NUMBERS):
+                out.append((f"how many {colour} objects are there ?", NUMBERS[len(match)], match))
     elif qtype == "exist":
-        present = {(o.colour, o.shape) for o in objects}
         for colour in COLOURS:
             for shape in SHAPES:
-                out.append((f"is there a {colour} {shape} ?", "yes" if (colour, shape) in present else "no"))
+                match = tuple(i for i, o in enumerate(objects) if (o.colour, o.shape) == (colour, shape))
+                out.append((f"is there a {colour} {shape} ?", "yes" if match else "no", match))
     elif qtype == "relation":
-        for a in objects:
-            for b in objects:
-                if a is b:
+        for i, a in enumerate(objects):
+            for j, b in enumerate(objects):
+                if i == j:
                     continue
                 for rel in RELATIONS:
                     holds = _relation_holds(a, b, rel)
                     if holds is not None:
-                        out.append((f"is the {a.name} {rel} the {b.name} ?", "yes" if holds else "no"))
+                        out.append((f"is the {a.name} {rel} the {b.name} ?", "yes" if holds else "no", (i, j)))
     return out
 
 
@@ -217,8 +218,8 @@ def generate_sample(index: int, split: str = "test", seed: int = 0, qtype: str |
         objects = _random_objects(rng)
         pairs = [p for p in _candidate_questions(objects, qtype) if p[1] == wanted]
         if pairs:
-            question, answer = pairs[int(rng.integers(len(pairs)))]
-            return VQASample(_render(objects, rng), question, answer, qtype, objects, index, split)
+            question, answer, referents = pairs[int(rng.integers(len(pairs)))]
+            return VQASample(_render(objects, rng), question, answer, qtype, objects, referents, index, split)
 
 
 def generate_dataset(n: int, split: str = "test", seed: int = 0, start: int = 0) -> list[VQASample]:
