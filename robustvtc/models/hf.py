@@ -120,11 +120,12 @@ class HFAdapter:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
                         prompt_template: str | None = None, name: str | None = None,
-                        attn_implementation: str = "sdpa", **kwargs) -> "HFAdapter":
+                        image_size: int | tuple[int, int] | None = None, attn_implementation: str = "sdpa",
+                        **kwargs) -> "HFAdapter":
         """Load a checkpoint (local directory or hub id; nothing is downloaded when HF_HUB_OFFLINE=1).
 
-        ``device_map`` and other transformers keywords pass through to ``from_pretrained`` (with a
-        ``device_map``, ``device`` is ignored). Adapter keywords (``image_size``) go to the constructor.
+        ``image_size`` is the adapter's input resolution (family default when None). ``device_map`` and other
+        transformers keywords pass through to ``from_pretrained`` (with a ``device_map``, ``device`` is ignored).
         The prompt is, in order: ``prompt_template``; ``robustvtc_prompt_template`` in the checkpoint's
         preprocessor_config.json; the checkpoint's chat template (chat_template.jinja / .json, else the
         tokenizer's); the family's ``default_prompt``.
@@ -133,7 +134,6 @@ class HFAdapter:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        adapter_kwargs = {k: kwargs.pop(k) for k in ("image_size",) if k in kwargs}
         model = getattr(transformers, cls.hf_class).from_pretrained(
             str(path), dtype=resolve_dtype(dtype), attn_implementation=attn_implementation, **kwargs)
         if "device_map" not in kwargs:
@@ -149,7 +149,7 @@ class HFAdapter:
             source = "chat_template"
         return cls(model, tokenizer, image_mean=pre.get("image_mean", CLIP_MEAN),
                    image_std=pre.get("image_std", CLIP_STD), prompt_template=prompt_template, prompt_source=source,
-                   name=name or str(path), **adapter_kwargs)
+                   name=name or str(path), image_size=image_size)
 
     @staticmethod
     def _chat_template(path: str | Path, tokenizer) -> str | None:
