@@ -1,17 +1,23 @@
-"""A target is what is under test: an LVLM adapter + a compressor + a budget.
+"""A target is what is under test: an LVLM adapter + a compressor + a budget (+ defenses).
 
 It exposes the whole pipeline as differentiable functions of the pixels, so attacks, defenses and the
-campaign runner share one code path whatever the model family or compressor.
+campaign runner share one code path whatever the model family or compressor. Defenses act at their hook
+points: input transforms before the encoder, score defenses on the CLS attention the compressor reads,
+a selection defense around the compressor, output defenses on the answer scores, detectors in
+:meth:`Target.detect`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
 
 from .compression import Compressor, KeepPlan, get_compressor
 from .compression.base import EncoderCompressor, InLLMCompressor
+from .defenses.base import build_defenses
+from .defenses.pipeline import DefendedCompressor, ScoredTokens
 from .errors import UserInputError
 from .models.base import VisualEmbeds, VisualTokens
 
@@ -27,7 +33,10 @@ class Forward:
 
 
 class Target:
-    def __init__(self, adapter, compressor: str | Compressor = "none", budget: int | None = None, **compressor_kwargs):
+    """``defenses``: names, ``{name: options}`` mappings or Defense objects (see :mod:`robustvtc.defenses`)."""
+
+    def __init__(self, adapter, compressor: str | Compressor = "none", budget: int | None = None, defenses=(),
+                 **compressor_kwargs):
         self.adapter = adapter
         self.compressor = get_compressor(compressor, **compressor_kwargs) if isinstance(compressor, str) else compressor
         n = adapter.num_visual_tokens
@@ -35,27 +44,75 @@ class Target:
         if self.compressor.name == "none" and self.budget != n:
             raise UserInputError(f"compressor 'none' keeps all {n} tokens; got budget {budget}")
         adapter.check_target(self.compressor, self.budget)
+        self.defenses = build_defenses(defenses)
+        for defense in self.defenses:
+            defense.check(self)
+        selection = self._hooked("selection")
+        if len(selection) > 1:
+            raise UserInputError(f"one selection defense per target, got {', '.join(d.name for d in selection)}")
+        self._compress_with = self.compressor
+        if selection or self._hooked("scores"):
+            self._compress_with = DefendedCompressor(self.compressor, selection[0] if selection else None)
 
     def __repr__(self) -> str:
-        return f"Target({self.adapter.name}, {self.compressor.name}, budget={self.budget})"
+        shown = f", defenses={list(self.defenses)}" if self.defenses else ""
+        return f"Target({self.adapter.name}, {self.compressor.name}, budget={self.budget}{shown})"
+
+    def _hooked(self, hook: str) -> list:
+        return [d for d in self.defenses if d.hook == hook]
+
+    @property
+    def randomized(self) -> bool:
+        """Whether a forward pass draws randomness (compressor or any defense): attacks then need EOT."""
+        return bool(self.compressor.randomized or any(d.randomized for d in self.defenses))
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether every defense's gradient is exact (False: some backward pass is a BPDA surrogate).
+
+        The compressor's discrete selection is not counted: attacks handle it with its relaxations."""
+        return all(d.differentiable for d in self.defenses)
 
     @property
     def signal_layers(self) -> tuple[int, ...]:
         return self.compressor.signal_layers()
 
-    def encode(self, pixels: torch.Tensor) -> VisualTokens:
-        return self.adapter.encode(pixels, self.signal_layers)
+    def encode(self, pixels: torch.Tensor, extra_layers: Sequence[int] = (), validate: bool = True) -> VisualTokens:
+        """The visual tokens as this target's compressor reads them (input and score defenses applied);
+        ``extra_layers``: encoder layers to capture signals of besides the compressor's."""
+        return self._encode(pixels, extra_layers, validate)[1]
+
+    def _encode(self, pixels, extra_layers: Sequence[int] = (), validate: bool = True):
+        """(the pixels the encoder saw, their tokens)."""
+        inputs = self._hooked("input")
+        if inputs and validate:
+            pixels = self.adapter.check_pixels(pixels)
+        for defense in inputs:
+            pixels = defense(pixels)
+        layers = tuple(sorted({*self.signal_layers, *extra_layers})) if extra_layers else self.signal_layers
+        return pixels, self._scored(self.adapter.encode(pixels, layers, validate=validate), pixels, layers)
+
+    def _scored(self, tokens: VisualTokens, pixels, layers: Sequence[int]) -> VisualTokens:
+        scores = self._hooked("scores")
+        if not scores or isinstance(tokens, ScoredTokens):
+            return tokens
+        return ScoredTokens.wrap(tokens, [d.bind(self, pixels, layers) for d in scores])
 
     def forward(self, pixels: torch.Tensor | None = None, tokens: VisualTokens | None = None) -> Forward:
-        """Encode (or reuse ``tokens``) and apply the compressor; the LLM part runs in the scoring methods."""
-        if tokens is None:
-            tokens = self.encode(pixels)
+        """Encode (or reuse ``tokens``) and apply the compressor; the LLM part runs in the scoring methods.
+
+        Shared ``tokens`` are the encoding of ``pixels`` as given: a target with input defenses encodes
+        its transformed pixels itself."""
+        if tokens is None or self._hooked("input"):
+            pixels, tokens = self._encode(pixels)
+        else:
+            tokens = self._scored(tokens, pixels, self.signal_layers)
         if isinstance(self.compressor, InLLMCompressor):
             hook = self.compressor.bind(self.budget, tokens.num_tokens, getattr(self.adapter, "num_llm_layers", None))
             return Forward(tokens, self.adapter.project(tokens.features), None, hook)
         if isinstance(self.compressor, EncoderCompressor) and pixels is None:  # merges inside the encoder
             raise UserInputError(f"{self.compressor.name} merges inside the vision encoder; pass the pixels")
-        embeds, plan = self.adapter.compress(self.compressor, tokens, self.budget, pixels)  # the layout is the model's
+        embeds, plan = self.adapter.compress(self._compress_with, tokens, self.budget, pixels)  # the layout is the model's
         return Forward(tokens, embeds, plan)
 
     def budget_mapping(self) -> dict:
@@ -66,13 +123,34 @@ class Target:
 
     def candidate_logprobs(self, pixels, questions: Sequence[str], candidates: Sequence[str],
                            tokens: VisualTokens | None = None) -> torch.Tensor:
-        fwd = self.forward(pixels, tokens)
-        return self.adapter.candidate_logprobs(fwd.embeds, questions, candidates, in_llm=fwd.in_llm)
+        def loglik(p, t=None):
+            fwd = self.forward(p, t)
+            return self.adapter.candidate_logprobs(fwd.embeds, questions, candidates, in_llm=fwd.in_llm)
+        return self._output(loglik, pixels, tokens)
 
     def answer_loss(self, pixels, questions: Sequence[str], answers: Sequence[str],
                     tokens: VisualTokens | None = None) -> torch.Tensor:
-        fwd = self.forward(pixels, tokens)
-        return self.adapter.answer_loss(fwd.embeds, questions, answers, in_llm=fwd.in_llm)
+        def loglik(p, t=None):
+            fwd = self.forward(p, t)
+            return -self.adapter.answer_loss(fwd.embeds, questions, answers, in_llm=fwd.in_llm)
+        return -self._output(loglik, pixels, tokens)
+
+    def _output(self, loglik, pixels, tokens: VisualTokens | None) -> torch.Tensor:
+        """``loglik`` of the pipeline, through the output defenses (which re-run it on their own pixels)."""
+        outputs = self._hooked("output")
+        if not outputs:
+            return loglik(pixels, tokens)
+        for defense in outputs:
+            loglik = partial(defense.aggregate, loglik)
+        return loglik(pixels)
+
+    @torch.no_grad()
+    def detect(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: inputs flagged by any detection defense (all False without one)."""
+        flags = torch.zeros(pixels.shape[0], dtype=torch.bool)
+        for defense in self._hooked("detection"):
+            flags |= defense.flags(self, pixels).cpu()
+        return flags
 
     @torch.no_grad()
     def predict(self, pixels, questions: Sequence[str], candidates: Sequence[str],
