@@ -152,7 +152,7 @@ class SelectionDefense(Defense):
     hook = "selection"
 
     def check(self, target: "Target") -> None:
-        if not isinstance(target.compressor, PreLLMCompressor) or target.compressor.name == "none":
+        if not isinstance(target.compressor, PreLLMCompressor):
             raise UserInputError(f"defense {self.name!r} chooses which tokens a pre-LLM compressor keeps; "
                                  f"compressor {target.compressor.name!r} is not one")
 
@@ -218,9 +218,9 @@ class DetectionDefense(Defense):
 
 
 def require_ranking_compressor(defense: Defense, target: "Target") -> None:
-    """Refuse a compressor that does not rank tokens by CLS attention before the LLM."""
+    """Refuse a compressor that does not rank tokens by CLS attention before the LLM ("none" keeps all: no-op)."""
     comp = target.compressor
-    if not isinstance(comp, PreLLMCompressor) or "cls_token" not in comp.requires:
+    if comp.name != "none" and (not isinstance(comp, PreLLMCompressor) or "cls_token" not in comp.requires):
         raise UserInputError(f"defense {defense.name!r} acts on the CLS-attention importance a pre-LLM compressor "
                              f"ranks by; compressor {comp.name!r} does not rank by it")
 

@@ -47,6 +47,9 @@ class Target:
         self.defenses = build_defenses(defenses)
         for defense in self.defenses:
             defense.check(self)
+        # keeping every token selects nothing: score and selection defenses do not act on compressor "none"
+        self._active = [d for d in self.defenses
+                        if self.compressor.name != "none" or d.hook not in ("scores", "selection")]
         selection = self._hooked("selection")
         if len(selection) > 1:
             raise UserInputError(f"one selection defense per target, got {', '.join(d.name for d in selection)}")
@@ -59,19 +62,19 @@ class Target:
         return f"Target({self.adapter.name}, {self.compressor.name}, budget={self.budget}{shown})"
 
     def _hooked(self, hook: str) -> list:
-        return [d for d in self.defenses if d.hook == hook]
+        return [d for d in self._active if d.hook == hook]
 
     @property
     def randomized(self) -> bool:
         """Whether a forward pass draws randomness (compressor or any defense): attacks then need EOT."""
-        return bool(self.compressor.randomized or any(d.randomized for d in self.defenses))
+        return bool(self.compressor.randomized or any(d.randomized for d in self._active))
 
     @property
     def differentiable(self) -> bool:
         """Whether every defense's gradient is exact (False: some backward pass is a BPDA surrogate).
 
         The compressor's discrete selection is not counted: attacks handle it with its relaxations."""
-        return all(d.differentiable for d in self.defenses)
+        return all(d.differentiable for d in self._active)
 
     @property
     def signal_layers(self) -> tuple[int, ...]:
