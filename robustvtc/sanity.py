@@ -1,0 +1,265 @@
+"""Sanity checks against gradient masking, from campaign records, and the defense sections of the report.
+
+An evaluation whose gradients are masked (shattered by a non-differentiable step, made stochastic, or
+zeroed) reports robustness it does not have. Carlini et al. (2019) list symptoms that per-sample records
+can show, and each check here looks for one:
+
+* ``monotone_in_eps`` -- robust accuracy does not rise as ε grows (the clean accuracy is the ε = 0 point);
+* ``large_eps`` -- an attack with a very large L∞ radius drives accuracy near zero (ART's SecurityCurve);
+* ``transfer_not_stronger`` -- on a defended target, the image crafted without the defense and transferred
+  (non-adaptive) is not more harmful than the one crafted through it (adaptive).
+
+A check is ``violated`` only when the effect exceeds ``tolerance`` *and* is statistically significant at
+``z`` (one-sided; two-proportion test, Wilson bound for ``large_eps``), so a handful of samples does not
+raise alarms from noise; ``not applicable`` when the records lack what it compares. Any violation marks
+the campaign, and the rows it covers, unreliable.
+
+Records are those the campaign runner writes (one per sample x attack x ε x compressor x budget x defense x
+adaptive): ``attack == "clean"`` rows hold the unattacked images, ``defense == "none"`` the undefended target.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from .defenses.base import detection_rates
+
+CLEAN, NONE = "clean", "none"
+STATUSES = ("pass", "violated", "not applicable")
+GROUP = ["defense", "attack", "compressor", "budget", "adaptive"]  # one robust-accuracy curve over ε
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    tolerance: float = 0.05  # accuracy points (as a fraction) a rise may reach before it counts
+    z: float = 1.645  # one-sided 95 %
+    large_eps: float = 64 / 255  # L∞ radius from which an attack must succeed almost always
+    near_zero: float = 0.1  # accuracy an attack at large_eps must get below
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check on one slice of the records; ``figures`` hold the numbers it decided on."""
+
+    check: str
+    scope: dict[str, Any]
+    status: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):  # plain Python values, so results serialise as JSON
+        for name in ("scope", "figures"):
+            object.__setattr__(self, name, {k: getattr(v, "item", lambda: v)() for k, v in getattr(self, name).items()})
+
+    @property
+    def violated(self) -> bool:
+        return self.status == "violated"
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def _significant_rise(k_low: float, n_low: int, k_high: float, n_high: int, t: Thresholds) -> bool:
+    """Whether accuracy k_high/n_high exceeds k_low/n_low by more than the tolerance, significantly."""
+    rise = k_high / n_high - k_low / n_low
+    pooled = (k_low + k_high) / (n_low + n_high)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_low + 1 / n_high))
+    return rise > t.tolerance and se > 0 and rise / se > t.z
+
+
+def wilson_lower(k: float, n: int, z: float) -> float:
+    """Lower Wilson score bound of a binomial proportion k/n."""
+    p = k / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
+
+
+# ---------------------------------------------------------------------------------------------- the checks
+def _prepare(records: pd.DataFrame) -> pd.DataFrame:
+    df = records.copy()
+    df["defense"] = df["defense"].fillna(NONE).replace("", NONE)
+    df["adaptive"] = df["adaptive"].astype(bool)
+    for col in ("correct", "clean_correct", "eps"):
+        df[col] = df[col].astype(float)
+    return df
+
+
+def _attacked(df: pd.DataFrame) -> pd.DataFrame:
+    return df[(df["attack"] != CLEAN) & (df["eps"] > 0)]
+
+
+def _monotone(scope: dict, g: pd.DataFrame, t: Thresholds) -> CheckResult:
+    clean = g.drop_duplicates("sample")["clean_correct"]
+    points = [(0.0, clean.sum(), len(clean))]
+    points += [(eps, e["correct"].sum(), len(e)) for eps, e in g.groupby("eps", sort=True)]
+    worst = max(((lo, hi) for i, lo in enumerate(points) for hi in points[i + 1:]),
+                key=lambda pair: pair[1][1] / pair[1][2] - pair[0][1] / pair[0][2])
+    (eps_lo, k_lo, n_lo), (eps_hi, k_hi, n_hi) = worst
+    figures = {"eps_low": eps_lo, "accuracy_low": k_lo / n_lo, "eps_high": eps_hi, "accuracy_high": k_hi / n_hi,
+               "samples": int(n_hi)}
+    status = "violated" if _significant_rise(k_lo, n_lo, k_hi, n_hi, t) else "pass"
+    return CheckResult("monotone_in_eps", scope, status, figures)
+
+
+def _large_eps(scope: dict, g: pd.DataFrame, t: Thresholds) -> CheckResult:
+    large = g[g["eps"] >= t.large_eps]
+    if large.empty:
+        return CheckResult("large_eps", scope, "not applicable", {"largest_eps": g["eps"].max()})
+    top = large[large["eps"] == large["eps"].max()]
+    k, n = top["correct"].sum(), len(top)
+    figures = {"eps": top["eps"].iloc[0], "accuracy": k / n, "samples": n, "limit": t.near_zero}
+    status = "violated" if k / n > t.near_zero and wilson_lower(k, n, t.z) > t.near_zero else "pass"
+    return CheckResult("large_eps", scope, status, figures)
+
+
+def _transfer(scope: dict, g: pd.DataFrame, t: Thresholds) -> CheckResult:
+    sides = {a: s["correct"] for a, s in g.groupby("adaptive")}
+    if len(sides) < 2:
+        return CheckResult("transfer_not_stronger", {**scope, "adaptive": True}, "not applicable", {})
+    transfer, adaptive = sides[False], sides[True]
+    figures = {"transfer_accuracy": transfer.mean(), "adaptive_accuracy": adaptive.mean(),
+               "samples": len(adaptive)}
+    violated = _significant_rise(transfer.sum(), len(transfer), adaptive.sum(), len(adaptive), t)
+    return CheckResult("transfer_not_stronger", {**scope, "adaptive": True}, "violated" if violated else "pass",
+                       figures)
+
+
+def sanity_checks(records: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> list[CheckResult]:
+    """Every check on every slice of ``records`` it applies to."""
+    attacked = _attacked(_prepare(records))
+    out = []
+    for values, g in attacked.groupby(GROUP, sort=True):
+        scope = dict(zip(GROUP, values))
+        out += [_monotone(scope, g, thresholds), _large_eps(scope, g, thresholds)]
+    keys = ["defense", "attack", "compressor", "budget", "eps"]
+    defended = attacked[attacked["defense"] != NONE]
+    for values, g in defended.groupby(keys, sort=True):
+        out.append(_transfer(dict(zip(keys, values)), g, thresholds))
+    return out
+
+
+def unreliable(records: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> bool:
+    """True when any sanity check is violated: the campaign's robustness numbers are not to be trusted."""
+    return any(c.violated for c in sanity_checks(records, thresholds))
+
+
+# ---------------------------------------------------------------------------------------------- report sections
+def _pct(value: float) -> str:
+    return "–" if value is None or pd.isna(value) else f"{100 * value:.1f}"
+
+
+def _eps(eps: float) -> str:
+    if eps == 0:
+        return "0"
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "_no records_"
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows])
+
+
+def _cell(row) -> str:
+    return f"{row['compressor']}@{row['budget']}"
+
+
+def _clean_accuracy(df: pd.DataFrame) -> pd.DataFrame:
+    """Clean accuracy per defense x cell, one value per sample."""
+    per_sample = df.drop_duplicates(["defense", "compressor", "budget", "sample"])
+    return per_sample.groupby(["defense", "compressor", "budget"], as_index=False)["clean_correct"].mean()
+
+
+def _clean_section(df: pd.DataFrame) -> str:
+    acc = _clean_accuracy(df)
+    acc["cell"] = acc.apply(_cell, axis=1)
+    wide = acc.pivot(index="defense", columns="cell", values="clean_correct")
+    rows = [{"defense": d, **{c: _pct(v) for c, v in r.items()}} for d, r in wide.iterrows()]
+    return "Accuracy (%) on the unattacked images, per defense and compressor@budget.\n\n" + _table(rows)
+
+
+def _robust_section(df: pd.DataFrame, checks: list[CheckResult]) -> str:
+    flagged = [c.scope for c in checks if c.violated]
+    keys = ["attack", "eps", "compressor", "budget", "defense"]
+    acc = _attacked(df).groupby([*keys, "adaptive"])["correct"].mean()
+    rows = []
+    for values, g in acc.groupby(level=list(range(len(keys))), sort=True):
+        row = dict(zip(keys, values))
+        by = dict(zip(g.index.get_level_values("adaptive"), g.values))
+        bad = any(all({**row, "adaptive": a}.get(k) == v for k, v in f.items()) for a in by for f in flagged)
+        rows.append({"attack": row["attack"], "ε": _eps(row["eps"]), "cell": _cell(row), "defense": row["defense"],
+                     "non-adaptive": _pct(by.get(False)), "adaptive": _pct(by.get(True)),
+                     "status": "unreliable" if bad else "ok"})
+    return ("Robust accuracy (%) on the adversarial images. Non-adaptive: crafted on the undefended target and "
+            "transferred; adaptive: crafted through the defense (EOT over its randomness, BPDA through its "
+            "non-differentiable steps). \"unreliable\": a sanity check covering that row is violated.\n\n"
+            + _table(rows))
+
+
+def _checks_section(checks: list[CheckResult]) -> str:
+    statuses = pd.DataFrame({"check": [c.check for c in checks], "status": [c.status for c in checks]})
+    summary = [{"check": name, **{s: int((g["status"] == s).sum()) for s in STATUSES}}
+               for name, g in statuses.groupby("check", sort=True)]
+    violated = [{"check": c.check, "defense": c.scope["defense"], "attack": c.scope["attack"], "cell": _cell(c.scope),
+                 "adaptive": c.scope["adaptive"], "ε": _eps(c.scope["eps"]) if "eps" in c.scope else "all",
+                 "figures": ", ".join(f"{k}={_eps(v) if k.startswith('eps') else _fmt(v)}"
+                                      for k, v in c.figures.items())}
+                for c in checks if c.violated]
+    verdict = ("**Unreliable**: gradient masking is likely where a check is violated; do not trust those robust "
+               "accuracies before a stronger adaptive attack." if violated else "**No sign of gradient masking.**")
+    text = (f"{verdict} Checks: robust accuracy does not rise with ε (`monotone_in_eps`), a very large ε drives it "
+            "near zero (`large_eps`), a transferred attack is not stronger than the adaptive one "
+            f"(`transfer_not_stronger`).\n\n{_table(summary)}")
+    return text + ("\n\nViolated checks:\n\n" + _table(violated) if violated else "")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _cost_section(df: pd.DataFrame) -> str:
+    acc = _clean_accuracy(df)
+    base = acc[acc["defense"] == NONE].set_index(["compressor", "budget"])["clean_correct"]
+    attacked = _attacked(df)
+    plain = attacked[attacked["defense"] == NONE].groupby(["attack", "eps", "compressor", "budget"])["seconds"].mean()
+    rows = []
+    for defense, g in acc[acc["defense"] != NONE].groupby("defense", sort=True):
+        drop = (base - g.set_index(["compressor", "budget"])["clean_correct"]).mean()
+        through = attacked[(attacked["defense"] == defense) & attacked["adaptive"]]
+        secs = through.groupby(["attack", "eps", "compressor", "budget"])["seconds"].mean()
+        ratio = (secs / plain.reindex(secs.index)).replace([math.inf], math.nan).mean() if len(secs) else math.nan
+        rows.append({"defense": defense, "clean accuracy drop (points)": _pct(drop),
+                     "adaptive crafting s/image": _fmt(secs.mean()) if len(secs) else "–",
+                     "× undefended": "–" if pd.isna(ratio) else f"{ratio:.2f}"})
+    return ("Cost of each defense: the drop in clean accuracy against no defense (mean over compressor@budget), "
+            "and the time to craft an image through it (adaptive attacks, EOT draws included) relative to "
+            "crafting on the undefended target.\n\n" + _table(rows))
+
+
+def _detection_section(df: pd.DataFrame) -> str:
+    rows = []
+    for defense, g in df[df["defense"] != NONE].groupby("defense", sort=True):
+        clean = g[g["attack"] == CLEAN]["flagged"].astype(bool)
+        for (attack, eps, adaptive), a in _attacked(g).groupby(["attack", "eps", "adaptive"], sort=True):
+            rates = detection_rates(clean.values, a["flagged"].astype(bool).values)
+            rows.append({"defense": defense, "attack": attack, "ε": _eps(eps), "adaptive": adaptive,
+                         "TPR": _pct(rates.tpr), "FPR": _pct(rates.fpr)})
+    return ("Detection: true-positive rate (%) on adversarial images and false-positive rate on clean ones.\n\n"
+            + _table(rows))
+
+
+def report_sections(records: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> list[tuple[str, str]]:
+    """(title, Markdown) sections on defenses and gradient-masking sanity, for the campaign report."""
+    df = _prepare(records)
+    checks = sanity_checks(df, thresholds)
+    sections = [("Defenses: clean accuracy", _clean_section(df)),
+                ("Defenses: robust accuracy, non-adaptive vs adaptive", _robust_section(df, checks)),
+                ("Sanity checks against gradient masking", _checks_section(checks)),
+                ("Defenses: cost", _cost_section(df))]
+    if "flagged" in df:
+        sections.append(("Defenses: detection", _detection_section(df)))
+    return sections
