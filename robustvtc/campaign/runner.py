@@ -1,0 +1,586 @@
+"""Run a scenario: adversarial images built once, evaluated on the whole grid, one JSON record per line.
+
+Work is split into units -- a fixed chunk of ``batch_size`` samples x one attack x one ε (plus one "clean"
+unit per chunk). Inside a unit each adversarial image is built once for what its attack may know
+(:class:`~robustvtc.attacks.base.ThreatModel`):
+
+* budget- and compressor-agnostic attacks (grey-box fulltoken, cage): once per sample, evaluated on every
+  compressor x budget;
+* budget-aware attacks (known_budget): once per budget, evaluated on every compressor at that budget;
+* compressor-aware attacks (whitebox, stealth): once per compressor x budget cell, evaluated on that cell.
+
+Every image is also evaluated on the full-token model (``full_token_correct``) and, non-adaptively, under
+every defense configuration; with ``adaptive`` it is crafted again against each defended target. An
+evaluation encodes the batch once and shares the visual tokens across the grid (defended targets run
+their own pipeline). Records are appended and flushed one line at a time, so a killed run loses only the
+records in flight; ``--resume`` skips every finished key and refuses a scenario whose hash changed.
+
+Determinism: chunks never change composition, each attack seeds itself, and every evaluation builds its
+targets afresh under a seed derived from the scenario seed and what is evaluated -- so a unit gives the
+same records whether or not the units before it ran in this process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import AbstractSet, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import UserInputError
+from ..evaluate import CellResult, evaluate_grid, make_target, parse_budgets
+from .scenario import Scenario, defense_registry
+from .tasks import Item, Task
+
+KEY_FIELDS = ("sample", "attack", "eps", "compressor", "budget", "defense", "adaptive")
+CLEAN = "clean"
+NONE = "none"
+RESULTS, MANIFEST, EXAMPLES, IMAGES = "results.jsonl", "manifest.json", "examples", "images"
+
+Cell = tuple  # (compressor, budget)
+
+
+def record_key(record: dict) -> tuple:
+    return tuple(record[k] for k in KEY_FIELDS)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    chunk: int  # index of the fixed batch of samples
+    attack: str  # attack label, or "clean"
+    eps: float
+
+
+@dataclass(frozen=True)
+class Craft:
+    """One adversarial image per sample: the cell the attack is given (None = the full-token model), the
+    budget a budget-aware attack is told, the cells whose records use the image."""
+
+    against: Cell | None
+    budget: int | None
+    cells: tuple[Cell, ...]
+
+
+class Campaign:
+    """A scenario bound to a loaded model and its data; :meth:`run_unit` turns a work unit into records."""
+
+    def __init__(self, scenario: Scenario, adapter=None, output: str | Path | None = None):
+        from ..attacks import ATTACKS
+        from ..models import load_model
+
+        self.scenario = scenario
+        self.output = Path(output) if output is not None else None
+        self.adapter = adapter if adapter is not None else load_model(
+            scenario.model, device=scenario.device, dtype=scenario.dtype, **scenario.model_kwargs)
+        self.task = Task(scenario.data, scenario.samples)
+        items = self.task.items
+        self.chunks = [items[i:i + scenario.batch_size] for i in range(0, len(items), scenario.batch_size)]
+        n = self.adapter.num_visual_tokens
+        try:
+            self.budgets = list(dict.fromkeys(parse_budgets(scenario.budgets, n)))
+        except UserInputError as exc:
+            raise UserInputError(f"budgets: {exc}") from None
+        self.cells: list[Cell] = [(NONE, n)] + [(c, b) for c in scenario.compressors if c != NONE for b in self.budgets]
+        self.full = self.cells[0]
+        self.mappings = {}
+        for cell in self.cells:  # refuses compressors this model cannot run, before any work
+            try:
+                self.mappings[cell] = make_target(self.adapter, *cell).budget_mapping()
+            except UserInputError as exc:
+                raise UserInputError(f"compressors: {exc}") from None
+        self._defense_specs = {d.label: d for d in scenario.defenses}
+        self._thresholds: dict[tuple, float] = {}
+        self.defenses = [NONE, *self._defense_specs]
+        self.defense_cells = {d: self._applicable(d) for d in self.defenses}
+        self.attacks = {a.label: a for a in scenario.attacks}
+        self.threats = {a.label: ATTACKS.get(a.name).threat for a in scenario.attacks}
+        self.crafts = {a.label: self._dry_run(a) for a in scenario.attacks}
+        self._clean_cache: dict[tuple, dict[Cell, CellResult]] = {}
+
+    # ------------------------------------------------------------------ planning
+    def _applicable(self, defense: str) -> list[Cell]:
+        """The cells a defense configuration can act on (a score defense needs a ranking compressor, ...)."""
+        if defense == NONE:
+            return list(self.cells)
+        cells = []
+        for cell in self.cells:
+            try:
+                make_target(self.adapter, *cell, defenses=self._defense_objects(defense, 0, cell, calibrated=False))
+            except UserInputError as exc:
+                if cell == self.full:  # full_token_correct needs the full-token model under every defense
+                    raise UserInputError(f"defenses ({defense}): {exc}") from None
+                continue
+            cells.append(cell)
+        return cells
+
+    def _dry_run(self, spec) -> list[Craft]:
+        """The crafts of an attack, each attack constructed once so bad options fail before any work."""
+        threat = self.threats[spec.label]
+        compressed = [c for c in self.cells if c[0] != NONE]
+        if threat.compressor_known:
+            plan = [Craft(cell, None, (cell,)) for cell in self.cells]
+        elif threat.budget_known:
+            plan = [Craft(None, b, tuple(c for c in compressed if c[1] == b)) for b in self.budgets]
+        else:
+            plan = [Craft(None, None, tuple(self.cells))]
+        kept = []
+        for craft in plan:
+            try:
+                self._attack(spec, spec.eps[0], craft, NONE)
+            except UserInputError as exc:
+                if craft.against == self.full:
+                    continue  # e.g. stealth needs compression: no full-token cell for it
+                raise UserInputError(f"attacks ({spec.label}): {exc}") from None
+            kept.append(craft)
+        if not kept:
+            raise UserInputError(f"attacks ({spec.label}): no compressor x budget of the scenario it applies to; "
+                                 "accepted: add a compressor with a budget below the token count")
+        return kept
+
+    def _attack(self, spec, eps: float, craft: Craft, against: str, seed: int = 0):
+        """The attack of one craft; crafted ``against`` a defense, with EOT when that target is randomised."""
+        from ..attacks import get_attack
+        from ..defenses import adaptive_attack_options
+
+        cell = craft.against or self.full
+        target = make_target(self.adapter, *cell, seed=seed, defenses=self._defense_objects(against, seed, cell))
+        opts = {**adaptive_attack_options(target, self.scenario.eot_samples), "seed": self.scenario.seed,
+                **spec.options, "eps": eps}
+        if craft.budget is not None:
+            opts["budget"] = craft.budget
+        return get_attack(spec.name, target, **opts)
+
+    def example_attack(self, label: str):
+        """The attack ``label`` as constructed for its first image set (its resolved hyper-parameters)."""
+        spec = self.attacks[label]
+        return self._attack(spec, spec.eps[0], self.crafts[label][0], NONE)
+
+    def _defense_objects(self, label: str, seed: int, cell: Cell, calibrated: bool = True) -> list:
+        """Fresh objects of a defense configuration: randomised ones seeded with ``seed``, detectors with the
+        threshold calibrated for ``cell`` (``calibrated=False``: none, for checks that do not detect)."""
+        if label == NONE:
+            return []
+        import inspect
+
+        from ..defenses import DetectionDefense
+
+        spec = self._defense_specs[label]
+        cls = defense_registry().get(spec.name)
+        options = dict(spec.options)
+        if "seed" in inspect.signature(cls).parameters:
+            options.setdefault("seed", seed)
+        if calibrated and issubclass(cls, DetectionDefense) and options.get("threshold") is None:
+            options["threshold"] = self._threshold(label, cell)
+        return [cls(**options)]
+
+    def _threshold(self, label: str, cell: Cell) -> float:
+        """A detector's threshold for ``cell``, calibrated on clean images at the detector's target FPR:
+        the synthetic task's validation split, or the campaign's own items for file data (in-sample)."""
+        if (label, cell) not in self._thresholds:
+            if self.scenario.data.source == "synthetic":
+                calibration = Task(replace(self.scenario.data, split="val"), min(self.scenario.samples, 64))
+            else:
+                calibration = self.task
+            pixels = calibration.pixels(calibration.items[:64], self.adapter)
+            detector = self._defense_objects(label, 0, cell, calibrated=False)[0]
+            target = make_target(self.adapter, *cell, defenses=[detector])
+            self._thresholds[(label, cell)] = detector.calibrate(target, pixels)
+        return self._thresholds[(label, cell)]
+
+    def _plan(self, label: str) -> Iterator[tuple[Craft, str, list[str]]]:
+        """(craft, defense crafted against, defenses evaluated on) for every image set of an attack."""
+        adaptive = self.defenses[1:] if self.scenario.adaptive else []
+        for craft in self.crafts[label]:
+            yield craft, NONE, self.defenses
+            for d in adaptive:
+                if (craft.against or self.full) in self.defense_cells[d]:
+                    yield craft, d, [d]
+
+    def units(self) -> list[WorkUnit]:
+        """Chunk-major, so a chunk's clean reference is computed once in a local run."""
+        return [WorkUnit(i, label, eps) for i in range(len(self.chunks))
+                for label, eps in [(CLEAN, 0.0), *((a.label, e) for a in self.scenario.attacks for e in a.eps)]]
+
+    def unit_keys(self, unit: WorkUnit) -> list[tuple]:
+        return [k for group in self._groups(unit) for k in group[-1]]
+
+    def _cells(self, cells: Sequence[Cell], defense: str) -> list[Cell]:
+        return [c for c in cells if c in self.defense_cells[defense]]
+
+    def _groups(self, unit: WorkUnit) -> list[tuple]:
+        """(craft, against, evaluated defenses, keys) per image set of a unit; craft None for clean."""
+        items = self.chunks[unit.chunk]
+
+        def keys(cells, defenses, adaptive):
+            return [(i.id, unit.attack, unit.eps, c, b, d, adaptive)
+                    for d in defenses for c, b in self._cells(cells, d) for i in items]
+        if unit.attack == CLEAN:
+            return [(None, NONE, self.defenses, keys(self.cells, self.defenses, False))]
+        return [(craft, against, evals, keys(craft.cells, evals, against != NONE))
+                for craft, against, evals in self._plan(unit.attack)]
+
+    # ------------------------------------------------------------------ running
+    def run_unit(self, unit: WorkUnit, done: AbstractSet[tuple] = frozenset()) -> Iterator[dict]:
+        """The unit's records whose key is not in ``done``, each yielded as soon as it is computed."""
+        items = self.chunks[unit.chunk]
+        groups = [g for g in self._groups(unit) if not set(g[-1]) <= done]
+        if not groups:
+            return
+        clean_px = self.task.pixels(items, self.adapter)
+        if unit.attack == CLEAN:
+            for d in self.defenses:
+                clean = self._clean(unit.chunk, clean_px, items, d)
+                yield from self._records(unit, items, d, False, self._cells(self.cells, d), clean, clean, clean_px,
+                                         clean_px, 0.0, done)
+            return
+        spec = self.attacks[unit.attack]
+        for craft, against, evals, _ in groups:
+            seed = self._seed("craft", unit, craft, against)
+            with _seeded(seed):
+                attack = self._attack(spec, unit.eps, craft, against, seed)
+                start = time.perf_counter()
+                adv = attack(clean_px, [i.prompt for i in items], [i.answer for i in items]).adv
+                seconds = (time.perf_counter() - start) / len(items)
+            if self.scenario.save_images and self.output is not None:
+                self._save_images(unit, items, craft, against, adv)
+            for d in evals:
+                cells = self._cells(craft.cells, d)
+                clean = self._clean(unit.chunk, clean_px, items, d)
+                result = self._evaluate(list(dict.fromkeys([*cells, self.full])), adv, items, d,
+                                        self._seed("eval", unit, craft, against, d))
+                if d == NONE and against == NONE:
+                    self._save_examples(unit, items, cells, clean, result, clean_px, adv)
+                yield from self._records(unit, items, d, against != NONE, cells, result, clean, adv, clean_px,
+                                         seconds, done, attack)
+
+    def _clean(self, chunk: int, pixels: torch.Tensor, items: Sequence[Item], defense: str) -> dict[Cell, CellResult]:
+        key = (chunk, defense)
+        if key not in self._clean_cache:
+            self._clean_cache = {k: v for k, v in self._clean_cache.items() if k[0] == chunk}
+            seed = self._seed("clean", chunk, defense)
+            self._clean_cache[key] = self._evaluate(self.defense_cells[defense], pixels, items, defense, seed)
+        return self._clean_cache[key]
+
+    def _evaluate(self, cells: Sequence[Cell], pixels: torch.Tensor, items: Sequence[Item], defense: str,
+                  seed: int) -> dict[Cell, CellResult]:
+        with _seeded(seed):
+            targets = [make_target(self.adapter, *cell, seed=seed, defenses=self._defense_objects(defense, seed, cell))
+                       for cell in cells]
+            results = evaluate_grid(targets, pixels, lambda t, px, tok: self.task.predict(t, px, items, tok),
+                                    keep_maps=True)
+        return dict(zip(cells, results))
+
+    def _records(self, unit: WorkUnit, items: Sequence[Item], defense: str, adaptive: bool, cells: Sequence[Cell],
+                 adv: dict[Cell, CellResult], clean: dict[Cell, CellResult], adv_px: torch.Tensor,
+                 clean_px: torch.Tensor, seconds: float, done: AbstractSet[tuple], attack=None) -> Iterator[dict]:
+        delta = (adv_px - clean_px).flatten(1).float()
+        linf, l2 = delta.abs().amax(dim=1).tolist(), delta.norm(dim=1).tolist()
+        full = adv[self.full]
+        ranks: dict[tuple[int, int], tuple] = {}
+        for cell in cells:
+            a, c = adv[cell], clean[cell]
+            pair = (id(c.tokens), id(a.tokens))
+            if pair not in ranks:
+                ranks[pair] = rank_correlations(c.tokens, a.tokens)
+            spearman, kendall = ranks[pair]
+            overlap = kept_iou(c.kept, a.kept)
+            disruption = kept_disruption(c.tokens, a.tokens, a.kept)
+            for b, item in enumerate(items):
+                key = (item.id, unit.attack, unit.eps, cell[0], cell[1], defense, adaptive)
+                if key in done:
+                    continue
+                pred = a.predictions[b]
+                yield {
+                    "sample": item.id, "qtype": item.qtype, "question": item.question, "answer": item.answer,
+                    "attack": unit.attack, "attack_threat": attack.threat.describe() if attack else None,
+                    "eps": unit.eps, "steps": attack.steps if attack else 0,
+                    "compressor": cell[0], "budget": cell[1], "defense": defense, "adaptive": adaptive,
+                    "prediction": pred, "correct": self.task.correct(item, pred),
+                    "clean_correct": self.task.correct(item, c.predictions[b]),
+                    "full_token_correct": self.task.correct(item, full.predictions[b]),
+                    "flagged": a.flagged[b],
+                    "kept_overlap": _at(overlap, b), "rank_spearman": _at(spearman, b),
+                    "rank_kendall": _at(kendall, b), "kept_disruption": _at(disruption, b),
+                    "linf": linf[b], "l2": l2[b], "seconds": seconds, "budget_mapping": self.mappings[cell],
+                }
+
+    # ------------------------------------------------------------------ side files
+    def _save_images(self, unit: WorkUnit, items, craft: Craft, against: str, adv: torch.Tensor) -> None:
+        folder = self.output / IMAGES
+        folder.mkdir(parents=True, exist_ok=True)
+        where = "all" if craft.against is None else f"{craft.against[0]}@{craft.against[1]}"
+        where += f"-K{craft.budget}" if craft.budget is not None else ""
+        for item, image in zip(items, adv):
+            name = f"{_slug(item.id)}_{_slug(unit.attack)}_eps{unit.eps:.5f}_{where}_vs-{_slug(against)}.png"
+            save_png(image, folder / name)
+
+    def _save_examples(self, unit: WorkUnit, items, cells, clean, adv, clean_px, adv_px) -> None:
+        """Kept-token maps of the first ``examples`` samples (clean vs adversarial), for the report."""
+        first = unit.chunk * self.scenario.batch_size
+        rows = [b for b in range(len(items)) if first + b < self.scenario.examples]
+        if self.output is None or not rows:
+            return
+        folder = self.output / EXAMPLES
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for b in rows:
+            item = items[b]
+            stem = f"{_slug(item.id)}_{_slug(unit.attack)}_eps{unit.eps:.5f}"
+            save_png(clean_px[b], folder / f"{_slug(item.id)}_clean.png")
+            save_png(adv_px[b], folder / f"{stem}.png")
+            for cell in cells:
+                a, c = adv[cell], clean[cell]
+                grid = list(c.tokens.grid)
+                if cell[0] == NONE or a.kept is None or c.kept is None or grid[0] * grid[1] != a.kept.shape[1]:
+                    continue
+                lines.append({"sample": item.id, "attack": unit.attack, "eps": unit.eps, "compressor": cell[0],
+                              "budget": cell[1], "grid": grid, "clean_image": f"{_slug(item.id)}_clean.png",
+                              "adv_image": f"{stem}.png",
+                              "kept_clean": c.kept[b].nonzero().flatten().tolist(),
+                              "kept_adv": a.kept[b].nonzero().flatten().tolist()})
+        with open(folder / "examples.jsonl", "a") as f:
+            f.write("".join(json.dumps(line) + "\n" for line in lines))
+
+    def _seed(self, *parts) -> int:
+        """A seed derived from the scenario seed and what is being done (independent of execution order)."""
+        text = json.dumps([self.scenario.seed, *map(str, parts)])
+        return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Torch's global RNG set to ``seed`` inside, restored after (randomised defenses draw from it)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------- per-sample measures
+def kept_iou(clean: torch.Tensor | None, adv: torch.Tensor | None) -> list[float] | None:
+    """IoU of the kept patches, clean vs adversarial, per sample (None when a compressor has no keep plan)."""
+    if clean is None or adv is None:
+        return None
+    inter = (clean & adv).sum(dim=1).float()
+    union = (clean | adv).sum(dim=1).float().clamp_min(1)
+    return (inter / union).tolist()
+
+
+def rank_correlations(clean, adv) -> tuple[list[float] | None, list[float] | None]:
+    """Spearman and Kendall correlation of the clean and adversarial CLS-attention importance, per sample."""
+    from scipy.stats import kendalltau, spearmanr
+
+    from ..attacks.base import importance
+
+    if clean.cls is None or adv.cls is None:
+        return None, None
+    x, y = importance(clean).cpu().numpy(), importance(adv).cpu().numpy()
+    return ([float(spearmanr(a, b).statistic) for a, b in zip(x, y)],
+            [float(kendalltau(a, b).statistic) for a, b in zip(x, y)])
+
+
+def kept_disruption(clean, adv, kept: torch.Tensor | None) -> list[float] | None:
+    """Mean 1 - cos(adversarial, clean) feature of the tokens the adversarial image's plan kept, per sample."""
+    if kept is None:
+        return None
+    d = 1 - torch.nn.functional.cosine_similarity(adv.features.float(), clean.features.float(), dim=-1)
+    k = kept.to(d.device).float()
+    return ((d * k).sum(dim=1) / k.sum(dim=1).clamp_min(1)).tolist()
+
+
+def _at(values: list | None, b: int):
+    if values is None:
+        return None
+    value = values[b]
+    return None if isinstance(value, float) and not np.isfinite(value) else value
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """(3, H, W) in [0, 1] -> an 8-bit PNG (rounded: the PNG is a quantised copy of a float image)."""
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(array).save(path)
+
+
+def _slug(value) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in str(value))
+
+
+# ---------------------------------------------------------------------------------------------- results files
+class ResultsWriter:
+    """Appends records to results.jsonl, one ``write`` + flush per record (a kill loses only the one in flight)."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def read_records(path: str | Path, repair: bool = False) -> list[dict]:
+    """Every complete record of a results.jsonl; a torn last line (killed mid-write) is ignored, or cut
+    off the file with ``repair``. Later duplicates of a key (a resumed unit) replace earlier ones."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    records: dict[tuple, dict] = {}
+    good = 0
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines) - 1:
+                raise UserInputError(f"{path} line {number} is not a JSON record; accepted: a results.jsonl "
+                                     "written by robustvtc run") from None
+            break  # torn last line
+        records[record_key(record)] = record
+        good += len(line) + 1
+    if repair and good < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(min(good, len(raw)))
+    return list(records.values())
+
+
+def _git_revision() -> dict:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return {"revision": None}
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=30)
+        return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"revision": None}
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in ("robustvtc", "torch", "transformers", "numpy", "pandas", "scipy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _manifest(campaign: Campaign) -> dict:
+    """What reproduces the run: the resolved scenario and its hash, versions, git revision, model, attacks."""
+    s, adapter = campaign.scenario, campaign.adapter
+    attacks = {}
+    for spec in s.attacks:
+        attack = campaign.example_attack(spec.label)
+        attacks[spec.label] = {"name": spec.name, "eps": list(spec.eps), "threat": asdict(attack.threat),
+                               "params": {k: v for k, v in attack.hyperparameters().items() if k != "eps"}}
+    return json.loads(json.dumps({
+        "format": "robustvtc-campaign/1", "scenario": s.to_dict(), "scenario_hash": s.hash(),
+        "seed": s.seed, "dtype": s.dtype, "device": s.device, "batch_size": s.batch_size,
+        "versions": _versions(), "git": _git_revision(), "python": sys.version.split()[0],
+        "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+        "model": {"name": adapter.name, "family": getattr(adapter, "family", None),
+                  "num_visual_tokens": adapter.num_visual_tokens, "pixel_space": adapter.pixel_space,
+                  "prompt_template": getattr(adapter, "prompt_template", None),
+                  "prompt_source": getattr(adapter, "prompt_source", None)},
+        "cells": [list(c) for c in campaign.cells], "budget_mappings": {f"{c}@{b}": m for (c, b), m in
+                                                                           campaign.mappings.items()},
+        "defenses": campaign.defenses, "attacks": attacks, "units": len(campaign.units()),
+        "records_expected": sum(len(campaign.unit_keys(u)) for u in campaign.units()),
+    }, default=str))
+
+
+def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume: bool = False,
+                 overwrite: bool = False, quiet: bool = False, adapter=None, executor=None,
+                 log=None) -> Path:
+    """Run (or resume) a campaign; returns its output folder holding results.jsonl and manifest.json."""
+    from tqdm import tqdm
+
+    from .executor import LocalExecutor
+
+    out = Path(output or scenario.output)
+    manifest_path, results_path = out / MANIFEST, out / RESULTS
+    previous = None
+    if manifest_path.is_file():
+        previous = json.loads(manifest_path.read_text())
+        if resume:
+            if previous.get("scenario_hash") != scenario.hash():
+                raise UserInputError(
+                    f"{out} holds a campaign of a different scenario (hash {previous.get('scenario_hash')}, now "
+                    f"{scenario.hash()}); accepted: the same scenario and overrides, a new output folder, or "
+                    "--overwrite")
+        elif overwrite:
+            _clear(out)
+            previous = None
+        else:
+            raise UserInputError(f"{out} already holds a campaign; accepted: --resume to continue it, --overwrite "
+                                 "to start again, or another output folder")
+    elif resume and results_path.exists():
+        raise UserInputError(f"{out} has results but no manifest.json, so it cannot be resumed; accepted: "
+                             "--overwrite or another output folder")
+    campaign = Campaign(scenario, adapter, output=out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = {record_key(r) for r in read_records(results_path, repair=True)}
+    info = _manifest(campaign)
+    runs = (previous or {}).get("runs", [])
+    runs.append({"started": _now(), "resumed_with": len(done), "argv": sys.argv})
+    info.update(started=(previous or {}).get("started", runs[-1]["started"]), runs=runs, status="running")
+    manifest_path.write_text(json.dumps(info, indent=2))
+
+    units = campaign.units()
+    expected = {k for u in units for k in campaign.unit_keys(u)}
+    pending = [u for u in units if not set(campaign.unit_keys(u)) <= done]
+    if log is not None:
+        log(f"{scenario.name}: {len(units)} units, {len(expected)} records ({len(done & expected)} already done) "
+            f"-> {results_path}")
+    writer = ResultsWriter(results_path)
+    written = 0
+    try:
+        with tqdm(total=len(expected), initial=len(done & expected), unit="rec", desc=scenario.name,
+                  disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True) as bar:
+            for record in (executor or LocalExecutor()).run(campaign, pending, done):
+                writer.write(record)
+                written += 1
+                bar.update(1)
+    finally:
+        writer.close()
+        runs[-1].update(finished=_now(), records_written=written)
+        total = len(done & expected) + written
+        info.update(runs=runs, records=total, status="complete" if total >= len(expected) else "interrupted")
+        manifest_path.write_text(json.dumps(info, indent=2))
+    return out
+
+
+def _clear(out: Path) -> None:
+    """Remove what a campaign writes (and nothing else) from ``out``."""
+    for name in (RESULTS, MANIFEST):
+        (out / name).unlink(missing_ok=True)
+    for name in (EXAMPLES, IMAGES, "report"):
+        shutil.rmtree(out / name, ignore_errors=True)

@@ -1,0 +1,395 @@
+"""Scenario files: one YAML document describing a whole campaign, validated strictly before anything runs.
+
+Every problem is one :class:`UserInputError` line naming the file, the key path (``attacks[1].eps``) and
+what is accepted, so a typo never turns into a silently ignored option. Values given on the command line
+are applied to the raw document *before* validation (black-style: the file sets defaults, flags win).
+
+    name: quickstart                 # default: the file name
+    model: builtin                   # load_model name, a llava-hf directory or a hub id
+    model_kwargs: {}                 # passed to load_model (image_size, attn_implementation, device_map, ...)
+    device: cpu
+    dtype: float32                   # float32 | bfloat16 | float16 (and fp32, bf16, fp16)
+    data: {source: synthetic, split: test}   # or {source: vqa_jsonl | vqa_folder | multiple_choice, path: ...}
+    samples: 50                      # the first N items of the data
+    compressors: [none, visionzip, fastervlm]   # "none" (all tokens) is always evaluated
+    budgets: [16, 32, 48]            # visual tokens reaching the LLM; "all" = every token
+    eps: [8/255]                     # default radii for attacks that do not set their own
+    steps: 10                        # default PGD steps
+    attacks:                         # a name, or a mapping with name, label, eps and any attack option
+      - fulltoken
+      - {name: cage, eps: [2/255, 8/255], steps: 20, lambda_rda: 0.005}
+    defenses: []                     # names or {name: {option: value}}; "none" is always evaluated
+    adaptive: true                   # also craft against each defended target (EOT if it is randomised)
+    eot_samples: 8
+    seed: 0
+    batch_size: 8
+    output: runs/quickstart          # relative to the current directory
+    save_images: false               # PNG of every adversarial image under output/images/
+    examples: 2                      # samples whose kept-token maps the report shows
+
+Relative data paths resolve against the scenario file's folder.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from ..errors import UserInputError
+
+DATA_SOURCES = ("synthetic", "vqa_jsonl", "vqa_folder", "multiple_choice")
+TOP_KEYS = ("name", "description", "model", "model_kwargs", "device", "dtype", "data", "samples", "compressors",
+            "budgets", "eps", "steps", "attacks", "defenses", "adaptive", "eot_samples", "seed", "batch_size",
+            "output", "save_images", "examples")
+REQUIRED = ("compressors", "budgets", "attacks")
+DATA_KEYS = ("source", "split", "path", "image_root", "csv_name", "max_new_tokens")
+ATTACK_KEYS = ("name", "label", "eps")
+# keys that do not change any record: they stay out of the hash that --resume compares
+NOT_HASHED = ("name", "description", "output", "save_images", "examples")
+EPS_FORMAT = "a float like 0.03 or a fraction like '8/255'"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "synthetic"
+    split: str = "test"
+    path: str | None = None
+    image_root: str | None = None
+    csv_name: str = "questions.csv"
+    max_new_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack row of the campaign; ``label`` names it in records (defaults to the registry name)."""
+
+    name: str
+    label: str
+    eps: tuple[float, ...]
+    options: dict = field(default_factory=dict)  # every other attack option, steps included
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    name: str
+    label: str
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    model: str
+    compressors: tuple[str, ...]
+    budgets: tuple[int | str, ...]
+    attacks: tuple[AttackSpec, ...]
+    description: str = ""
+    model_kwargs: dict = field(default_factory=dict)
+    device: str = "cpu"
+    dtype: str = "float32"
+    data: DataSpec = DataSpec()
+    samples: int = 50
+    defenses: tuple[DefenseSpec, ...] = ()
+    adaptive: bool = True
+    eot_samples: int = 8
+    seed: int = 0
+    batch_size: int = 8
+    output: str = "runs/scenario"
+    save_images: bool = False
+    examples: int = 2
+
+    def to_dict(self) -> dict:
+        """The resolved scenario as plain data (what the manifest stores and the hash covers)."""
+        return json.loads(json.dumps(asdict(self)))
+
+    def hash(self) -> str:
+        """SHA-256 of everything that changes records; ``--resume`` refuses a scenario whose hash differs."""
+        body = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def shipped_scenarios() -> list[str]:
+    """Names of the scenario files shipped in ``robustvtc.scenarios``."""
+    return sorted(p.name[:-5] for p in resources.files("robustvtc.scenarios").iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    """A scenario file path, or the shipped scenario of that name (``quickstart``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = resources.files("robustvtc.scenarios") / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise UserInputError(f"scenario not found: {name_or_path}; accepted: a YAML file or a shipped scenario "
+                         f"({', '.join(shipped_scenarios())})")
+
+
+def load_scenario(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> Scenario:
+    """Read, apply ``overrides`` (dotted key paths, e.g. ``{"samples": 10, "attacks.0.steps": 5}``), validate."""
+    path = resolve_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserInputError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raw = {}
+    raw = apply_overrides(raw, overrides or {}, str(path))
+    return parse_scenario(raw, source=str(path), default_name=path.stem, base_dir=path.parent)
+
+
+def apply_overrides(raw: Any, overrides: Mapping[str, Any], source: str = "scenario") -> Any:
+    """A copy of ``raw`` with each dotted key set (list items by index); creates missing mappings."""
+    raw = copy.deepcopy(raw)
+    if not isinstance(raw, dict):
+        return raw  # parse_scenario reports it
+    for dotted, value in overrides.items():
+        node: Any = raw
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserInputError(f"{source}: override {dotted}: no item {part} in {'.'.join(parts[:i])} "
+                                         f"(it has {len(node)})")
+                key: Any = int(part)
+                if not last and isinstance(node[key], str):  # "- cage" shorthand -> a mapping to set options on
+                    node[key] = {"name": node[key]}
+            elif isinstance(node, dict):
+                key = part
+                if not last:
+                    node.setdefault(key, {})
+            else:
+                raise UserInputError(f"{source}: override {dotted}: {'.'.join(parts[:i])} is not a mapping or list")
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
+    return raw
+
+
+# ------------------------------------------------------------------------------------------------- validation
+class _Check:
+    """Validation helpers that raise one line naming the source file and key path."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, path: str, problem: str, accepted: str) -> None:
+        raise UserInputError(f"{self.source}: {path}: {problem}; accepted: {accepted}")
+
+    def keys(self, value: Any, path: str, allowed: Sequence[str], required: Sequence[str] = ()) -> dict:
+        if not isinstance(value, dict):
+            self.fail(path or "top level", f"expected a mapping, got {_kind(value)}",
+                      f"a mapping with keys {', '.join(allowed)}")
+        for key in value:
+            if key not in allowed:
+                self.fail(_join(path, key), "unknown key", ", ".join(allowed))
+        for key in required:
+            if key not in value:
+                self.fail(_join(path, key), "missing", f"a value for each of {', '.join(required)}")
+        return value
+
+    def integer(self, value: Any, path: str, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(path, f"{value!r} is not an integer >= {minimum}", f"an integer >= {minimum}")
+        return value
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(path, f"{value!r} is not a boolean", "true or false")
+        return value
+
+    def string(self, value: Any, path: str, accepted: str = "a non-empty string") -> str:
+        if not isinstance(value, str) or not value.strip():
+            self.fail(path, f"{value!r} is not a non-empty string", accepted)
+        return value
+
+    def choice(self, value: Any, path: str, accepted: Sequence[str]) -> str:
+        if value not in accepted:
+            self.fail(path, f"{value!r} is not accepted", ", ".join(accepted))
+        return value
+
+    def listing(self, value: Any, path: str, what: str) -> list:
+        """A list (a scalar is a one-item list)."""
+        items = value if isinstance(value, list) else [value]
+        if not items or value is None:
+            self.fail(path, "empty", f"one or more {what}")
+        return items
+
+    def eps(self, value: Any, path: str) -> float:
+        from ..attacks.base import parse_eps
+
+        try:
+            return parse_eps(value)
+        except UserInputError:
+            self.fail(path, f"{value!r} is not a radius", EPS_FORMAT)
+
+
+def parse_scenario(raw: Any, source: str = "scenario", default_name: str = "scenario",
+                   base_dir: Path | None = None) -> Scenario:
+    """Validate a scenario document (already loaded from YAML) into a :class:`Scenario`."""
+    from ..attacks import ATTACKS
+    from ..compression import COMPRESSORS
+    from ..models.hf import DTYPES
+
+    c = _Check(source)
+    raw = c.keys(raw, "", TOP_KEYS, REQUIRED)
+    name = c.string(raw.get("name", default_name), "name")
+    out: dict[str, Any] = {"name": name, "output": f"runs/{name}"}
+    for key in ("description", "model", "device", "output"):
+        if key in raw:
+            out[key] = c.string(raw[key], key) if key != "description" else str(raw[key])
+    out.setdefault("model", "builtin")
+    if "model_kwargs" in raw:
+        if not isinstance(raw["model_kwargs"], dict):
+            c.fail("model_kwargs", f"expected a mapping, got {_kind(raw['model_kwargs'])}",
+                   "a mapping of load_model keyword arguments")
+        out["model_kwargs"] = dict(raw["model_kwargs"])
+    if "dtype" in raw:
+        out["dtype"] = c.choice(raw["dtype"], "dtype", list(DTYPES))
+    for key, minimum in (("samples", 1), ("eot_samples", 1), ("seed", 0), ("batch_size", 1), ("examples", 0)):
+        if key in raw:
+            out[key] = c.integer(raw[key], key, minimum)
+    for key in ("adaptive", "save_images"):
+        if key in raw:
+            out[key] = c.boolean(raw[key], key)
+    out["data"] = _data(c, raw.get("data", {}), base_dir)
+
+    names = COMPRESSORS.names()
+    compressors = [c.choice(v, f"compressors[{i}]", names)
+                   for i, v in enumerate(c.listing(raw["compressors"], "compressors", "compressor names"))]
+    if "none" not in compressors:  # the full-token reference every record is compared with
+        compressors.insert(0, "none")
+    out["compressors"] = tuple(dict.fromkeys(compressors))
+    budgets = []
+    for i, b in enumerate(c.listing(raw["budgets"], "budgets", "budgets")):
+        if not (b == "all" or (isinstance(b, int) and not isinstance(b, bool) and b >= 1)):
+            c.fail(f"budgets[{i}]", f"{b!r} is not a budget", "integers >= 1 (visual tokens kept) or 'all'")
+        budgets.append(b)
+    out["budgets"] = tuple(dict.fromkeys(budgets))
+
+    default_eps = [c.eps(e, f"eps[{i}]") for i, e in enumerate(c.listing(raw.get("eps", "8/255"), "eps", "radii"))]
+    default_steps = c.integer(raw.get("steps", 10), "steps", 0)
+    attacks = [_attack(c, a, f"attacks[{i}]", ATTACKS, default_eps, default_steps)
+               for i, a in enumerate(c.listing(raw["attacks"], "attacks", "attacks"))]
+    _unique(c, [a.label for a in attacks], "attacks", "label", "attack labels (set label: to tell two apart)")
+    out["attacks"] = tuple(attacks)
+    defenses = [d for i, d in enumerate(c.listing(raw.get("defenses") or ["none"], "defenses", "defenses"))
+                for d in [_defense(c, d, f"defenses[{i}]")] if d is not None]
+    _unique(c, [d.label for d in defenses], "defenses", "label", "distinct defense configurations")
+    out["defenses"] = tuple(defenses)
+    return Scenario(**out)
+
+
+def _data(c: _Check, raw: Any, base_dir: Path | None) -> DataSpec:
+    from ..data.synthetic import SPLIT_SEEDS
+
+    raw = c.keys(raw, "data", DATA_KEYS)
+    source = c.choice(raw.get("source", "synthetic"), "data.source", DATA_SOURCES)
+    spec: dict[str, Any] = {"source": source}
+    if source == "synthetic":
+        for key in ("path", "image_root", "csv_name", "max_new_tokens"):
+            if key in raw:
+                c.fail(f"data.{key}", "only for file data", "source, split for the synthetic task")
+        spec["split"] = c.choice(raw.get("split", "test"), "data.split", list(SPLIT_SEEDS))
+        return DataSpec(**spec)
+    if "split" in raw:
+        c.fail("data.split", "only for the synthetic task", "source, path, image_root, csv_name, max_new_tokens")
+    if "path" not in raw:
+        c.fail("data.path", "missing", f"the data file or folder of source {source} (see docs/data.md)")
+    for key in ("path", "image_root"):
+        if key in raw:
+            value = Path(c.string(raw[key], f"data.{key}")).expanduser()
+            spec[key] = str(value if value.is_absolute() or base_dir is None else base_dir / value)
+    if "csv_name" in raw:
+        if source != "vqa_folder":
+            c.fail("data.csv_name", "only for source vqa_folder", "path, image_root")
+        spec["csv_name"] = c.string(raw["csv_name"], "data.csv_name")
+    if "max_new_tokens" in raw:
+        spec["max_new_tokens"] = c.integer(raw["max_new_tokens"], "data.max_new_tokens", 1)
+    return DataSpec(**spec)
+
+
+def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], default_steps: int) -> AttackSpec:
+    from ..attacks.base import COMMON_DEFAULTS
+
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict) or "name" not in raw:
+        c.fail(path, f"expected an attack name or a mapping with 'name', got {_kind(raw)}",
+               f"one of {', '.join(registry.names())}, or {{name: ..., eps: ..., steps: ..., <option>: ...}}")
+    name = c.choice(raw["name"], f"{path}.name", registry.names())
+    cls = registry.get(name)
+    options = [*cls._own_parameters(), *(k for k in COMMON_DEFAULTS if k != "eps")]
+    if cls.threat.budget_known and not cls.threat.compressor_known:
+        options.remove("budget")  # the campaign sets it to each budget of the grid
+    c.keys(raw, path, [*ATTACK_KEYS, *options])
+    label = c.string(raw.get("label", name), f"{path}.label")
+    if label == "clean":
+        c.fail(f"{path}.label", "'clean' is reserved for the unattacked images", "any other label")
+    eps = ([c.eps(e, f"{path}.eps[{i}]") for i, e in enumerate(c.listing(raw["eps"], f"{path}.eps", "radii"))]
+           if "eps" in raw else default_eps)
+    opts = {k: v for k, v in raw.items() if k not in ATTACK_KEYS}
+    opts["steps"] = c.integer(opts.get("steps", default_steps), f"{path}.steps", 0)
+    if "alpha" in opts and opts["alpha"] is not None:
+        c.eps(opts["alpha"], f"{path}.alpha")
+    return AttackSpec(name, label, tuple(dict.fromkeys(eps)), opts)
+
+
+def _defense(c: _Check, raw: Any, path: str) -> DefenseSpec | None:
+    """A defense entry (None for "none", which is always evaluated)."""
+    if isinstance(raw, str):
+        name, options = raw, {}
+    elif isinstance(raw, dict) and len(raw) == 1:
+        name, options = next(iter(raw.items()))
+        options = {} if options is None else options
+        if not isinstance(options, dict):
+            c.fail(f"{path}.{name}", f"expected a mapping of options, got {_kind(options)}", "{option: value, ...}")
+    else:
+        c.fail(path, f"expected a defense name or a one-key mapping, got {_kind(raw)}", "jpeg or {jpeg: {quality: 75}}")
+    if name == "none":
+        return None
+    registry = defense_registry()
+    if registry is None:
+        c.fail(path, f"no defenses are registered in this install, so {name!r} is unknown", "none")
+    c.choice(name, path, ["none", *registry.names()])
+    params = inspect.signature(registry.get(name)).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        allowed = [k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        c.keys(options, f"{path}.{name}", allowed)
+    label = name + ("(" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + ")" if options else "")
+    return DefenseSpec(name, label, dict(options))
+
+
+def defense_registry():
+    """The DEFENSES registry of ``robustvtc.defenses``, or None while no defense is installed."""
+    from .. import defenses
+
+    return getattr(defenses, "DEFENSES", None)
+
+
+def _unique(c: _Check, labels: list[str], path: str, what: str, accepted: str) -> None:
+    seen = set()
+    for i, label in enumerate(labels):
+        if label in seen:
+            c.fail(f"{path}[{i}].{what}", f"duplicate {label!r}", accepted)
+        seen.add(label)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"

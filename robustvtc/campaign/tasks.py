@@ -1,0 +1,97 @@
+"""What a campaign asks the model and how an answer is scored, for each data source of a scenario.
+
+* synthetic -- the built-in task: the prediction is the most likely of the task's closed answer set;
+* multiple_choice -- LLaVA's MMBench protocol: options listed in the prompt, scored by their letters;
+* vqa_jsonl / vqa_folder -- open-ended: greedy generation, exact match against any reference answer.
+
+Every task predicts through a :class:`~robustvtc.target.Target` with optional shared visual tokens, so the
+campaign's one-encoder-pass-per-grid reuse holds whatever the data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..models.base import VisualTokens
+from ..target import Target
+from .scenario import DataSpec
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int | str  # the record's ``sample``
+    qtype: str
+    question: str  # as the user wrote it (records); ``prompt`` is what the model reads
+    prompt: str
+    answer: str  # the reference attacks optimise against (whitebox, stealth)
+    answers: tuple[str, ...]  # every accepted reference
+    source: object  # a synthetic VQASample or an image path
+    options: int = 0  # multiple choice: how many options the prompt lists
+
+
+class Task:
+    def __init__(self, spec: DataSpec, samples: int):
+        from ..errors import UserInputError
+
+        self.spec = spec
+        self.items = self._load(samples)
+        if len(self.items) < samples:
+            raise UserInputError(f"data: {spec.path} holds {len(self.items)} items but samples is {samples}; "
+                                 f"accepted: samples <= {len(self.items)}")
+
+    def _load(self, samples: int) -> list[Item]:
+        from ..data import loaders
+        from ..data import synthetic as S
+        from ..scoring import multiple_choice_prompt
+
+        s = self.spec
+        if s.source == "synthetic":
+            return [Item(x.index, x.qtype, x.question, x.question, x.answer, (x.answer,), x)
+                    for x in S.generate_dataset(samples, s.split)]
+        if s.source == "multiple_choice":
+            return [Item(x.id, "multiple_choice", x.question, multiple_choice_prompt(x.question, x.options), x.letter,
+                         (x.letter,), x.image, len(x.options)) for x in loaders.load_multiple_choice(s.path, s.image_root)[:samples]]
+        rows = (loaders.load_vqa_jsonl(s.path, s.image_root) if s.source == "vqa_jsonl"
+                else loaders.load_vqa_folder(s.path, s.csv_name, s.image_root))
+        return [Item(x.id, "vqa", x.question, x.question, max(set(x.answers), key=x.answers.count), x.answers, x.image)
+                for x in rows[:samples]]
+
+    def pixels(self, items: Sequence[Item], adapter) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] at the model's input resolution, on its device."""
+        if self.spec.source == "synthetic":
+            from ..data import synthetic as S
+
+            pixels = S.to_pixels([i.source for i in items])
+        else:
+            pixels = torch.cat([adapter.load_image(i.source) for i in items])
+        return adapter.check_pixels(pixels).to(adapter.device)
+
+    @torch.no_grad()
+    def predict(self, target: Target, pixels: torch.Tensor, items: Sequence[Item],
+                tokens: VisualTokens | None = None) -> list[str]:
+        prompts = [i.prompt for i in items]
+        if self.spec.source == "synthetic":
+            from ..data.synthetic import ANSWERS
+
+            return target.predict(pixels, prompts, ANSWERS, tokens=tokens)
+        if self.spec.source == "multiple_choice":
+            from ..scoring import option_letters
+
+            widths = [i.options for i in items]
+            letters = option_letters(max(widths))
+            scores = target.candidate_logprobs(pixels, prompts, letters, tokens=tokens).float()
+            for b, width in enumerate(widths):
+                scores[b, width:] = float("-inf")  # letters past an item's last option
+            return [letters[j] for j in scores.argmax(-1).tolist()]
+        fwd = target.forward(pixels, tokens)
+        return target.adapter.generate(fwd.embeds, prompts, self.spec.max_new_tokens, in_llm=fwd.in_llm)
+
+    def correct(self, item: Item, prediction: str) -> bool:
+        from ..scoring import exact_match
+
+        if self.spec.source in ("synthetic", "multiple_choice"):
+            return prediction == item.answer
+        return exact_match(prediction, item.answers) > 0
+
