@@ -1,6 +1,7 @@
-"""Command line: ``robustvtc evaluate | train-builtin | list``.
+"""Command line: ``robustvtc run | validate | report | compare | evaluate | train-builtin | list``.
 
 Exit codes: 0 success, 1 gate breached, 2 usage error (bad input; one line, no traceback), 3 runtime error.
+Scenario values are defaults; flags given on the command line override them (black-style).
 """
 from __future__ import annotations
 
@@ -117,12 +118,202 @@ def train_builtin_cmd(out, steps, batch_size, seed):
     click.echo(f"trained in {report['train_seconds']} s; final val accuracy {report['history'][-1]['val_accuracy']:.3f}")
 
 
+# ---------------------------------------------------------------------------------------------- campaigns
+def _overrides(options: dict, sets: tuple[str, ...]) -> dict:
+    """Flags given on the command line (not None) and ``--set KEY=VALUE`` pairs, as dotted scenario keys."""
+    import yaml
+
+    out = {key: value for key, value in options.items() if value is not None}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set attacks.0.steps=5")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserInputError(f"--set {item!r}: the value is not valid YAML") from None
+    return out
+
+
+def _gate(value: float, where: dict, fail_under: float | None) -> None:
+    """Exit 1 when the lowest worst-case robust accuracy (%) is below ``fail_under``."""
+    if fail_under is None:
+        return
+    from .campaign.report import format_eps
+
+    cell = ", ".join(f"{k}={format_eps(v) if k == 'eps' else v}" for k, v in where.items()
+                     if k in ("eps", "compressor", "budget", "defense"))
+    if 100 * value < fail_under:
+        click.echo(f"gate breached: robust accuracy {100 * value:.1f} % < {fail_under:g} % at {cell}", err=True)
+        sys.exit(EXIT_GATE)
+    click.echo(f"gate passed: lowest robust accuracy {100 * value:.1f} % >= {fail_under:g} %", err=True)
+
+
+FAIL_UNDER = click.option("--fail-under", type=click.FloatRange(0, 100), default=None, metavar="PCT",
+                          help="Exit 1 if the lowest worst-case robust accuracy (%, over every compressor x budget "
+                               "x defense x eps) is below PCT.")
+SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                   help="Override any scenario key (dotted path, YAML value), e.g. --set attacks.0.steps=5.")
+
+
+@main.command()
+@click.argument("scenario")
+@click.option("--model", default=None, help="Override the scenario's model.")
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="Override the number of samples.")
+@click.option("--seed", type=click.IntRange(min=0), default=None)
+@click.option("--device", default=None, help="e.g. cpu, cuda, cuda:1.")
+@click.option("--dtype", default=None, help="float32, bfloat16 or float16.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--eot-samples", type=click.IntRange(min=1), default=None, help="EOT draws for randomised targets.")
+@click.option("--save-images/--no-save-images", default=None, help="PNG of every adversarial image.")
+@click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Output folder.")
+@SET
+@click.option("--resume", is_flag=True, help="Continue the campaign in the output folder (same scenario only).")
+@click.option("--overwrite", is_flag=True, help="Delete the output folder's campaign files and start again.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or tables (CI).")
+@click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
+@FAIL_UNDER
+@handle_errors
+def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, save_images, output, sets, resume,
+        overwrite, quiet, report, fail_under):
+    """Run a campaign: results.jsonl + manifest.json (+ report/) in the scenario's output folder.
+
+    SCENARIO is a YAML file or the name of a shipped scenario (robustvtc list scenarios).
+
+    \b
+    Examples:
+      robustvtc run quickstart
+      robustvtc run my.yaml --samples 20 --device cuda --dtype bf16 -o runs/try1
+      robustvtc run my.yaml --resume                 # after a crash or Ctrl-C
+      robustvtc run my.yaml --quiet --fail-under 40  # CI gate: exit 1 below 40 %
+    """
+    if resume and overwrite:
+        raise UserInputError("--resume and --overwrite contradict each other; accepted: one of them")
+    from .campaign import load_scenario, run_campaign
+    from .campaign import metrics as M
+
+    flags = {"model": model, "samples": samples, "seed": seed, "device": device, "dtype": dtype,
+             "batch_size": batch_size, "eot_samples": eot_samples, "save_images": save_images, "output": output}
+    spec = load_scenario(scenario, _overrides(flags, sets))
+    log = None if quiet else (lambda m: click.echo(m, err=True))
+    try:
+        out = run_campaign(spec, resume=resume, overwrite=overwrite, quiet=quiet, log=log)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; continue with: robustvtc run {scenario} --resume", err=True)
+        sys.exit(130)
+    df = M.load_records(out)
+    if report:
+        from .campaign.report import write_report
+
+        paths = write_report(out)
+        click.echo(f"report: {paths['html']}", err=True)
+    if not quiet:
+        _print_summary(df)
+    _gate(*M.min_robust_accuracy(df), fail_under)
+
+
+def _print_summary(df) -> None:
+    from .campaign import metrics as M
+    from .campaign.report import accuracy_pivot, display_table
+
+    table = M.summary(df, n_boot=1)
+    plain = table[(table["defense"] == "none") & ~table["adaptive"]]
+    click.echo("Accuracy (%) without defense; columns compressor@budget")
+    click.echo(display_table(accuracy_pivot(plain, "robust_accuracy")).drop(columns="defense").to_string(index=False))
+
+
+@main.command()
+@click.argument("scenarios", nargs=-1, required=True)
+@SET
+@handle_errors
+def validate(scenarios, sets):
+    """Check scenario files without running them (unknown keys, bad values, unknown plugins).
+
+    \b
+    Examples:
+      robustvtc validate my.yaml
+      robustvtc validate scenarios/*.yaml
+    """
+    from .campaign import load_scenario
+
+    for name in scenarios:
+        s = load_scenario(name, _overrides({}, sets))
+        images = sum(len(a.eps) for a in s.attacks)
+        click.echo(f"{name}: ok -- {s.samples} samples, {len(s.compressors)} compressors x {len(s.budgets)} budgets, "
+                   f"{len(s.attacks)} attacks ({images} attack x eps), {1 + len(s.defenses)} defense configurations, "
+                   f"output {s.output}")
+
+
+@main.command("report")
+@click.argument("results", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", default=None, type=click.Path(file_okay=False), help="Default: RESULTS/report.")
+@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=1), help="Bootstrap resamples.")
+@click.option("--seed", default=0, show_default=True, help="Bootstrap seed.")
+@FAIL_UNDER
+@handle_errors
+def report_cmd(results, out, bootstrap, seed, fail_under):
+    """Write report.html (self-contained), summary.md and tables/*.csv from a campaign's results.
+
+    \b
+    Examples:
+      robustvtc report runs/quickstart
+      robustvtc report runs/nightly --fail-under 40   # gate on stored results
+    """
+    from .campaign import metrics as M
+    from .campaign.report import write_report
+
+    paths = write_report(results, out, n_boot=bootstrap, seed=seed)
+    for key in ("html", "markdown"):
+        click.echo(paths[key])
+    _gate(*M.min_robust_accuracy(M.load_records(results)), fail_under)
+
+
+@main.command()
+@click.argument("a", type=click.Path(exists=True, file_okay=False))
+@click.argument("b", type=click.Path(exists=True, file_okay=False))
+@click.option("--fail-drop", type=click.FloatRange(min=0), default=None, metavar="POINTS",
+              help="Exit 1 if any cell's robust accuracy in B is more than POINTS below A.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the comparison to a CSV file.")
+@handle_errors
+def compare(a, b, fail_drop, csv_path):
+    """Robust accuracy per cell of two campaigns (e.g. before/after a defense or model change), B - A.
+
+    \b
+    Example:
+      robustvtc compare runs/baseline runs/candidate --fail-drop 5
+    """
+    from .campaign import metrics as M
+    from .campaign.report import display_table
+
+    table = M.compare(M.load_records(a), M.load_records(b))
+    if table.empty:
+        raise UserInputError(f"{a} and {b} share no attack x eps x compressor x budget x defense cell")
+    if csv_path:
+        table.to_csv(csv_path, index=False)
+    shown = display_table(table)
+    for col in ("robust_accuracy_a", "robust_accuracy_b", "change"):
+        shown[col] = table[col].map(lambda v: f"{100 * v:+.1f}" if col == "change" else f"{100 * v:.1f}")
+    click.echo(shown.to_string(index=False))
+    worst = table.loc[table["change"].idxmin()]
+    if fail_drop is not None and -100 * worst["change"] > fail_drop:
+        click.echo(f"gate breached: {worst['attack']} on {worst['compressor']}@{worst['budget']} dropped "
+                   f"{-100 * worst['change']:.1f} points > {fail_drop:g}", err=True)
+        sys.exit(EXIT_GATE)
+
+
 @main.command("list")
 @click.argument("kind", type=click.Choice(["models", "compressors", "attacks", "defenses", "scenarios"]))
 @click.argument("pattern", default="*")
 @handle_errors
 def list_cmd(kind, pattern):
-    """List registered plugins (wildcards allowed), e.g. ``robustvtc list compressors 'prune*'``."""
+    """List registered plugins and shipped scenarios (wildcards allowed).
+
+    \b
+    Examples:
+      robustvtc list compressors 'prune*'
+      robustvtc list attacks
+      robustvtc list scenarios
+    """
     if kind == "models":
         from .models import list_models
 
@@ -134,8 +325,28 @@ def list_cmd(kind, pattern):
         rows = [(n, c.stage, "yes" if c.text_aware else "no", c.native_knob) for n, c in COMPRESSORS.items()
                 if n in COMPRESSORS.names(pattern)]
         _print_rows(("name", "stage", "text-aware", "native knob"), rows)
+    elif kind == "attacks":
+        from .attacks import ATTACKS
+
+        rows = [(n, c.threat.describe()) for n, c in ATTACKS.items() if n in ATTACKS.names(pattern)]
+        _print_rows(("name", "threat model"), rows)
+    elif kind == "defenses":
+        from .campaign.scenario import defense_registry
+
+        registry = defense_registry()
+        names = registry.names(pattern) if registry is not None else []
+        _print_rows(("name", "hook"), [(n, getattr(registry.get(n), "hook", "")) for n in names] or [("none", "")])
     else:
-        click.echo(f"no {kind} registered yet")
+        import fnmatch
+
+        from .campaign.scenario import load_scenario, shipped_scenarios
+
+        rows = []
+        for name in shipped_scenarios():
+            if fnmatch.fnmatch(name, pattern):
+                text = load_scenario(name).description.strip()
+                rows.append((name, text.splitlines()[0] if text else ""))
+        _print_rows(("name", "description"), rows)
 
 
 def _print_rows(header, rows) -> None:
