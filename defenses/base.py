@@ -98,7 +98,8 @@ class Defense:
     @classmethod
     def _parameters(cls) -> list[str]:
         sig = inspect.signature(cls.__init__)
-        return [p.name for p in sig.parameters.values() if p.name != "self"]
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind in named]
 
     def hyperparameters(self) -> dict[str, Any]:
         return {n: getattr(self, n) for n in self._parameters()}
@@ -229,7 +230,7 @@ def straight_through(pixels: torch.Tensor, fn: Callable[[torch.Tensor], torch.Te
     """``fn(pixels)`` forward, identity backward: BPDA with the identity as the differentiable surrogate."""
     with torch.no_grad():
         out = fn(pixels.detach())
-    return pixels + (out - pixels).detach()
+    return out + (pixels - pixels.detach())  # exactly ``out`` forward
 
 
 def int_in_range(value: Any, what: str, low: int, high: int | None = None) -> int:
