@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from .defenses.base import detection_rates
+from .defenses.base import DEFENSES, detection_rates
 
 CLEAN, NONE = "clean", "none"
 STATUSES = ("pass", "violated", "not applicable")
@@ -240,12 +240,18 @@ def _cost_section(df: pd.DataFrame) -> str:
             "crafting on the undefended target.\n\n" + _table(rows))
 
 
-def _detection_section(df: pd.DataFrame) -> str:
+def _detectors(df: pd.DataFrame) -> list[str]:
+    """Defense labels (``name`` or ``name(options)``) of registered detection defenses."""
+    labels = df["defense"].unique()
+    return sorted(d for d in labels if d.split("(")[0] in DEFENSES and DEFENSES.get(d.split("(")[0]).hook == "detection")
+
+
+def _detection_section(df: pd.DataFrame, detectors: list[str]) -> str:
     rows = []
-    for defense, g in df[df["defense"] != NONE].groupby("defense", sort=True):
+    for defense, g in df[df["defense"].isin(detectors)].groupby("defense", sort=True):
         clean = g[g["attack"] == CLEAN]["flagged"].astype(bool)
         for (attack, eps, adaptive), a in _attacked(g).groupby(["attack", "eps", "adaptive"], sort=True):
-            rates = detection_rates(clean.values, a["flagged"].astype(bool).values)
+            rates = detection_rates(clean.tolist(), a["flagged"].astype(bool).tolist())
             rows.append({"defense": defense, "attack": attack, "ε": _eps(eps), "adaptive": adaptive,
                          "TPR": _pct(rates.tpr), "FPR": _pct(rates.fpr)})
     return ("Detection: true-positive rate (%) on adversarial images and false-positive rate on clean ones.\n\n"
@@ -260,6 +266,7 @@ def report_sections(records: pd.DataFrame, thresholds: Thresholds = Thresholds()
                 ("Defenses: robust accuracy, non-adaptive vs adaptive", _robust_section(df, checks)),
                 ("Sanity checks against gradient masking", _checks_section(checks)),
                 ("Defenses: cost", _cost_section(df))]
-    if "flagged" in df:
-        sections.append(("Defenses: detection", _detection_section(df)))
+    detectors = _detectors(df) if "flagged" in df else []
+    if detectors:
+        sections.append(("Defenses: detection", _detection_section(df, detectors)))
     return sections

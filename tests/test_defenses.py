@@ -451,3 +451,17 @@ def test_large_eps_check_is_not_applicable_without_a_large_radius():
     strict = Thresholds(large_eps=2 / 255)
     assert [c.status for c in sanity_checks(pd.DataFrame(_curve({2 / 255: 0.5})), strict)
             if c.check == "large_eps"] == ["violated"]
+
+
+def test_detection_section_reports_rates_from_records():
+    rows = [{"sample": i, "attack": "clean", "eps": 0.0, "flagged": f, "adaptive": False}
+            for i, f in enumerate([False, False, True, False])]
+    rows += [{"sample": i, "attack": "cage", "eps": 8 / 255, "flagged": f, "adaptive": True}
+             for i, f in enumerate([True, True, False])]
+    base = {"compressor": "fastervlm", "budget": 16, "correct": 0.0, "clean_correct": 1.0, "seconds": 1.0}
+    records = pd.DataFrame([{**base, **r, "defense": d} for d in ("ranking_instability(top=16)", "none")
+                            for r in rows])
+    sections = dict(report_sections(records))
+    [line] = [x for x in sections["Defenses: detection"].splitlines() if x.startswith("| ranking_instability")]
+    assert line.split(" | ")[-2:] == ["66.7", "25.0 |"]
+    assert "| none" not in sections["Defenses: detection"]
