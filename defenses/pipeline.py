@@ -22,7 +22,8 @@ from .base import ScoreTransform, SelectionDefense
 
 @dataclass
 class ScoredTokens(VisualTokens):
-    """Visual tokens whose CLS attention is transformed by score defenses (in order); ``read`` records use."""
+    """Visual tokens whose CLS attention passes through score defenses (in order); ``read`` says whether a
+    compressor asked for it, so a compressor that bypasses ``cls_attention`` is caught, not silently undefended."""
 
     transforms: tuple[ScoreTransform, ...] = ()
     read: bool = field(default=False, repr=False)

@@ -46,7 +46,8 @@ class RankingInstability(DetectionDefense):
         self.threshold = None if threshold is None else float_in_range(threshold, "threshold", 0.0, 1.0)
 
     def check(self, target: "Target") -> None:
-        if "cls_token" not in getattr(target.adapter, "capabilities", ()) or getattr(target.adapter, "num_crops", 1) != 1:
+        adapter = target.adapter
+        if "cls_token" not in getattr(adapter, "capabilities", ()) or getattr(adapter, "num_crops", 1) != 1:
             raise UserInputError(f"defense {self.name!r} needs a single-crop encoder with a CLS token")
 
     def _k(self, target: "Target") -> int:

@@ -66,7 +66,8 @@ def view_scores_aligned(scores: torch.Tensor, grid: tuple[int, int], size: tuple
                         shifts: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
     """Per view, its (B, ...) scores out of view-major (views * B, ...) ``scores``, aligned on the unshifted grid."""
     per_view = scores.chunk(len(shifts))
-    return [align_scores(s, grid, dy * grid[0] / size[0], dx * grid[1] / size[1]) for s, (dy, dx) in zip(per_view, shifts)]
+    return [align_scores(s, grid, dy * grid[0] / size[0], dx * grid[1] / size[1])
+            for s, (dy, dx) in zip(per_view, shifts)]
 
 
 @DEFENSES.register()

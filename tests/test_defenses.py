@@ -379,7 +379,8 @@ class _ZeroGradient(InputDefense):
 def test_adaptive_attacks_go_through_the_targets_defenses(tiny_adapter, batch, attack, options):
     pixels, questions, answers = batch
     masked = Target(tiny_adapter, "fastervlm", 16, defenses=[_ZeroGradient()])
-    adv = get_attack(attack, masked, eps=8 / 255, steps=2, random_start=False, **options)(pixels, questions, answers).adv
+    attack = get_attack(attack, masked, eps=8 / 255, steps=2, random_start=False, **options)
+    adv = attack(pixels, questions, answers).adv
     assert torch.equal(adv, pixels)  # every gradient through the defense is zero: the attack cannot move
 
 
