@@ -1,4 +1,5 @@
 """CLI: honest exit codes, one-line errors without tracebacks for user mistakes."""
+import shutil
 import subprocess
 import sys
 
@@ -55,3 +56,120 @@ def test_namespace_packages_resolve():
     import robustvtc.scenarios
 
     assert robustvtc.attacks.__file__.replace("\\", "/").endswith("attacks/__init__.py")
+
+
+# ---------------------------------------------------------------------------------------------- campaigns
+import json  # noqa: E402
+
+import yaml  # noqa: E402
+
+from test_campaign_runner import tiny_model_dir  # noqa: E402,F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def scenario_file(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    path = tmp_path_factory.mktemp("cli") / "s.yaml"
+    path.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "compressors": ["fastervlm"], "budgets": [16],
+                                    "samples": 2, "steps": 1, "attacks": ["fulltoken", "cage"]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(scenario_file):
+    out = scenario_file.parent / "run"
+    res = run("run", str(scenario_file), "-o", str(out), "--quiet")
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_run_writes_results_report_and_summary(scenario_file, run_dir):
+    assert (run_dir / "results.jsonl").is_file() and (run_dir / "report" / "report.html").is_file()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["scenario"]["samples"] == 2
+    res = run("run", str(scenario_file), "-o", str(run_dir), "--resume", "--no-report")
+    assert res.exit_code == 0 and "Accuracy (%) without defense" in res.output
+    assert res.output.index("clean") < res.output.index("fulltoken")
+
+
+@pytest.mark.parametrize("gate,code,needle", [("0", 0, "gate passed"), ("100", 1, "gate breached: robust accuracy")])
+def test_fail_under_gate_on_run_and_report(scenario_file, run_dir, tmp_path, gate, code, needle):
+    res = run("report", str(run_dir), "-o", str(tmp_path / "r"), "--fail-under", gate)
+    assert res.exit_code == code and needle in res.output, res.output
+    res = run("run", str(scenario_file), "-o", str(run_dir), "--resume", "--quiet", "--no-report", "--fail-under", gate)
+    assert res.exit_code == code and needle in res.output, res.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "no-such.yaml"], "error: scenario not found: no-such.yaml; accepted: a YAML file or a shipped scenario"),
+    (["run", "quickstart", "--set", "attacks.0.eps=huge"], "attacks[0].eps[0]: 'huge' is not a radius; accepted:"),
+    (["run", "quickstart", "--set", "samples"], "--set 'samples': expected KEY=VALUE"),
+    (["run", "quickstart", "--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+    (["run", "quickstart", "--fail-under", "120"], "Invalid value for '--fail-under'"),
+    (["validate", "quickstart", "--set", "budgets=[16, -1]"], "budgets[1]: -1 is not a budget"),
+    (["compare", ".", "."], "no campaign results at ."),
+])
+def test_campaign_usage_errors_exit_2(args, needle):
+    res = run(*args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and "Traceback" not in res.output
+
+
+def test_run_refuses_to_mix_campaigns(scenario_file, run_dir):
+    res = run("run", str(scenario_file), "-o", str(run_dir), "--quiet")
+    assert res.exit_code == 2 and "already holds a campaign; accepted: --resume" in res.output
+    res = run("run", str(scenario_file), "-o", str(run_dir), "--resume", "--quiet", "--seed", "5")
+    assert res.exit_code == 2 and "holds a campaign of a different scenario" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_runtime_error_exits_3(tiny_model_dir, tmp_path):  # noqa: F811
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"model": str(broken), "compressors": ["none"], "budgets": ["all"],
+                                    "attacks": ["fulltoken"], "samples": 1}))
+    res = run("run", str(path), "-o", str(tmp_path / "out"), "--quiet")
+    assert res.exit_code == 3 and res.output.startswith("runtime error:") and "Traceback" not in res.output
+
+
+def test_validate_and_list(scenario_file):
+    res = run("validate", "quickstart", "budget_sweep", str(scenario_file))
+    assert res.exit_code == 0 and res.output.count(": ok -- ") == 3
+    bad = scenario_file.parent / "bad.yaml"
+    bad.write_text("compressors: [none]\nbudgets: [16]\nattacks: [fulltoken]\nsamples: 2\nsteps: lots\n")
+    res = run("validate", str(bad))
+    assert res.exit_code == 2 and res.output.strip() == (f"error: {bad}: steps: 'lots' is not an integer >= 0; "
+                                                         "accepted: an integer >= 0")
+    names = run("list", "scenarios").output
+    assert "quickstart" in names and "cage_vs_fulltoken" in names
+    attacks = run("list", "attacks").output
+    assert any(line.startswith("cage") and "encoder gradients only" in line for line in attacks.splitlines())
+    assert "jpeg" in run("list", "defenses").output
+
+
+def test_compare_gate(run_dir, tmp_path):
+    worse = tmp_path / "worse"
+    worse.mkdir()
+    lines = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    for r in lines:
+        r["correct"] = False if r["attack"] == "cage" else r["correct"]
+        if r["attack"] == "fulltoken":
+            r["correct"] = True
+    (worse / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    res = run("compare", str(run_dir), str(worse), "--csv", str(tmp_path / "c.csv"))
+    assert res.exit_code == 0 and "change" in res.output and (tmp_path / "c.csv").is_file()
+    same = run("compare", str(run_dir), str(run_dir), "--fail-drop", "0")
+    assert same.exit_code == 0
+    drop = run("compare", str(worse), str(run_dir), "--fail-drop", "1")
+    if any(r["attack"] == "fulltoken" and not r["correct"] for r in
+           map(json.loads, (run_dir / "results.jsonl").read_text().splitlines())):
+        assert drop.exit_code == 1 and "gate breached: fulltoken" in drop.output
+    else:
+        assert drop.exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["run", "validate", "report", "compare", "list", "evaluate"])
+def test_every_command_has_help_with_examples(command):
+    res = run(command, "--help")
+    assert res.exit_code == 0 and "Example" in res.output

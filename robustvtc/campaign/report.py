@@ -358,6 +358,7 @@ def accuracy_pivot(summary: pd.DataFrame, value: str) -> pd.DataFrame:
     """Rows attack x ε x defense, columns compressor@budget: the at-a-glance table."""
     if summary.empty:
         return summary
+    summary = summary.sort_values("attack", key=lambda a: a != "clean", kind="stable")  # clean first
     table = summary.assign(cell=summary["compressor"] + "@" + summary["budget"].astype(str),
                            defense=summary["defense"] + np.where(summary["adaptive"], " (adaptive)", ""))
     wide = table.pivot_table(index=["attack", "eps", "defense"], columns="cell", values=value, aggfunc="first",
