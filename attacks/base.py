@@ -297,7 +297,8 @@ class EncoderAttack(Attack):
         return ()
 
     def encode(self, pixels: torch.Tensor) -> VisualTokens:
-        return self.adapter.encode(pixels, self.signal_layers(), validate=False)
+        """Through the target, so an adaptive attack sees its input and score defenses."""
+        return self.target.encode(pixels, self.signal_layers(), validate=False)
 
     def prepare(self, clean, questions, answers, target_answers) -> torch.Tensor:
         return self.encode(clean).features.float()
@@ -364,7 +365,14 @@ def attack_target(target: Target, relaxation: str | None) -> Target:
         return target
     sig = inspect.signature(type(comp).__init__).parameters
     kwargs = {k: v for k, v in vars(comp).items() if k in sig and k != "relaxation"}
-    return Target(target.adapter, type(comp)(**kwargs, relaxation=relaxation), target.budget)
+    return Target(target.adapter, type(comp)(**kwargs, relaxation=relaxation), target.budget,
+                  defenses=getattr(target, "defenses", ()))
+
+
+def full_token_target(target: Target) -> Target:
+    """The uncompressed model behind ``target``, with the same defenses (score and selection defenses are
+    no-ops without compression; input defenses still apply)."""
+    return Target(target.adapter, defenses=getattr(target, "defenses", ()))
 
 
 def _batch_norm(x: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 
 from robustvtc.errors import UserInputError
-from robustvtc.target import Forward, Target
+from robustvtc.target import Forward
 
-from .base import ATTACKS, Attack, ThreatModel, attack_target, check_choice
+from .base import ATTACKS, Attack, ThreatModel, attack_target, check_choice, full_token_target
 
 
 @ATTACKS.register()
@@ -41,7 +41,7 @@ class Stealth(Attack):
         self.mu = float(mu)
         self.relaxation = relaxation
         self.gradient_target = attack_target(self.target, relaxation)
-        self._full = Target(self.adapter)
+        self._full = full_token_target(self.target)
 
     def _paths(self, pixels: torch.Tensor) -> tuple[Forward, Forward]:
         tokens = self.gradient_target.encode(pixels)

@@ -12,9 +12,8 @@ from typing import Sequence
 import torch
 
 from robustvtc.errors import UserInputError
-from robustvtc.target import Target
 
-from .base import ATTACKS, Attack, ThreatModel, attack_target, check_choice
+from .base import ATTACKS, Attack, ThreatModel, attack_target, check_choice, full_token_target
 
 
 @ATTACKS.register()
@@ -39,7 +38,10 @@ class WhiteBox(Attack):
         super().__init__(model, **common)
         self.path = check_choice(path, ("compressed", "full"), "path")
         self.relaxation = relaxation
-        self.gradient_target = attack_target(self.target, relaxation) if path == "compressed" else Target(self.adapter)
+        if path == "compressed":
+            self.gradient_target = attack_target(self.target, relaxation)
+        else:
+            self.gradient_target = full_token_target(self.target)
 
     def prepare(self, clean, questions: Sequence[str] | None, answers: Sequence[str] | None,
                 target_answers: Sequence[str] | None):

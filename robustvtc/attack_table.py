@@ -49,7 +49,7 @@ def attack_table(model="builtin", compressors: Sequence[str] | None = None, budg
 
     ``model``: a model name for :func:`robustvtc.models.load_model` or an adapter. ``compressors``: None =
     those of VisionZip and FasterVLM that are registered. ``random_start``: None = each attack's default.
-    ``eot_samples`` applies to attacks built through a randomised compressor.
+    ``eot_samples`` applies to attacks built through a randomised target (compressor or defense).
     """
     from .attacks import get_attack
     from .attacks.base import parse_eps
@@ -77,7 +77,7 @@ def attack_table(model="builtin", compressors: Sequence[str] | None = None, budg
         common["random_start"] = random_start
 
     def options(target: Target) -> dict:
-        return {**common, "eot_samples": eot_samples if target.compressor.randomized else 1}
+        return {**common, "eot_samples": eot_samples if target.randomized else 1}
 
     records: list[dict] = []
     data = S.generate_dataset(samples, "test")
