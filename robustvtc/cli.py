@@ -206,7 +206,8 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
         from .campaign.report import write_report
 
         paths = write_report(out)
-        click.echo(f"report: {paths['html']}", err=True)
+        if not quiet:
+            click.echo(f"report: {paths['html']}", err=True)
     if not quiet:
         _print_summary(df)
     _gate(*M.min_robust_accuracy(df), fail_under)

@@ -131,7 +131,8 @@ def plot_gap_heatmap(gap: pd.DataFrame) -> str | None:
         ax.set_yticks(range(len(table.index)), list(table.index))
         for (i, j), v in np.ndenumerate(table.values):
             if np.isfinite(v):
-                ax.text(j, i, f"{v:+.0f}", ha="center", va="center", fontsize=8)
+                ax.text(j, i, f"{v:+.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if abs(v) > 0.6 * limit else "black")
         ax.set_xlabel("budget")
         ax.set_title(f"ε={format_eps(eps)}", fontsize=9)
         fig.colorbar(im, ax=ax, label="gap (points)")

@@ -11,8 +11,8 @@ unit per chunk). Inside a unit each adversarial image is built once for what its
 
 Every image is also evaluated on the full-token model (``full_token_correct``) and, non-adaptively, under
 every defense configuration; with ``adaptive`` it is crafted again against each defended target. An
-evaluation encodes the batch once and shares the visual tokens across the grid (defended targets run
-their own pipeline). Records are appended and flushed one line at a time, so a killed run loses only the
+evaluation encodes the batch once and shares the visual tokens across the grid (a target with an input
+defense re-encodes its transformed pixels). Records are appended and flushed one line at a time, so a killed run loses only the
 records in flight; ``--resume`` skips every finished key and refuses a scenario whose hash changed.
 
 Determinism: chunks never change composition, each attack seeds itself, and every evaluation builds its
@@ -22,6 +22,7 @@ same records whether or not the units before it ran in this process.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -48,7 +49,7 @@ CLEAN = "clean"
 NONE = "none"
 RESULTS, MANIFEST, EXAMPLES, IMAGES = "results.jsonl", "manifest.json", "examples", "images"
 
-Cell = tuple  # (compressor, budget)
+Cell = tuple[str, int]  # (compressor, budget)
 
 
 def record_key(record: dict) -> tuple:
@@ -171,8 +172,6 @@ class Campaign:
         threshold calibrated for ``cell`` (``calibrated=False``: none, for checks that do not detect)."""
         if label == NONE:
             return []
-        import inspect
-
         from ..defenses import DetectionDefense
 
         spec = self._defense_specs[label]
@@ -356,7 +355,6 @@ class Campaign:
         """A seed derived from the scenario seed and what is being done (independent of execution order)."""
         text = json.dumps([self.scenario.seed, *map(str, parts)])
         return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
-
 
 
 @contextmanager
