@@ -149,24 +149,20 @@ def test_validate_and_list(scenario_file):
 
 
 def test_compare_gate(run_dir, tmp_path):
-    worse = tmp_path / "worse"
-    worse.mkdir()
-    lines = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
-    for r in lines:
-        r["correct"] = False if r["attack"] == "cage" else r["correct"]
-        if r["attack"] == "fulltoken":
-            r["correct"] = True
-    (worse / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    res = run("compare", str(run_dir), str(worse), "--csv", str(tmp_path / "c.csv"))
-    assert res.exit_code == 0 and "change" in res.output and (tmp_path / "c.csv").is_file()
-    same = run("compare", str(run_dir), str(run_dir), "--fail-drop", "0")
-    assert same.exit_code == 0
-    drop = run("compare", str(worse), str(run_dir), "--fail-drop", "1")
-    if any(r["attack"] == "fulltoken" and not r["correct"] for r in
-           map(json.loads, (run_dir / "results.jsonl").read_text().splitlines())):
-        assert drop.exit_code == 1 and "gate breached: fulltoken" in drop.output
-    else:
-        assert drop.exit_code == 0
+    records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+    def variant(name, cage_correct):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{**r, "correct": cage_correct if r["attack"] == "cage" else True} for r in records]
+        (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(folder)
+    good, bad = variant("good", True), variant("bad", False)
+    res = run("compare", good, bad, "--csv", str(tmp_path / "c.csv"))
+    assert res.exit_code == 0 and "-100.0" in res.output and (tmp_path / "c.csv").is_file()
+    assert run("compare", bad, good, "--fail-drop", "0").exit_code == 0  # B improved: no drop
+    drop = run("compare", good, bad, "--fail-drop", "5")
+    assert drop.exit_code == 1 and "gate breached: cage on" in drop.output and "dropped 100.0 points > 5" in drop.output
 
 
 @pytest.mark.parametrize("command", ["run", "validate", "report", "compare", "list", "evaluate"])
