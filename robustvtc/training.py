@@ -36,12 +36,12 @@ COMBOS = [(c, s) for c in S.COLOURS for s in S.SHAPES]
 @dataclass
 class TrainConfig:
     vision_steps: int = 300  # stage 1: the vision tower alone on its CLIP-like objectives (cheap, no LLM)
-    steps: int = 900  # stage 2: the whole LLaVA on answers, vision objectives kept
+    steps: int = 1000  # stage 2: the whole LLaVA on answers, vision objectives kept
     batch_size: int = 64
-    lr: float = 1.5e-3
+    lr: float = 2e-3
     warmup: int = 60
     weight_decay: float = 0.05
-    curriculum_steps: int = 250  # stage 2 starts on object-dominated short visual sequences
+    curriculum_steps: int = 600  # stage 2 starts with only the question's objects visible, then adds the rest
     drop_prob: float = 0.5
     min_keep: int = 16
     aux_weight: float = 0.5
@@ -108,6 +108,18 @@ class _AttentionProbe:
         self.visual_attention = ctx.current_attention_rows(query)[:, 0].gather(1, ctx.visual_index)
         keep = torch.arange(ctx.visual_index.shape[1], device=ctx.hidden.device).expand(b, -1)
         return keep, None
+
+
+def _curriculum_indices(batch: dict, progress: float, gen: torch.Generator) -> torch.Tensor:
+    """Visible patches while the LLM learns to look things up: the question's referent objects always, each
+    other object with probability ``progress``, background with probability ``progress**2`` (raster order)."""
+    refs, objects = batch["referent_mask"], batch["object_mask"]
+    shape = objects.shape
+    visible = refs | (objects & (torch.rand(shape, generator=gen) < progress))
+    visible |= torch.rand(shape, generator=gen) < progress ** 2
+    k = max(int(visible.sum(-1).max()), 4)
+    priority = visible.float() * 2 + torch.rand(shape, generator=gen)
+    return priority.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
 def _keep_indices(object_mask: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -182,19 +194,15 @@ def train_builtin(out_dir: str | Path, cfg: TrainConfig | None = None, log=print
                  "shape": ce(heads["patch_shape"](feats).flatten(0, 1), batch["patch_shape"].flatten())}
         loss = cfg.aux_weight * sum(parts.values())
         if step >= cfg.vision_steps:  # stage 2: answers through the full LLaVA
-            stage2 = step - cfg.vision_steps
-            if stage2 < cfg.curriculum_steps:  # short sequences first: object patches + a few others
-                k = int(batch["object_mask"].sum(-1).max()) + int(torch.randint(0, 17, (), generator=gen))
-                k = min(k, feats.shape[1])
+            progress = (step - cfg.vision_steps) / cfg.curriculum_steps
+            if progress < 1:
+                idx = _curriculum_indices(batch, progress, gen)
             elif torch.rand((), generator=gen).item() < cfg.drop_prob:
                 k = int(torch.randint(cfg.min_keep, feats.shape[1] + 1, (), generator=gen))
-            else:
-                k = feats.shape[1]
-            if k < feats.shape[1]:
                 idx = _keep_indices(batch["object_mask"], k, gen)
-                feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
             else:
-                idx = torch.arange(k).expand(feats.shape[0], -1)
+                idx = torch.arange(feats.shape[1]).expand(feats.shape[0], -1)
+            feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
             conts = [[answer_id[a], eos] for a in batch["answers"]]
             probe = _AttentionProbe(grounding_layer, offset=2)
             h, _ = adapter.hidden_states(adapter.project(feats), batch["questions"], conts, in_llm=probe)
