@@ -373,8 +373,6 @@ class _ZeroGradient(InputDefense):
         return pixels.detach() + 0 * pixels
 
 
-@pytest.mark.xfail(strict=True, reason="attacks/ (not this module's): EncoderAttack.encode calls adapter.encode and "
-                   "attack_target rebuilds the Target without its defenses, so adaptive attacks miss input defenses")
 @pytest.mark.parametrize("attack, options", [("cage", {}), ("whitebox", {"relaxation": "auto"})])
 def test_adaptive_attacks_go_through_the_targets_defenses(tiny_adapter, batch, attack, options):
     pixels, questions, answers = batch
