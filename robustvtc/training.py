@@ -31,11 +31,12 @@ from .models.builtin import CLIP_MEAN, CLIP_STD, PROMPT_TEMPLATE, build_tokenize
 from .models.llava import LlavaAdapter
 
 COMBOS = [(c, s) for c in S.COLOURS for s in S.SHAPES]
+QUESTION_WORDS = S.question_vocabulary()
 
 
 @dataclass
 class TrainConfig:
-    vision_steps: int = 300  # stage 1: the vision tower alone on its CLIP-like objectives (cheap, no LLM)
+    vision_steps: int = 250  # stage 1: the vision tower alone on its CLIP-like objectives (cheap, no LLM)
     steps: int = 1000  # stage 2: the whole LLaVA on answers, vision objectives kept
     batch_size: int = 64
     lr: float = 2e-3
@@ -87,14 +88,15 @@ def _collate(samples: list[S.VQASample]) -> dict:
             object_mask[b] = torch.from_numpy((cov > 0.02).any(0))
             if s.referents:
                 referent_mask[b] = torch.from_numpy((cov[list(s.referents)] > 0.02).any(0))
-    return {"pixels": pixels, "questions": [s.question for s in samples], "answers": [s.answer for s in samples],
+    question_words = torch.tensor([[w in s.question.split() for w in QUESTION_WORDS] for s in samples]).float()
+    return {"pixels": pixels, "questions": [s.question for s in samples], "question_words": question_words, "answers": [s.answer for s in samples],
             "presence": presence, "patch_colour": patch_colour, "patch_shape": patch_shape, "object_mask": object_mask,
             "referent_mask": referent_mask}
 
 
 class _AttentionProbe:
-    """In-LLM hook that prunes nothing: it reads decoder layer ``layer``'s attention from the last prompt token
-    (``offset`` positions before the end) over the visual tokens, for the grounding objective."""
+    """In-LLM hook that prunes nothing: at decoder layer ``layer`` it reads the last prompt token's (``offset``
+    positions before the end) input state and attention over the visual tokens, for the grounding objectives."""
 
     position_policy = "original"
 
@@ -106,6 +108,7 @@ class _AttentionProbe:
         b, length = ctx.attention_mask.shape
         query = torch.full((b, 1), length - 1 - self.offset, device=ctx.hidden.device)
         self.visual_attention = ctx.current_attention_rows(query)[:, 0].gather(1, ctx.visual_index)
+        self.query_state = ctx.hidden[:, length - 1 - self.offset]
         keep = torch.arange(ctx.visual_index.shape[1], device=ctx.hidden.device).expand(b, -1)
         return keep, None
 
@@ -168,6 +171,7 @@ def train_builtin(out_dir: str | Path, cfg: TrainConfig | None = None, log=print
         "cls": torch.nn.Linear(vdim, len(COMBOS)),
         "patch_colour": torch.nn.Linear(vdim, len(S.COLOURS) + 1),
         "patch_shape": torch.nn.Linear(vdim, len(S.SHAPES) + 1),
+        "question": torch.nn.Linear(model.config.text_config.hidden_size, len(QUESTION_WORDS)),
     })
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -178,7 +182,7 @@ def train_builtin(out_dir: str | Path, cfg: TrainConfig | None = None, log=print
     eos = adapter.tokenizer.eos_token_id
     answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
     tower = model.model.vision_tower
-    grounding_layer = model.config.text_config.num_hidden_layers - 1  # the last layer: FastV's layer stays free
+    grounding_layer = 2  # FastV scores with layer 1's attention; that layer stays free of supervision
     loader = torch.utils.data.DataLoader(_Stream(cfg), batch_size=None, num_workers=1, prefetch_factor=4)
     history, t0 = [], time.time()
     bce = torch.nn.functional.binary_cross_entropy_with_logits
@@ -211,6 +215,8 @@ def train_builtin(out_dir: str | Path, cfg: TrainConfig | None = None, log=print
             parts["lm"] = ce(logits.flatten(0, 1), torch.tensor(conts).flatten())
             referents = torch.gather(batch["referent_mask"], 1, idx)
             has_ref = referents.any(-1)
+            parts["question"] = bce(heads["question"](probe.query_state), batch["question_words"])
+            loss = loss + cfg.grounding_weight * parts["question"]
             if has_ref.any():
                 mass = (probe.visual_attention * referents).sum(-1)[has_ref]
                 parts["ground"] = -(mass + 1e-6).log().mean()

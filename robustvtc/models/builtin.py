@@ -46,7 +46,7 @@ def builtin_config(vocab_size: int, image_token_id: int, pad_id: int, bos_id: in
         num_hidden_layers=4, num_attention_heads=4, projection_dim=128,
     )
     text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
         pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False,
     )
