@@ -2,15 +2,23 @@
 
 Recipe (all choices are here and recorded in ``training_report.json``):
 
-* LM loss on the one-word answer and the end-of-sequence token, through the very adapter users attack.
-* CLIP-like supervision of the vision tower, discarded after training: the CLS token of the last layer
-  (CLIP's pooled output) and of the feature layer predict which (colour, shape) pairs the scene holds, so
-  the CLS token must attend to the objects -- the property CLS-attention compressors rely on in CLIP;
-  each patch token of the feature layer predicts the colour and shape of the object covering it.
-* Token-drop augmentation: on half of the batches the LLM sees only k ~ U[16, N] visual tokens (all
-  object patches first, then random background patches, raster order, contiguous positions), so the
-  tiny LLM tolerates the shorter visual sequences compressors produce, as large LVLMs do by scale.
-  Object patches are chosen from ground truth, never from the model's attention.
+* Stage 1 (``vision_steps``): the vision tower alone, on CLIP-like objectives that are discarded after
+  training -- the CLS token of the last layer (CLIP's pooled output) and of the feature layer predict which
+  (colour, shape) pairs the scene holds, so the CLS token must attend to the objects (the property
+  CLS-attention compressors rely on in CLIP); each patch token of the feature layer predicts the colour and
+  shape of the object covering it.
+* Stage 2 (``steps``): the whole LLaVA, LM loss on the one-word answer and the end-of-sequence token through
+  the very adapter users attack, vision objectives kept. A tiny LLM trained from scratch does not find
+  content-based look-up among many tokens in a CPU budget, so stage 2 adds two training-only aids:
+  - a curriculum (``curriculum_steps``): at first the LLM sees only the patches of the objects the question
+    is about, then the other objects and the background fade in;
+  - intermediate supervision at decoder layer 2 (never layer 1, whose attention FastV scores with): the
+    last prompt token's input state predicts the question's words, and its attention mass on the question's
+    objects is maximised.
+  After the curriculum, half of the batches show only k ~ U[16, N] visual tokens (object patches first, then
+  random background, raster order, contiguous positions) so the LLM tolerates the shorter sequences
+  compressors produce, as large LVLMs do by scale. Object patches always come from ground truth, never
+  from the model's attention.
 
 Data are drawn fresh every step from the train split (sample index = step * batch + j), so the run is
 deterministic for a seed and never repeats an image.
