@@ -27,11 +27,18 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pytest
 
 from .errors import UserInputError
+
+if TYPE_CHECKING:  # the plugin loads with every pytest run: torch and the campaign import only when used
+    import pandas as pd
+    import torch
+
+    from .campaign.scenario import DataSpec
+    from .target import Target
 
 DEFAULT_SAMPLES = 32
 DEFAULT_STEPS = 10
@@ -190,7 +197,7 @@ class _Runs:
         units = campaign.units()
         for unit in units:
             if unit not in self._done:
-                self.records.extend(campaign.run_unit(unit))
+                self.records.extend(list(campaign.run_unit(unit)))  # a unit's records all or none
                 self._done.add(unit)
         for attack in doc["attacks"]:
             known = self._eps.setdefault(attack["name"], [])
@@ -241,7 +248,7 @@ def _one_line(fn: Callable) -> Callable:
 class EvalSet:
     """What checks evaluate on: a scenario ``data`` source and how many of its items (the first N)."""
 
-    spec: Any  # robustvtc.campaign.scenario.DataSpec
+    spec: DataSpec
     samples: int
 
     def describe(self) -> str:
@@ -260,7 +267,7 @@ class EvalSet:
             doc["csv_name"] = s.csv_name
         return doc
 
-    def batch(self, adapter) -> tuple[Any, list[str], list[str]]:
+    def batch(self, adapter) -> tuple[torch.Tensor, list[str], list[str]]:
         """(pixels, prompts, reference answers) of the items, for hand-written checks with ``get_attack``."""
         from .campaign.tasks import Task
 
@@ -273,7 +280,7 @@ class DeploymentTarget:
     """A :class:`~robustvtc.target.Target` (``.target``) with the scenario keys that rebuild it, so a check
     can run it as a campaign and name the command that reproduces its figures."""
 
-    target: Any  # robustvtc.target.Target
+    target: Target
     document: dict  # model, device, dtype, compressors, budgets, defenses, seed, ... (no data, attacks)
     eval_set: EvalSet  # the default evaluation set of checks on this target
     defense: str  # the defense configuration's label in records ("none" without one)
@@ -344,20 +351,20 @@ def build_target(session: Session, model: str | None = None, compressor: str | N
         doc["defenses"] = [defense]
     spec = _parse(doc, source)
     compressors = [c for c in spec.compressors if c != "none"] or ["none"]
-    for what, values in (("compressor", compressors), ("budget", spec.budgets)):
+    # the full-token model keeps every token, whatever budgets a scenario lists for its compressed cells
+    budgets = ["all"] if compressors == ["none"] and budget is None else list(spec.budgets)
+    for what, values in (("compressor", compressors), ("budget", budgets)):
         if len(values) != 1:
             raise UserInputError(f"{source} lists {len(values)} {what}s ({', '.join(map(str, values))}); accepted: "
                                  f"one, or pick it with make_target({what}=...)")
     if len(spec.defenses) > 1:
         raise UserInputError(f"{source} lists {len(spec.defenses)} defenses; accepted: at most one (a deployment "
                              "runs one defense configuration), or pick it with make_target(defense=...)")
-    doc["compressors"] = compressors
-    doc["budgets"] = ["all"] if compressors == ["none"] else list(spec.budgets)
+    doc.update(compressors=compressors, budgets=budgets)
     doc.setdefault("device", spec.device)
     doc.setdefault("dtype", spec.dtype)
     adapter = session.adapter(spec.model, doc["device"], doc["dtype"], spec.model_kwargs)
-    budget_value = doc["budgets"][0]
-    target = make_target(adapter, compressors[0], None if budget_value == "all" else budget_value, spec.seed,
+    target = make_target(adapter, compressors[0], None if budgets[0] == "all" else budgets[0], spec.seed,
                          defenses=doc.get("defenses", ()))
     label = spec.defenses[0].label if spec.defenses else "none"
     return DeploymentTarget(target, doc, eval_set, label, session)
@@ -453,7 +460,7 @@ class Measurement:
         return "\n".join(lines)
 
 
-def _figure(values) -> Figure:
+def _figure(values: pd.Series) -> Figure:
     from .campaign.metrics import bootstrap_ci
 
     low, high = bootstrap_ci(values)  # the report's CI: same resamples, same seed
@@ -465,13 +472,13 @@ class _Evaluation:
     """One check's campaign records and how to reproduce them."""
 
     target: DeploymentTarget
-    records: Any  # pandas.DataFrame of campaign records
+    records: pd.DataFrame  # campaign records
     eps: float
     eps_text: str
     command: str
     setting: str  # "cage at eps 4/255, 10 steps, 32 samples of the synthetic test split"
 
-    def correct(self, attack: str, cell: tuple[str, int] | None = None):
+    def correct(self, attack: str, cell: tuple[str, int] | None = None) -> pd.Series:
         """Per-sample correctness on ``cell`` (default: the target's) under the target's defense; the worst
         case of non-adaptive and adaptive crafting where the defense has both."""
         df = self.records

@@ -96,7 +96,8 @@ def test_failing_check_shows_figures_and_a_command_that_reproduces_them(pytester
     args = shlex.split(command)[1:] + ["-o", "repro", "--quiet", "--no-report"]
     assert CliRunner().invoke(main, args).exit_code == 0
     again = {record_key(r): r["prediction"] for r in read_records("repro/results.jsonl")}
-    checked = {record_key(r): r["prediction"] for r in read_records(next(Path("rep").glob("visionzip16-*/results.jsonl")))}
+    (results,) = Path("rep").glob("visionzip16-*/results.jsonl")
+    checked = {record_key(r): r["prediction"] for r in read_records(results)}
     assert again and again == {k: checked[k] for k in again}
 
 
