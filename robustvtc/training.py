@@ -46,7 +46,7 @@ QUESTION_WORDS = S.question_vocabulary()
 class TrainConfig:
     vision_steps: int = 250  # stage 1: the vision tower alone on its CLIP-like objectives (cheap, no LLM)
     steps: int = 1000  # stage 2: the whole LLaVA on answers, vision objectives kept
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 60
     weight_decay: float = 0.05
