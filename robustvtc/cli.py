@@ -167,6 +167,8 @@ SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
 @click.option("--eot-samples", type=click.IntRange(min=1), default=None, help="EOT draws for randomised targets.")
 @click.option("--save-images/--no-save-images", default=None, help="PNG of every adversarial image.")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (default: torch's). 1 is faster on a machine another job keeps busy.")
 @SET
 @click.option("--resume", is_flag=True, help="Continue the campaign in the output folder (same scenario only).")
 @click.option("--overwrite", is_flag=True, help="Delete the output folder's campaign files and start again.")
@@ -174,8 +176,8 @@ SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
 @click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
 @FAIL_UNDER
 @handle_errors
-def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, save_images, output, sets, resume,
-        overwrite, quiet, report, fail_under):
+def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, save_images, output, threads, sets,
+        resume, overwrite, quiet, report, fail_under):
     """Run a campaign: results.jsonl + manifest.json (+ report/) in the scenario's output folder.
 
     SCENARIO is a YAML file or the name of a shipped scenario (robustvtc list scenarios).
@@ -195,6 +197,10 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
     flags = {"model": model, "samples": samples, "seed": seed, "device": device, "dtype": dtype,
              "batch_size": batch_size, "eot_samples": eot_samples, "save_images": save_images, "output": output}
     spec = load_scenario(scenario, _overrides(flags, sets))
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     log = None if quiet else (lambda m: click.echo(m, err=True))
     try:
         out = run_campaign(spec, resume=resume, overwrite=overwrite, quiet=quiet, log=log)

@@ -153,7 +153,7 @@ def test_torn_last_line_is_dropped_and_repaired(tmp_path):
 
 def _run_cli(args, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "robustvtc.cli", "run", *args, "--quiet", "--no-report"],
+    return subprocess.Popen([sys.executable, "-m", "robustvtc.cli", "run", *args, "--quiet", "--no-report", "--threads", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
