@@ -107,15 +107,16 @@ def test_images_once_per_knowledge_level_and_one_encoder_pass_per_grid(tiny_adap
 
     def counting_grid(targets, *args, **kwargs):
         calls = []
-        monkeypatch.setattr(type(tiny_adapter), "encode", lambda self, *a, **k: (calls.append(1), encode(self, *a, **k))[1])
+        monkeypatch.setattr(type(tiny_adapter), "encode",
+                            lambda self, *a, **k: (calls.append(1), encode(self, *a, **k))[1])
         try:
             return grid(targets, *args, **kwargs)
         finally:
             monkeypatch.setattr(type(tiny_adapter), "encode", encode)
             grids.append((len(targets), len(calls)))
     monkeypatch.setattr(runner, "evaluate_grid", counting_grid)
-    run_campaign(scenario(compressors=["fastervlm", "visionzip"], budgets=[16, 32, 48], samples=4,
-                          attacks=["fulltoken", {"name": "cage", "eps": ["4/255", "8/255"]}, "known_budget", "whitebox"]),
+    attacks = ["fulltoken", {"name": "cage", "eps": ["4/255", "8/255"]}, "known_budget", "whitebox"]
+    run_campaign(scenario(compressors=["fastervlm", "visionzip"], budgets=[16, 32, 48], samples=4, attacks=attacks),
                  output=tmp_path / "out", adapter=tiny_adapter, quiet=True)
     chunks = 2
     assert crafted == {"fulltoken": chunks, "cage": 2 * chunks, "known_budget": 3 * chunks, "whitebox": 7 * chunks}
@@ -153,8 +154,8 @@ def test_torn_last_line_is_dropped_and_repaired(tmp_path):
 
 def _run_cli(args, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "robustvtc.cli", "run", *args, "--quiet", "--no-report", "--threads", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    command = [sys.executable, "-m", "robustvtc.cli", "run", *args, "--quiet", "--no-report", "--threads", "1"]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_records(tiny_model_dir, tmp_path):

@@ -16,7 +16,8 @@ def parse(**changes):
 
 @pytest.mark.parametrize("changes,needle", [
     ({"sampels": 3}, "s.yaml: sampels: unknown key; accepted: name, description, model"),
-    ({"data": {"source": "synthetic", "splt": "test"}}, "s.yaml: data.splt: unknown key; accepted: source, split, path"),
+    ({"data": {"source": "synthetic", "splt": "test"}},
+     "s.yaml: data.splt: unknown key; accepted: source, split, path"),
     ({"data": {"split": "dev"}}, "s.yaml: data.split: 'dev' is not accepted; accepted: train, val, test"),
     ({"data": {"source": "csv"}}, "data.source: 'csv' is not accepted; accepted: synthetic, vqa_jsonl, vqa_folder"),
     ({"data": {"source": "vqa_jsonl"}}, "data.path: missing; accepted: the data file or folder of source vqa_jsonl"),

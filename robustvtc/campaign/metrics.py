@@ -56,7 +56,8 @@ def frame(records: Sequence[dict]) -> pd.DataFrame:
     return df
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(values: Sequence[float], n_boot: int = N_BOOT, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean (seeded, so a report is reproducible)."""
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
@@ -78,12 +79,12 @@ def summary(df: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFra
     for key, g in df.groupby(CELL, sort=True):
         lo, hi = bootstrap_ci(g["correct"], n_boot, seed)
         clean_ok = g["clean_correct"] == 1
-        compressed = key[2] != "none"
+        compression_only = (g["correct"] == 0) & (g["full_token_correct"] == 1)
         rows.append({
             **dict(zip(CELL, key)), "n": len(g), "robust_accuracy": g["correct"].mean(), "ci_low": lo, "ci_high": hi,
             "clean_accuracy": g["clean_correct"].mean(), "full_token_accuracy": g["full_token_correct"].mean(),
             "attack_success_rate": float((g.loc[clean_ok, "correct"] == 0).mean()) if clean_ok.any() else float("nan"),
-            "csfr": float(((g["correct"] == 0) & (g["full_token_correct"] == 1)).mean()) if compressed else float("nan"),
+            "csfr": float(compression_only.mean()) if key[2] != "none" else float("nan"),
             "kept_overlap": _mean(g["kept_overlap"]), "kept_disruption": _mean(g["kept_disruption"]),
             "rank_spearman": _mean(g["rank_spearman"]), "rank_kendall": _mean(g["rank_kendall"]),
             "linf": _mean(g["linf"]), "l2": _mean(g["l2"]), "seconds": _mean(g["seconds"]),
@@ -112,7 +113,8 @@ def worst_case(df: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> pd.Data
         return pd.DataFrame(columns=cols)
     per_sample = attacked.groupby(["eps", "compressor", "budget", "defense", "sample"], sort=True)
     worst = per_sample["correct"].min().rename("correct").reset_index()
-    names = attacked.groupby(["eps", "compressor", "budget", "defense"])["attack"].agg(lambda a: ", ".join(sorted(set(a))))
+    names = attacked.groupby(["eps", "compressor", "budget", "defense"])["attack"].agg(
+        lambda a: ", ".join(sorted(set(a))))
     rows = []
     for key, g in worst.groupby(["eps", "compressor", "budget", "defense"], sort=True):
         lo, hi = bootstrap_ci(g["correct"], n_boot, seed)

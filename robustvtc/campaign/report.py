@@ -93,7 +93,8 @@ def plot_budget_curves(summary: pd.DataFrame, num_tokens: int | None) -> str | N
         for c, comp in enumerate(compressors):
             ax = axes[r][c]
             for attack in plain["attack"].unique():
-                rows = plain[(plain["attack"] == attack) & (plain["eps"].isin([eps, 0.0] if attack == "clean" else [eps]))]
+                at = [eps, 0.0] if attack == "clean" else [eps]
+                rows = plain[(plain["attack"] == attack) & plain["eps"].isin(at)]
                 line = rows[rows["compressor"] == comp].sort_values("budget")
                 full = rows[rows["compressor"] == "none"]
                 xs, ys = list(line["budget"]), list(line["robust_accuracy"] * 100)
@@ -116,7 +117,7 @@ def plot_budget_curves(summary: pd.DataFrame, num_tokens: int | None) -> str | N
 
 
 def plot_gap_heatmap(gap: pd.DataFrame) -> str | None:
-    """Overestimation gap (points) per compressor x budget, one panel per ε, no defense (all-tokens row in the table)."""
+    """Overestimation gap (points) per compressor x budget, one panel per ε, no defense (all tokens: see the table)."""
     plain = gap[(gap["defense"] == "none") & ~gap["adaptive"].astype(bool) & (gap["compressor"] != "none")]
     if plain.empty:
         return None
@@ -179,7 +180,8 @@ def plot_examples(folder: Path, entries: list[dict]) -> str | None:
             ax.imshow(pixels * (0.25 + 0.75 * mask[..., None]))
             ax.set_title(f"{what} — {e['compressor']}@{e['budget']}", fontsize=8)
             ax.axis("off")
-        overlap = len(set(e["kept_clean"]) & set(e["kept_adv"])) / max(1, len(set(e["kept_clean"]) | set(e["kept_adv"])))
+        clean_set, adv_set = set(e["kept_clean"]), set(e["kept_adv"])
+        overlap = len(clean_set & adv_set) / max(1, len(clean_set | adv_set))
         row[1].text(0.0, -0.08, f"sample {e['sample']}, ε={format_eps(e['eps'])}, kept IoU {overlap:.2f}",
                     transform=row[1].transAxes, fontsize=7, va="top")
     fig.tight_layout()

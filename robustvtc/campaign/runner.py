@@ -12,8 +12,9 @@ unit per chunk). Inside a unit each adversarial image is built once for what its
 Every image is also evaluated on the full-token model (``full_token_correct``) and, non-adaptively, under
 every defense configuration; with ``adaptive`` it is crafted again against each defended target. An
 evaluation encodes the batch once and shares the visual tokens across the grid (a target with an input
-defense re-encodes its transformed pixels). Records are appended and flushed one line at a time, so a killed run loses only the
-records in flight; ``--resume`` skips every finished key and refuses a scenario whose hash changed.
+defense re-encodes its transformed pixels). Records are appended and flushed one line at a time, so a
+killed run loses only the records in flight; ``--resume`` skips every finished key and refuses a scenario
+whose hash changed.
 
 Determinism: chunks never change composition, each attack seeds itself, and every evaluation builds its
 targets afresh under a seed derived from the scenario seed and what is evaluated -- so a unit gives the

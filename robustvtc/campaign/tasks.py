@@ -51,8 +51,9 @@ class Task:
             return [Item(x.index, x.qtype, x.question, x.question, x.answer, (x.answer,), x)
                     for x in S.generate_dataset(samples, s.split)]
         if s.source == "multiple_choice":
+            items = loaders.load_multiple_choice(s.path, s.image_root)[:samples]
             return [Item(x.id, "multiple_choice", x.question, multiple_choice_prompt(x.question, x.options), x.letter,
-                         (x.letter,), x.image, len(x.options)) for x in loaders.load_multiple_choice(s.path, s.image_root)[:samples]]
+                         (x.letter,), x.image, len(x.options)) for x in items]
         rows = (loaders.load_vqa_jsonl(s.path, s.image_root) if s.source == "vqa_jsonl"
                 else loaders.load_vqa_folder(s.path, s.csv_name, s.image_root))
         return [Item(x.id, "vqa", x.question, x.question, max(set(x.answers), key=x.answers.count), x.answers, x.image)
