@@ -245,10 +245,10 @@ def validate(scenarios, sets):
 
     for name in scenarios:
         s = load_scenario(name, _overrides({}, sets))
-        images = sum(len(a.eps) for a in s.attacks)
+        pairs = sum(len(a.eps) for a in s.attacks)
         click.echo(f"{name}: ok -- {s.samples} samples, {len(s.compressors)} compressors x {len(s.budgets)} budgets, "
-                   f"{len(s.attacks)} attacks ({images} attack x eps), {1 + len(s.defenses)} defense configurations, "
-                   f"output {s.output}")
+                   f"{len(s.attacks)} attacks ({pairs} attack x eps), defenses: "
+                   f"{', '.join(['none', *(d.label for d in s.defenses)])}; output {s.output}")
 
 
 @main.command("report")
@@ -351,8 +351,8 @@ def list_cmd(kind, pattern):
         rows = []
         for name in shipped_scenarios():
             if fnmatch.fnmatch(name, pattern):
-                text = load_scenario(name).description.strip()
-                rows.append((name, text.splitlines()[0] if text else ""))
+                first = load_scenario(name).description.strip().split(". ")[0]
+                rows.append((name, first if len(first) <= 100 else first[:99] + "…"))
         _print_rows(("name", "description"), rows)
 
 
