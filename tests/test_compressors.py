@@ -371,7 +371,7 @@ def test_in_llm_at_full_budget_gives_the_uncompressed_logits(tiny_adapter, batch
 
 def test_pdrop_prunes_in_stages_and_renumbers(tiny_adapter, batch):
     pixels, questions = batch
-    target = Target(tiny_adapter, "pdrop", 36)
+    target = Target(tiny_adapter, "pdrop", 36, layers=(1, 2))
     fwd = target.forward(pixels)
     seen = []
     select = fwd.in_llm.select
@@ -390,8 +390,9 @@ def test_pdrop_prunes_in_stages_and_renumbers(tiny_adapter, batch):
 
 
 def test_in_llm_layer_must_exist(tiny_adapter, batch):
-    with pytest.raises(UserInputError, match="accepted layers: 1..2"):
-        Target(tiny_adapter, "sparsevlm", 36).forward(batch[0])  # the paper's layer 2 = before layer 3
+    depth = tiny_adapter.num_llm_layers
+    with pytest.raises(UserInputError, match=f"accepted layers: 1..{depth - 1}"):
+        Target(tiny_adapter, "sparsevlm", 36, layer=depth).forward(batch[0])
 
 
 # ---------------------------------------------------------------------------------------------- relaxations
