@@ -168,7 +168,7 @@ SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
 @click.option("--save-images/--no-save-images", default=None, help="PNG of every adversarial image.")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads (default: torch's). 1 is faster on a machine another job keeps busy.")
+              help="Override the scenario's torch CPU threads (1 is faster on a machine another job keeps busy).")
 @SET
 @click.option("--resume", is_flag=True, help="Continue the campaign in the output folder (same scenario only).")
 @click.option("--overwrite", is_flag=True, help="Delete the output folder's campaign files and start again.")
@@ -195,12 +195,13 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
     from .campaign import metrics as M
 
     flags = {"model": model, "samples": samples, "seed": seed, "device": device, "dtype": dtype,
-             "batch_size": batch_size, "eot_samples": eot_samples, "save_images": save_images, "output": output}
+             "batch_size": batch_size, "eot_samples": eot_samples, "save_images": save_images, "output": output,
+             "threads": threads}
     spec = load_scenario(scenario, _overrides(flags, sets))
-    if threads:
+    if spec.threads:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(spec.threads)
     log = None if quiet else (lambda m: click.echo(m, err=True))
     try:
         out = run_campaign(spec, resume=resume, overwrite=overwrite, quiet=quiet, log=log)

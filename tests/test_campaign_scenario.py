@@ -36,6 +36,7 @@ def parse(**changes):
     ({"eps": "lots"}, "s.yaml: eps[0]: 'lots' is not a radius"),
     ({"dtype": "float8"}, "dtype: 'float8' is not accepted; accepted: float32, fp32, bfloat16"),
     ({"batch_size": 0}, "batch_size: 0 is not an integer >= 1; accepted: an integer >= 1"),
+    ({"threads": 0}, "threads: 0 is not an integer >= 1"),
     ({"adaptive": "yes"}, "adaptive: 'yes' is not a boolean; accepted: true or false"),
     ({"defenses": ["jpg"]}, "defenses[0]: 'jpg' is not accepted; accepted: none, bit_depth"),
     ({"defenses": [{"jpeg": {"qualty": 50}}]}, "defenses[0].jpeg.qualty: unknown key; accepted: quality"),
@@ -63,12 +64,13 @@ def test_defaults_and_normalisation():
     assert s.attacks[0].eps == (8 / 255,) and s.attacks[0].options == {"steps": 10}
     assert s.attacks[1].eps == (0.01, 2 / 255) and s.attacks[1].options == {"steps": 3, "lambda_rda": 0.1}
     assert [d.label for d in s.defenses] == ["jpeg", "gaussian_noise(sigma=0.1)"]  # "none" is implicit
-    assert (s.output, s.seed, s.batch_size, s.eot_samples, s.adaptive) == ("runs/t", 0, 8, 8, True)
+    assert (s.output, s.seed, s.batch_size, s.eot_samples, s.adaptive, s.threads) == ("runs/t", 0, 8, 8, True, None)
+    assert parse(threads=None).threads is None and parse(threads=2).threads == 2
 
 
 def test_hash_covers_what_changes_records_only():
     s = parse()
-    assert parse(output="elsewhere", save_images=True, examples=0, description="x").hash() == s.hash()
+    assert parse(output="elsewhere", save_images=True, examples=0, description="x", threads=1).hash() == s.hash()
     assert parse(seed=1).hash() != s.hash()
     assert parse(attacks=["fulltoken", {"name": "cage", "steps": 11}]).hash() != s.hash()
 

@@ -9,6 +9,7 @@ are applied to the raw document *before* validation (black-style: the file sets 
     model_kwargs: {}                 # passed to load_model (image_size, attn_implementation, device_map, ...)
     device: cpu
     dtype: float32                   # float32 | bfloat16 | float16 (and fp32, bf16, fp16)
+    threads: null                    # torch CPU threads; null = torch's default
     data: {source: synthetic, split: test}   # or {source: vqa_jsonl | vqa_folder | multiple_choice, path: ...}
     samples: 50                      # the first N items of the data
     compressors: [none, visionzip, fastervlm]   # "none" (all tokens) is always evaluated
@@ -45,14 +46,14 @@ import yaml
 from ..errors import UserInputError
 
 DATA_SOURCES = ("synthetic", "vqa_jsonl", "vqa_folder", "multiple_choice")
-TOP_KEYS = ("name", "description", "model", "model_kwargs", "device", "dtype", "data", "samples", "compressors",
-            "budgets", "eps", "steps", "attacks", "defenses", "adaptive", "eot_samples", "seed", "batch_size",
-            "output", "save_images", "examples")
+TOP_KEYS = ("name", "description", "model", "model_kwargs", "device", "dtype", "threads", "data", "samples",
+            "compressors", "budgets", "eps", "steps", "attacks", "defenses", "adaptive", "eot_samples", "seed",
+            "batch_size", "output", "save_images", "examples")
 REQUIRED = ("compressors", "budgets", "attacks")
 DATA_KEYS = ("source", "split", "path", "image_root", "csv_name", "max_new_tokens")
 ATTACK_KEYS = ("name", "label", "eps")
 # keys that do not change any record: they stay out of the hash that --resume compares
-NOT_HASHED = ("name", "description", "output", "save_images", "examples")
+NOT_HASHED = ("name", "description", "output", "save_images", "examples", "threads")
 EPS_FORMAT = "a float like 0.03 or a fraction like '8/255'"
 
 
@@ -94,6 +95,7 @@ class Scenario:
     model_kwargs: dict = field(default_factory=dict)
     device: str = "cpu"
     dtype: str = "float32"
+    threads: int | None = None
     data: DataSpec = DataSpec()
     samples: int = 50
     defenses: tuple[DefenseSpec, ...] = ()
@@ -258,8 +260,9 @@ def parse_scenario(raw: Any, source: str = "scenario", default_name: str = "scen
         out["model_kwargs"] = dict(raw["model_kwargs"])
     if "dtype" in raw:
         out["dtype"] = c.choice(raw["dtype"], "dtype", list(DTYPES))
-    for key, minimum in (("samples", 1), ("eot_samples", 1), ("seed", 0), ("batch_size", 1), ("examples", 0)):
-        if key in raw:
+    for key, minimum in (("samples", 1), ("eot_samples", 1), ("seed", 0), ("batch_size", 1), ("examples", 0),
+                         ("threads", 1)):
+        if key in raw and not (key == "threads" and raw[key] is None):
             out[key] = c.integer(raw[key], key, minimum)
     for key in ("adaptive", "save_images"):
         if key in raw:
