@@ -187,10 +187,10 @@ class _Runs:
         self.name = name
         self.records: list[dict] = []
         self._done: set = set()
-        self._eps: dict[str, list] = {}  # attack -> radii as the checks gave them, for the combined scenario
+        self._eps: dict[str, list[float]] = {}  # attack -> radii the checks used, for the combined scenario
 
-    def records_for(self, doc: dict, scenario) -> list[dict]:
-        """The records of ``scenario`` (``doc``: its document), running only the units not yet computed."""
+    def records_for(self, scenario) -> list[dict]:
+        """The records of ``scenario``, running only the units not yet computed."""
         from .campaign import Campaign
 
         campaign = Campaign(scenario, self.adapter, output=self.folder)  # output: kept-token examples for the report
@@ -199,9 +199,9 @@ class _Runs:
             if unit not in self._done:
                 self.records.extend(list(campaign.run_unit(unit)))  # a unit's records all or none
                 self._done.add(unit)
-        for attack in doc["attacks"]:
-            known = self._eps.setdefault(attack["name"], [])
-            known += [e for e in attack["eps"] if e not in known]
+        for spec in scenario.attacks:
+            known = self._eps.setdefault(spec.name, [])
+            known += [e for e in spec.eps if e not in known]
         wanted = {(u.attack, u.eps) for u in units}
         return [r for r in self.records if (r["attack"], r["eps"]) in wanted]
 
@@ -319,7 +319,7 @@ def build_eval_set(source: str = "synthetic", *, split: str | None = None, path:
     return EvalSet(spec.data, spec.samples)
 
 
-def build_target(session: Session, model: str | None = None, compressor: str | None = None,
+def _build_target(session: Session, model: str | None = None, compressor: str | None = None,
                  budget: int | str | None = None, defense: str | dict | None = None, *,
                  scenario: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
                  model_kwargs: dict | None = None, seed: int | None = None,
@@ -386,7 +386,7 @@ def make_target(request: pytest.FixtureRequest) -> Callable[..., DeploymentTarge
     """Factory: ``make_target(model="builtin", compressor="visionzip", budget=16, defense=None)`` or
     ``make_target(scenario="deploy.yaml")`` (a path relative to the test file, the current folder, or a shipped
     scenario name). Models load once per session."""
-    return _one_line(functools.partial(build_target, _session(request.config), base_dir=request.path.parent))
+    return _one_line(functools.partial(_build_target, _session(request.config), base_dir=request.path.parent))
 
 
 @pytest.fixture
@@ -525,7 +525,7 @@ def _evaluate(target: DeploymentTarget, attacks: Sequence[str], eps: str | float
     path = session.scenario_dir / f"{name}.yaml"
     path.write_text("# written by robustvtc's pytest plugin; reproduce with: robustvtc run <this file> --overwrite\n"
                     + yaml.safe_dump(doc, sort_keys=False))
-    records = M.frame(runs.records_for(doc, scenario))
+    records = M.frame(runs.records_for(scenario))
     shown = os.path.relpath(path)
     command = f"robustvtc run {shlex.quote(path.as_posix() if shown.startswith('..') else shown)} --overwrite"
     setting = f"{' and '.join(attacks)} at eps {eps_text}, {steps} steps, {n} samples of the {data.describe()}"
