@@ -92,16 +92,18 @@ def evaluate(model, compressors, budgets, samples, batch_size, seed, by_type, re
 @main.command("train-builtin")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Output directory (default: the package's built-in model folder).")
-@click.option("--steps", default=None, type=click.IntRange(min=1), help="Override the recipe's step count.")
+@click.option("--vision-steps", default=None, type=click.IntRange(min=0), help="Override stage 1 (vision tower) steps.")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="Override stage 2 (whole LLaVA) steps.")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1))
+@click.option("--eval-samples", default=None, type=click.IntRange(min=1), help="Validation samples per evaluation.")
 @click.option("--seed", default=0, show_default=True)
 @handle_errors
-def train_builtin_cmd(out, steps, batch_size, seed):
+def train_builtin_cmd(out, vision_steps, steps, batch_size, eval_samples, seed):
     """Reproduce the shipped built-in model from scratch (about 20 minutes on 2 CPU cores).
 
     \b
     Example (a smoke run):
-      robustvtc train-builtin --out /tmp/builtin --steps 3 --batch-size 4
+      robustvtc train-builtin --out /tmp/builtin --vision-steps 2 --steps 3 --batch-size 4 --eval-samples 10
     """
     from dataclasses import replace
     from pathlib import Path
@@ -112,8 +114,12 @@ def train_builtin_cmd(out, steps, batch_size, seed):
     cfg = TrainConfig(seed=seed)
     if steps:
         cfg = replace(cfg, steps=steps, eval_every=min(cfg.eval_every, steps))
+    if vision_steps is not None:
+        cfg = replace(cfg, vision_steps=vision_steps)
     if batch_size:
         cfg = replace(cfg, batch_size=batch_size)
+    if eval_samples:
+        cfg = replace(cfg, eval_samples=eval_samples)
     report = train_builtin(Path(out) if out else BUILTIN_DIR, cfg, log=lambda m: click.echo(m, err=True))
     click.echo(f"trained in {report['train_seconds']} s; final val accuracy {report['history'][-1]['val_accuracy']:.3f}")
 
