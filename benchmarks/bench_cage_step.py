@@ -22,17 +22,8 @@ from robustvtc.attacks import CAGE, FullToken
 def build_adapter(arch: str, device: str):
     if arch == "builtin":
         from robustvtc.models import load_model
-        from robustvtc.errors import UserInputError
 
-        try:
-            return load_model("builtin", device=device)
-        except UserInputError:  # weights not shipped yet: timing does not depend on them
-            from robustvtc.training import new_builtin
-
-            adapter = new_builtin(0)
-            adapter.model.to(device)
-            adapter.device = torch.device(device)
-            return adapter
+        return load_model("builtin", device=device)
     # random-weight LLaVA-1.5 vision tower (CLIP ViT-L/14-336, 576 patches) with a tiny LM: the encoder is
     # all an encoder attack runs
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

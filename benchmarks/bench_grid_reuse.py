@@ -22,7 +22,6 @@ import torch
 
 from robustvtc.campaign import Campaign, parse_scenario
 from robustvtc.data import synthetic as S
-from robustvtc.errors import UserInputError
 from robustvtc.evaluate import build_targets, evaluate_grid
 
 COMPRESSORS, BUDGETS = ("fastervlm", "visionzip", "pooling"), (16, 32, 48)
@@ -31,15 +30,7 @@ COMPRESSORS, BUDGETS = ("fastervlm", "visionzip", "pooling"), (16, 32, 48)
 def builtin(device: str):
     from robustvtc.models import load_model
 
-    try:
-        return load_model("builtin", device=device)
-    except UserInputError:  # weights not shipped yet: timing does not depend on them
-        from robustvtc.training import new_builtin
-
-        adapter = new_builtin(0)
-        adapter.model.to(device)
-        adapter.device = torch.device(device)
-        return adapter
+    return load_model("builtin", device=device)
 
 
 def seconds(fn) -> float:
