@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from robustvtc.data.synthetic import ANSWERS, to_pixels
+from robustvtc.data.synthetic import ANSWERS
 from robustvtc.errors import UserInputError
 from robustvtc.images import to_pixels as image_to_pixels
 from robustvtc.target import Target
