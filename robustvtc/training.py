@@ -7,18 +7,18 @@ Recipe (all choices are here and recorded in ``training_report.json``):
   (colour, shape) pairs the scene holds, so the CLS token must attend to the objects (the property
   CLS-attention compressors rely on in CLIP); each patch token of the feature layer predicts the colour and
   shape of the object covering it.
-* Stage 2 (``steps``): the whole LLaVA, LM loss on the one-word answer and the end-of-sequence token through
-  the very adapter users attack, vision objectives kept. A tiny LLM trained from scratch does not find
-  content-based look-up among many tokens in a CPU budget, so stage 2 adds two training-only aids:
-  - a curriculum (``curriculum_steps``): at first the LLM sees only the patches of the objects the question
-    is about, then the other objects and the background fade in;
-  - intermediate supervision at decoder layer 2 (never layer 1, whose attention FastV scores with): the
-    last prompt token's input state predicts the question's words, and its attention mass on the question's
-    objects is maximised.
-  After the curriculum, half of the batches show only k ~ U[16, N] visual tokens (object patches first, then
-  random background, raster order, contiguous positions) so the LLM tolerates the shorter sequences
-  compressors produce, as large LVLMs do by scale. Object patches always come from ground truth, never
-  from the model's attention.
+* Stage 2 (``steps``): projector and LLM on the answers (LM loss on the one-word answer and the end-of-sequence
+  token, through the very adapter users attack); the vision tower stays frozen, as in LLaVA. A tiny LLM trained
+  from scratch does not find content-based look-up among many tokens in a CPU budget when it sees every token
+  from the start (measured: it stays on the answer-prior plateau), but it learns look-up quickly when the
+  choice is between two objects and then generalises to more. So stage 2 follows a visibility curriculum:
+  - ``pair_fraction`` of the steps: the question's objects and one other object (plus random background
+    patches up to the batch's longest row);
+  - ``objects_fraction``: every object, background only as padding;
+  - the rest: every token, except that ``drop_prob`` of the batches keep only k ~ U[``min_keep``, N] visual
+    tokens (object patches first, then random background, raster order) so the LLM tolerates the shorter
+    sequences compressors produce, as large LVLMs do by scale.
+  Object patches always come from ground truth, never from the model's attention.
 
 Data are drawn fresh every step from the train split (sample index = step * batch + j), so the run is
 deterministic for a seed and never repeats an image.
@@ -39,22 +39,20 @@ from .models.builtin import CLIP_MEAN, CLIP_STD, PROMPT_TEMPLATE, build_tokenize
 from .models.llava import LlavaAdapter
 
 COMBOS = [(c, s) for c in S.COLOURS for s in S.SHAPES]
-QUESTION_WORDS = S.question_vocabulary()
 
 
 @dataclass
 class TrainConfig:
-    vision_steps: int = 250  # stage 1: the vision tower alone on its CLIP-like objectives (cheap, no LLM)
-    steps: int = 1000  # stage 2: the whole LLaVA on answers, vision objectives kept
+    vision_steps: int = 500  # stage 1: the vision tower alone on its CLIP-like objectives (cheap, no LLM)
+    steps: int = 2000  # stage 2: projector + LLM on answers, vision tower frozen
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 60
     weight_decay: float = 0.05
-    curriculum_steps: int = 600  # stage 2 starts with only the question's objects visible, then adds the rest
+    pair_fraction: float = 0.4  # stage 2 starts with the question's objects and one distractor visible
+    objects_fraction: float = 0.2  # then every object, then every token
     drop_prob: float = 0.5
     min_keep: int = 16
-    aux_weight: float = 0.5
-    grounding_weight: float = 0.3
     seed: int = 0
     eval_every: int = 250
     eval_samples: int = 250
@@ -81,6 +79,7 @@ def _collate(samples: list[S.VQASample]) -> dict:
     patch_shape = torch.zeros(len(samples), g * g, dtype=torch.long)
     object_mask = torch.zeros(len(samples), g * g, dtype=torch.bool)
     referent_mask = torch.zeros(len(samples), g * g, dtype=torch.bool)
+    object_id = torch.full((len(samples), g * g), -1, dtype=torch.long)  # dominant object of each touched patch
     colours, shapes = list(S.COLOURS), list(S.SHAPES)
     for b, s in enumerate(samples):
         cov = s.patch_coverage().reshape(len(s.objects), -1)
@@ -94,42 +93,29 @@ def _collate(samples: list[S.VQASample]) -> dict:
                 patch_colour[b, p] = colours.index(o.colour) + 1
                 patch_shape[b, p] = shapes.index(o.shape) + 1
             object_mask[b] = torch.from_numpy((cov > 0.02).any(0))
+            object_id[b] = torch.from_numpy(np.where(object_mask[b].numpy(), best, -1))
             if s.referents:
                 referent_mask[b] = torch.from_numpy((cov[list(s.referents)] > 0.02).any(0))
-    question_words = torch.tensor([[w in s.question.split() for w in QUESTION_WORDS] for s in samples]).float()
-    return {"pixels": pixels, "questions": [s.question for s in samples], "question_words": question_words, "answers": [s.answer for s in samples],
+    return {"pixels": pixels, "questions": [s.question for s in samples], "answers": [s.answer for s in samples],
             "presence": presence, "patch_colour": patch_colour, "patch_shape": patch_shape, "object_mask": object_mask,
-            "referent_mask": referent_mask}
+            "referent_mask": referent_mask, "object_id": object_id}
 
 
-class _AttentionProbe:
-    """In-LLM hook that prunes nothing: at decoder layer ``layer`` it reads the last prompt token's (``offset``
-    positions before the end) input state and attention over the visual tokens, for the grounding objectives."""
-
-    position_policy = "original"
-
-    def __init__(self, layer: int, offset: int):
-        self.layers, self.offset = (layer,), offset
-        self.visual_attention: torch.Tensor | None = None
-
-    def select(self, ctx):
-        b, length = ctx.attention_mask.shape
-        query = torch.full((b, 1), length - 1 - self.offset, device=ctx.hidden.device)
-        self.visual_attention = ctx.current_attention_rows(query)[:, 0].gather(1, ctx.visual_index)
-        self.query_state = ctx.hidden[:, length - 1 - self.offset]
-        keep = torch.arange(ctx.visual_index.shape[1], device=ctx.hidden.device).expand(b, -1)
-        return keep, None
-
-
-def _curriculum_indices(batch: dict, progress: float, gen: torch.Generator) -> torch.Tensor:
-    """Visible patches while the LLM learns to look things up: the question's referent objects always, each
-    other object with probability ``progress``, background with probability ``progress**2`` (raster order)."""
-    refs, objects = batch["referent_mask"], batch["object_mask"]
-    shape = objects.shape
-    visible = refs | (objects & (torch.rand(shape, generator=gen) < progress))
-    visible |= torch.rand(shape, generator=gen) < progress ** 2
+def _visible_indices(batch: dict, phase: str, gen: torch.Generator) -> torch.Tensor:
+    """(B, k) raster-ordered visual token indices the LLM sees in a curriculum ``phase``: "pair" (the question's
+    objects and one other object) or "objects" (every object); rows are padded with random background patches
+    up to the batch's longest row."""
+    visible = batch["referent_mask"] if phase == "pair" else batch["object_mask"]
+    if phase == "pair":
+        visible = visible.clone()
+        ids = batch["object_id"]
+        for b in range(ids.shape[0]):
+            others = ids[b][(ids[b] >= 0) & ~visible[b]].unique()
+            others = others[~torch.isin(others, ids[b][visible[b]])]
+            if len(others):
+                visible[b] |= ids[b] == others[torch.randint(len(others), (), generator=gen)]
     k = max(int(visible.sum(-1).max()), 4)
-    priority = visible.float() * 2 + torch.rand(shape, generator=gen)
+    priority = visible.float() * 2 + torch.rand(visible.shape, generator=gen)
     return priority.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
@@ -166,6 +152,26 @@ def save_builtin(adapter: LlavaAdapter, out_dir: Path, report: dict) -> None:
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
 
 
+def _optimizer(params: list, steps: int, cfg: TrainConfig):
+    """AdamW with linear warm-up and cosine decay over ``steps``."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    return opt, sched
+
+
+def _stage2_indices(batch: dict, done: int, cfg: TrainConfig, n_tokens: int, gen: torch.Generator):
+    """Visual token indices for LLaVA step ``done`` of the visibility curriculum (None = every token)."""
+    if done < cfg.pair_fraction * cfg.steps:
+        return _visible_indices(batch, "pair", gen)
+    if done < (cfg.pair_fraction + cfg.objects_fraction) * cfg.steps:
+        return _visible_indices(batch, "objects", gen)
+    if torch.rand((), generator=gen).item() < cfg.drop_prob:
+        k = int(torch.randint(cfg.min_keep, n_tokens + 1, (), generator=gen))
+        return _keep_indices(batch["object_mask"], k, gen)
+    return None
+
+
 def train_builtin(out_dir: str | Path, cfg: TrainConfig | None = None, log=print) -> dict:
     cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
@@ -179,70 +185,59 @@ def train_builtin(out_dir: str | Path, cfg: TrainConfig | None = None, log=print
         "cls": torch.nn.Linear(vdim, len(COMBOS)),
         "patch_colour": torch.nn.Linear(vdim, len(S.COLOURS) + 1),
         "patch_shape": torch.nn.Linear(vdim, len(S.SHAPES) + 1),
-        "question": torch.nn.Linear(model.config.text_config.hidden_size, len(QUESTION_WORDS)),
     })
-    params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    total = cfg.vision_steps + cfg.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    tower = model.model.vision_tower
+    llava_params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
     gen = torch.Generator().manual_seed(cfg.seed)
     eos = adapter.tokenizer.eos_token_id
     answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
-    tower = model.model.vision_tower
-    grounding_layer = 2  # FastV scores with layer 1's attention; that layer stays free of supervision
     loader = torch.utils.data.DataLoader(_Stream(cfg), batch_size=None, num_workers=1, prefetch_factor=4)
     history, t0 = [], time.time()
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     ce = torch.nn.functional.cross_entropy
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt, sched = _optimizer(params, cfg.vision_steps, cfg)
     for step, batch in enumerate(loader):
-        out = tower(pixel_values=adapter.normalize(batch["pixels"]), output_hidden_states=True)
-        hidden = out.hidden_states[adapter.feature_layer + 1]
-        feats = hidden[:, 1:]
-        presence = batch["presence"]
-        parts = {"pool": bce(heads["pool"](out.pooler_output), presence),
-                 "cls": bce(heads["cls"](hidden[:, 0]), presence),
-                 "colour": ce(heads["patch_colour"](feats).flatten(0, 1), batch["patch_colour"].flatten()),
-                 "shape": ce(heads["patch_shape"](feats).flatten(0, 1), batch["patch_shape"].flatten())}
-        loss = cfg.aux_weight * sum(parts.values())
-        if step >= cfg.vision_steps:  # stage 2: answers through the full LLaVA
-            progress = (step - cfg.vision_steps) / cfg.curriculum_steps
-            if progress < 1:
-                idx = _curriculum_indices(batch, progress, gen)
-            elif torch.rand((), generator=gen).item() < cfg.drop_prob:
-                k = int(torch.randint(cfg.min_keep, feats.shape[1] + 1, (), generator=gen))
-                idx = _keep_indices(batch["object_mask"], k, gen)
-            else:
-                idx = torch.arange(feats.shape[1]).expand(feats.shape[0], -1)
-            feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        if step < cfg.vision_steps:  # stage 1: the vision tower on its CLIP-like objectives
+            out = tower(pixel_values=adapter.normalize(batch["pixels"]), output_hidden_states=True)
+            hidden = out.hidden_states[adapter.feature_layer + 1]
+            feats = hidden[:, 1:]
+            parts = {"pool": bce(heads["pool"](out.pooler_output), batch["presence"]),
+                     "cls": bce(heads["cls"](hidden[:, 0]), batch["presence"]),
+                     "colour": ce(heads["patch_colour"](feats).flatten(0, 1), batch["patch_colour"].flatten()),
+                     "shape": ce(heads["patch_shape"](feats).flatten(0, 1), batch["patch_shape"].flatten())}
+            loss = sum(parts.values())
+        else:  # stage 2: projector + LLM on answers, vision tower frozen
+            if step == cfg.vision_steps:
+                tower.eval()
+                tower.requires_grad_(False)
+                params = llava_params
+                opt, sched = _optimizer(params, cfg.steps, cfg)
+            with torch.no_grad():
+                feats = adapter.encode(batch["pixels"], validate=False).features
+            idx = _stage2_indices(batch, step - cfg.vision_steps, cfg, feats.shape[1], gen)
+            if idx is not None:
+                feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
             conts = [[answer_id[a], eos] for a in batch["answers"]]
-            probe = _AttentionProbe(grounding_layer, offset=2)
-            h, _ = adapter.hidden_states(adapter.project(feats), batch["questions"], conts, in_llm=probe)
+            h, _ = adapter.hidden_states(adapter.project(feats), batch["questions"], conts)
             L = h.shape[1]
             logits = adapter.logits_at(h, torch.tensor([[L - 3, L - 2]]).expand(h.shape[0], -1))
-            parts["lm"] = ce(logits.flatten(0, 1), torch.tensor(conts).flatten())
-            referents = torch.gather(batch["referent_mask"], 1, idx)
-            has_ref = referents.any(-1)
-            parts["question"] = bce(heads["question"](probe.query_state), batch["question_words"])
-            loss = loss + cfg.grounding_weight * parts["question"]
-            if has_ref.any():
-                mass = (probe.visual_attention * referents).sum(-1)[has_ref]
-                parts["ground"] = -(mass + 1e-6).log().mean()
-                loss = loss + cfg.grounding_weight * parts["ground"]
-            loss = loss + parts["lm"]
+            parts = {"lm": ce(logits.flatten(0, 1), torch.tensor(conts).flatten()), "visual_tokens": feats.shape[1]}
+            loss = parts["lm"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 25 == 0:
-            log(f"step {step:5d}  " + "  ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
+            log(f"step {step:5d}  " + "  ".join(f"{k} {float(v.detach() if torch.is_tensor(v) else v):.3f}" for k, v in parts.items())
                 + f"  {time.time() - t0:6.0f}s")
         done = step + 1 - cfg.vision_steps
         if done > 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
             model.eval()
             acc = quick_accuracy(adapter, cfg.eval_samples)
             model.train()
+            tower.eval()
             history.append({"step": step + 1, "val_accuracy": acc, "seconds": round(time.time() - t0, 1)})
             log(f"step {step + 1:5d}  val accuracy {acc:.3f}")
     model.eval()
