@@ -12,8 +12,8 @@ Recipe (all choices are here and recorded in ``training_report.json``):
   from scratch does not find content-based look-up among many tokens in a CPU budget when it sees every token
   from the start (measured: it stays on the answer-prior plateau), but it learns look-up quickly when the
   choice is between two objects and then generalises to more. So stage 2 follows a visibility curriculum:
-  - ``pair_fraction`` of the steps: the question's objects and one other object (plus random background
-    patches up to the batch's longest row);
+  - ``pair_fraction`` of the steps: the question's objects and one other object (plus random other patches
+    up to the batch's longest row);
   - ``objects_fraction``: every object, background only as padding;
   - the rest: every token, except that ``drop_prob`` of the batches keep only k ~ U[``min_keep``, N] visual
     tokens (object patches first, then random background, raster order) so the LLM tolerates the shorter
@@ -103,8 +103,8 @@ def _collate(samples: list[S.VQASample]) -> dict:
 
 def _visible_indices(batch: dict, phase: str, gen: torch.Generator) -> torch.Tensor:
     """(B, k) raster-ordered visual token indices the LLM sees in a curriculum ``phase``: "pair" (the question's
-    objects and one other object) or "objects" (every object); rows are padded with random background patches
-    up to the batch's longest row."""
+    objects and one other object) or "objects" (every object); rows are padded with random other patches
+    (background, or fragments of objects not chosen) up to the batch's longest row."""
     visible = batch["referent_mask"] if phase == "pair" else batch["object_mask"]
     if phase == "pair":
         visible = visible.clone()
