@@ -61,12 +61,12 @@ class TrainConfig:
 class _Stream(torch.utils.data.IterableDataset):
     """Batches of the train split, rendered in a worker process while the main process trains."""
 
-    def __init__(self, cfg: TrainConfig, start_step: int = 0):
-        self.cfg, self.start_step = cfg, start_step
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
 
     def __iter__(self):
         cfg = self.cfg
-        for step in range(self.start_step, cfg.vision_steps + cfg.steps):
+        for step in range(cfg.vision_steps + cfg.steps):
             samples = [S.generate_sample(step * cfg.batch_size + j, "train", cfg.seed) for j in range(cfg.batch_size)]
             yield _collate(samples)
 
@@ -105,24 +105,22 @@ def _visible_indices(batch: dict, phase: str, gen: torch.Generator) -> torch.Ten
     """(B, k) raster-ordered visual token indices the LLM sees in a curriculum ``phase``: "pair" (the question's
     objects and one other object) or "objects" (every object); rows are padded with random other patches
     (background, or fragments of objects not chosen) up to the batch's longest row."""
-    visible = batch["referent_mask"] if phase == "pair" else batch["object_mask"]
-    if phase == "pair":
-        visible = visible.clone()
-        ids = batch["object_id"]
+    if phase == "objects":
+        visible = batch["object_mask"]
+    else:
+        visible, ids = batch["referent_mask"].clone(), batch["object_id"]
         for b in range(ids.shape[0]):
             others = ids[b][(ids[b] >= 0) & ~visible[b]].unique()
             others = others[~torch.isin(others, ids[b][visible[b]])]
             if len(others):
                 visible[b] |= ids[b] == others[torch.randint(len(others), (), generator=gen)]
-    k = max(int(visible.sum(-1).max()), 4)
-    priority = visible.float() * 2 + torch.rand(visible.shape, generator=gen)
-    return priority.topk(k, dim=-1).indices.sort(dim=-1).values
+    return _keep_indices(visible, max(int(visible.sum(-1).max()), 4), gen)
 
 
-def _keep_indices(object_mask: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """(B, k) raster-ordered indices: object patches first (random order if more than k), then random others."""
-    noise = torch.rand(object_mask.shape, generator=gen)
-    priority = noise + object_mask.float() * 2.0
+def _keep_indices(priority_mask: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, k) raster-ordered indices: patches of ``priority_mask`` first (random ones if more than k), then
+    random others."""
+    priority = torch.rand(priority_mask.shape, generator=gen) + priority_mask.float() * 2.0
     return priority.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
