@@ -43,10 +43,13 @@ COMBOS = [(c, s) for c in S.COLOURS for s in S.SHAPES]
 
 @dataclass
 class TrainConfig:
-    vision_steps: int = 500  # stage 1: the vision tower alone on its CLIP-like objectives (cheap, no LLM)
-    steps: int = 2000  # stage 2: projector + LLM on answers, vision tower frozen
+    vision_steps: int = 1000  # stage 1: the vision tower alone on its CLIP-like objectives (cheap, no LLM)
+    steps: int = 3000  # stage 2: projector + LLM on answers, vision tower frozen
     batch_size: int = 32
+    vision_lr: float = 3e-3
+    shape_weight: float = 2.0  # shape is learned last (it needs neighbouring patches); colour and cell come free
     lr: float = 2e-3
+    align_weight: float = 1.0  # stage 2: object tokens, projected, must read as their colour and shape words
     warmup: int = 60
     weight_decay: float = 0.05
     pair_fraction: float = 0.4  # stage 2 starts with the question's objects and one distractor visible
@@ -54,21 +57,33 @@ class TrainConfig:
     drop_prob: float = 0.5
     min_keep: int = 16
     seed: int = 0
-    eval_every: int = 250
+    threads: int = 2  # torch CPU threads; the weights are bit-identical only for the same count
+    eval_every: int = 500
     eval_samples: int = 250
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    """Batches of the train split, rendered in a worker process while the main process trains."""
+    """Batches of the train split for steps ``first..last-1``, made in a worker process while the main process
+    trains. With ``frozen`` (stage 2's frozen model) the worker also runs the vision tower, so the main process
+    only trains the LLM."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, first: int, last: int, frozen: LlavaAdapter | None = None):
+        self.cfg, self.first, self.last, self.frozen = cfg, first, last, frozen
 
     def __iter__(self):
         cfg = self.cfg
-        for step in range(cfg.vision_steps + cfg.steps):
-            samples = [S.generate_sample(step * cfg.batch_size + j, "train", cfg.seed) for j in range(cfg.batch_size)]
-            yield _collate(samples)
+        for step in range(self.first, self.last):
+            batch = _collate([S.generate_sample(step * cfg.batch_size + j, "train", cfg.seed)
+                              for j in range(cfg.batch_size)])
+            if self.frozen is not None:
+                with torch.no_grad():
+                    batch["features"] = self.frozen.encode(batch["pixels"], validate=False).features
+            yield batch
+
+
+def _batches(cfg: TrainConfig, first: int, last: int, frozen: LlavaAdapter | None = None):
+    return torch.utils.data.DataLoader(_Stream(cfg, first, last, frozen), batch_size=None, num_workers=1,
+                                       prefetch_factor=4)
 
 
 def _collate(samples: list[S.VQASample]) -> dict:
@@ -124,6 +139,31 @@ def _keep_indices(priority_mask: torch.Tensor, k: int, gen: torch.Generator) -> 
     return priority.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
+def _patch_cells() -> torch.Tensor:
+    """(N,) the 3x3-grid cell each patch lies in; objects never cross cells, so this is the patch's place in
+    every question about positions."""
+    g, per_cell = S.IMAGE_SIZE // S.PATCH_SIZE, S.CELL // S.PATCH_SIZE
+    rows, cols = torch.arange(g * g) // g, torch.arange(g * g) % g
+    return (rows // per_cell) * S.GRID + cols // per_cell
+
+
+def _alignment_loss(visual: torch.Tensor, batch: dict, idx: torch.Tensor | None, word_embeddings: torch.Tensor,
+                    word_id: dict[str, int]) -> torch.Tensor:
+    """Feature alignment, the job of LLaVA's first stage: each projected object token must score its colour and
+    shape words highest among those words' input embeddings. A question names an object by those words, so the
+    LLM's look-up starts from tokens that already point the way; without it the LLM stays at choosing a random
+    visible colour (measured with colour questions and two objects visible: 52 % vs 90 % with it)."""
+    colour, shape = batch["patch_colour"], batch["patch_shape"]
+    if idx is not None:
+        colour, shape = torch.gather(colour, 1, idx), torch.gather(shape, 1, idx)
+    on_object = shape > 0
+    tokens = visual[on_object]
+    ce = torch.nn.functional.cross_entropy
+    colours = word_embeddings[[word_id[c] for c in S.COLOURS]]
+    shapes = word_embeddings[[word_id[s] for s in S.SHAPES]]
+    return ce(tokens @ colours.T, colour[on_object] - 1) + ce(tokens @ shapes.T, shape[on_object] - 1)
+
+
 def new_builtin(seed: int = 0) -> LlavaAdapter:
     """A freshly initialised built-in model wrapped in its adapter."""
     from transformers import LlavaForConditionalGeneration
@@ -150,9 +190,9 @@ def save_builtin(adapter: LlavaAdapter, out_dir: Path, report: dict) -> None:
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
 
 
-def _optimizer(params: list, steps: int, cfg: TrainConfig):
+def _optimizer(params: list, steps: int, lr: float, cfg: TrainConfig):
     """AdamW with linear warm-up and cosine decay over ``steps``."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     return opt, sched
@@ -172,78 +212,107 @@ def _stage2_indices(batch: dict, done: int, cfg: TrainConfig, n_tokens: int, gen
 
 def train_builtin(out_dir: str | Path, cfg: TrainConfig | None = None, log=print) -> dict:
     cfg = cfg or TrainConfig()
-    torch.manual_seed(cfg.seed)
-    adapter = new_builtin(cfg.seed)
-    model = adapter.model
-    model.train()
-    model.requires_grad_(True)
-    vdim = model.config.vision_config.hidden_size
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        torch.manual_seed(cfg.seed)
+        adapter = new_builtin(cfg.seed)
+        model = adapter.model
+        model.train()
+        model.requires_grad_(True)
+        t0 = time.time()
+        _train_vision(adapter, cfg, log, t0)
+        history = _train_llava(adapter, cfg, log, t0)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    model.requires_grad_(False)
+    report = {"config": asdict(cfg), "history": history, "train_seconds": round(time.time() - t0, 1)}
+    save_builtin(adapter, Path(out_dir), report)
+    return report
+
+
+def _step(loss: torch.Tensor, params: list, opt, sched) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
+def _log_parts(log, step: int, parts: dict, t0: float) -> None:
+    if step % 25 == 0:
+        log(f"step {step:5d}  " + "  ".join(f"{k} {float(v):.3f}" for k, v in parts.items())
+            + f"  {time.time() - t0:6.0f}s")
+
+
+def _train_vision(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> None:
+    """Stage 1: the vision tower alone on CLIP-like objectives; their heads are discarded afterwards."""
+    tower = adapter.model.model.vision_tower
+    vdim = adapter.model.config.vision_config.hidden_size
     heads = torch.nn.ModuleDict({
         "pool": torch.nn.Linear(vdim, len(COMBOS)),
         "cls": torch.nn.Linear(vdim, len(COMBOS)),
         "patch_colour": torch.nn.Linear(vdim, len(S.COLOURS) + 1),
         "patch_shape": torch.nn.Linear(vdim, len(S.SHAPES) + 1),
+        "patch_cell": torch.nn.Linear(vdim, S.GRID * S.GRID),
     })
-    tower = model.model.vision_tower
-    llava_params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    eos = adapter.tokenizer.eos_token_id
-    answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
-    loader = torch.utils.data.DataLoader(_Stream(cfg), batch_size=None, num_workers=1, prefetch_factor=4)
-    history, t0 = [], time.time()
+    patch_cell = _patch_cells()
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     ce = torch.nn.functional.cross_entropy
     params = list(tower.parameters()) + list(heads.parameters())
-    opt, sched = _optimizer(params, cfg.vision_steps, cfg)
-    for step, batch in enumerate(loader):
-        if step < cfg.vision_steps:  # stage 1: the vision tower on its CLIP-like objectives
-            out = tower(pixel_values=adapter.normalize(batch["pixels"]), output_hidden_states=True)
-            hidden = out.hidden_states[adapter.feature_layer + 1]
-            feats = hidden[:, 1:]
-            parts = {"pool": bce(heads["pool"](out.pooler_output), batch["presence"]),
-                     "cls": bce(heads["cls"](hidden[:, 0]), batch["presence"]),
-                     "colour": ce(heads["patch_colour"](feats).flatten(0, 1), batch["patch_colour"].flatten()),
-                     "shape": ce(heads["patch_shape"](feats).flatten(0, 1), batch["patch_shape"].flatten())}
-            loss = sum(parts.values())
-        else:  # stage 2: projector + LLM on answers, vision tower frozen
-            if step == cfg.vision_steps:
-                tower.eval()
-                tower.requires_grad_(False)
-                params = llava_params
-                opt, sched = _optimizer(params, cfg.steps, cfg)
-            with torch.no_grad():
-                feats = adapter.encode(batch["pixels"], validate=False).features
-            idx = _stage2_indices(batch, step - cfg.vision_steps, cfg, feats.shape[1], gen)
-            if idx is not None:
-                feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-            conts = [[answer_id[a], eos] for a in batch["answers"]]
-            h, _ = adapter.hidden_states(adapter.project(feats), batch["questions"], conts)
-            L = h.shape[1]
-            logits = adapter.logits_at(h, torch.tensor([[L - 3, L - 2]]).expand(h.shape[0], -1))
-            parts = {"lm": ce(logits.flatten(0, 1), torch.tensor(conts).flatten()), "visual_tokens": feats.shape[1]}
-            loss = parts["lm"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 25 == 0:
-            log(f"step {step:5d}  " + "  ".join(f"{k} {float(v.detach() if torch.is_tensor(v) else v):.3f}" for k, v in parts.items())
-                + f"  {time.time() - t0:6.0f}s")
-        done = step + 1 - cfg.vision_steps
-        if done > 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
+    opt, sched = _optimizer(params, cfg.vision_steps, cfg.vision_lr, cfg)
+    for step, batch in enumerate(_batches(cfg, 0, cfg.vision_steps)):
+        out = tower(pixel_values=adapter.normalize(batch["pixels"]), output_hidden_states=True)
+        hidden = out.hidden_states[adapter.feature_layer + 1]
+        feats = hidden[:, 1:]
+        parts = {"pool": bce(heads["pool"](out.pooler_output), batch["presence"]),
+                 "cls": bce(heads["cls"](hidden[:, 0]), batch["presence"]),
+                 "colour": ce(heads["patch_colour"](feats).flatten(0, 1), batch["patch_colour"].flatten()),
+                 "shape": cfg.shape_weight * ce(heads["patch_shape"](feats).flatten(0, 1),
+                                                batch["patch_shape"].flatten()),
+                 "cell": ce(heads["patch_cell"](feats).flatten(0, 1), patch_cell.repeat(feats.shape[0]))}
+        _step(sum(parts.values()), params, opt, sched)
+        _log_parts(log, step, {k: v.detach() for k, v in parts.items()}, t0)
+
+
+def _train_llava(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> list[dict]:
+    """Stage 2: projector + LLM on the answers, vision tower frozen (its features come from the data worker)."""
+    model = adapter.model
+    tower = model.model.vision_tower
+    tower.eval()
+    tower.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+    opt, sched = _optimizer(params, cfg.steps, cfg.lr, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    eos = adapter.tokenizer.eos_token_id
+    answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
+    ce = torch.nn.functional.cross_entropy
+    history = []
+    batches = _batches(cfg, cfg.vision_steps, cfg.vision_steps + cfg.steps, frozen=adapter)
+    for done, batch in enumerate(batches, start=1):
+        feats = batch["features"]
+        idx = _stage2_indices(batch, done - 1, cfg, feats.shape[1], gen)
+        if idx is not None:
+            feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        conts = [[answer_id[a], eos] for a in batch["answers"]]
+        visual = adapter.project(feats)
+        h, _ = adapter.hidden_states(visual, batch["questions"], conts)
+        L = h.shape[1]
+        logits = adapter.logits_at(h, torch.tensor([[L - 3, L - 2]]).expand(h.shape[0], -1))
+        parts = {"lm": ce(logits.flatten(0, 1), torch.tensor(conts).flatten()),
+                 "align": _alignment_loss(visual, batch, idx, model.get_input_embeddings().weight, answer_id)}
+        _step(parts["lm"] + cfg.align_weight * parts["align"], params, opt, sched)
+        _log_parts(log, cfg.vision_steps + done - 1,
+                   {**{k: v.detach() for k, v in parts.items()}, "visual_tokens": feats.shape[1]}, t0)
+        if done % cfg.eval_every == 0 or done == cfg.steps:
             model.eval()
             acc = quick_accuracy(adapter, cfg.eval_samples)
             model.train()
             tower.eval()
-            history.append({"step": step + 1, "val_accuracy": acc, "seconds": round(time.time() - t0, 1)})
-            log(f"step {step + 1:5d}  val accuracy {acc:.3f}")
-    model.eval()
-    model.requires_grad_(False)
-    report = {"config": asdict(cfg), "history": history, "train_seconds": round(time.time() - t0, 1),
-              "torch_threads": torch.get_num_threads()}
-    save_builtin(adapter, Path(out_dir), report)
-    return report
+            history.append({"step": cfg.vision_steps + done, "val_accuracy": acc, "seconds": round(time.time() - t0, 1)})
+            log(f"step {cfg.vision_steps + done:5d}  val accuracy {acc:.3f}")
+    return history
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ import json
 import torch
 
 from robustvtc.data import synthetic as S
-from robustvtc.training import TrainConfig, _collate, _stage2_indices, _visible_indices, train_builtin
+from robustvtc.training import (TrainConfig, _alignment_loss, _collate, _patch_cells, _stage2_indices, _visible_indices,
+                                train_builtin)
 
 
 def _batch(n=12):
@@ -52,3 +53,42 @@ def test_tiny_training_run_writes_loadable_weights(tmp_path):
     assert saved["config"]["steps"] == 3 and len(report["history"]) == 1
     adapter = load_model(str(tmp_path / "m"))
     assert adapter.num_visual_tokens == 144
+
+
+def test_patch_cells_follow_the_3x3_grid():
+    cells = _patch_cells().view(12, 12)
+    assert cells[0, 0] == 0 and cells[0, 11] == 2 and cells[5, 5] == 4 and cells[11, 0] == 6 and cells[11, 11] == 8
+    assert torch.bincount(cells.flatten()).tolist() == [16] * 9
+
+
+def test_alignment_loss_rewards_tokens_that_read_as_their_words():
+    batch = _batch(4)
+    words = {w: i for i, w in enumerate(S.ANSWERS)}
+    embeddings = torch.randn(len(S.ANSWERS), 16) * 3
+    colours, shapes = list(S.COLOURS), list(S.SHAPES)
+    matching = torch.zeros(4, 144, 16)
+    on = batch["patch_shape"] > 0
+    for b, p in on.nonzero().tolist():
+        matching[b, p] = (embeddings[words[colours[batch["patch_colour"][b, p] - 1]]]
+                          + embeddings[words[shapes[batch["patch_shape"][b, p] - 1]]])
+    shuffled = matching[:, torch.randperm(144)]
+    assert _alignment_loss(matching, batch, None, embeddings, words) < _alignment_loss(shuffled, batch, None, embeddings, words)
+    background_only = matching.clone()
+    background_only[~on] = torch.randn(int((~on).sum()), 16) * 100  # background tokens are not scored
+    assert torch.isclose(_alignment_loss(background_only, batch, None, embeddings, words),
+                         _alignment_loss(matching, batch, None, embeddings, words))
+    idx = torch.arange(0, 144, 2).expand(4, -1)  # a kept subset scores the kept tokens' own labels
+    assert torch.isclose(_alignment_loss(matching[:, ::2], batch, idx, embeddings, words),
+                         _alignment_loss(matching[:, ::2], {k: v[:, ::2] for k, v in batch.items()
+                                                            if k in ("patch_colour", "patch_shape")}, None,
+                                         embeddings, words))
+
+
+def test_stage2_worker_features_are_the_models_own():
+    from robustvtc.training import _Stream, new_builtin
+
+    adapter = new_builtin(0)
+    cfg = TrainConfig(batch_size=3)
+    batch = next(iter(_Stream(cfg, 5, 6, frozen=adapter)))
+    expected = adapter.encode(_collate([S.generate_sample(15 + j, "train") for j in range(3)])["pixels"]).features
+    assert torch.equal(batch["features"], expected)
