@@ -97,8 +97,10 @@ def evaluate(model, compressors, budgets, samples, batch_size, seed, by_type, re
 @click.option("--batch-size", default=None, type=click.IntRange(min=1))
 @click.option("--eval-samples", default=None, type=click.IntRange(min=1), help="Validation samples per evaluation.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="Torch CPU threads of the main process (default: the recipe's 1; float results can depend on it).")
 @handle_errors
-def train_builtin_cmd(out, vision_steps, steps, batch_size, eval_samples, seed):
+def train_builtin_cmd(out, vision_steps, steps, batch_size, eval_samples, seed, threads):
     """Reproduce the shipped built-in model from scratch (about 20 minutes on 2 CPU cores).
 
     \b
@@ -120,6 +122,8 @@ def train_builtin_cmd(out, vision_steps, steps, batch_size, eval_samples, seed):
         cfg = replace(cfg, batch_size=batch_size)
     if eval_samples:
         cfg = replace(cfg, eval_samples=eval_samples)
+    if threads:
+        cfg = replace(cfg, threads=threads)
     report = train_builtin(Path(out) if out else BUILTIN_DIR, cfg, log=lambda m: click.echo(m, err=True))
     click.echo(f"trained in {report['train_seconds']} s; final val accuracy {report['history'][-1]['val_accuracy']:.3f}")
 

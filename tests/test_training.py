@@ -84,11 +84,14 @@ def test_alignment_loss_rewards_tokens_that_read_as_their_words():
                                          embeddings, words))
 
 
-def test_stage2_worker_features_are_the_models_own():
-    from robustvtc.training import _Stream, new_builtin
+def test_stage2_workers_deliver_the_models_own_features_in_step_order():
+    from robustvtc.training import _batches, new_builtin
 
     adapter = new_builtin(0)
-    cfg = TrainConfig(batch_size=3)
-    batch = next(iter(_Stream(cfg, 5, 6, frozen=adapter)))
-    expected = adapter.encode(_collate([S.generate_sample(15 + j, "train") for j in range(3)])["pixels"]).features
-    assert torch.equal(batch["features"], expected)
+    cfg = TrainConfig(batch_size=2)
+    batches = list(_batches(cfg, 3, 7, frozen=adapter))  # two workers
+    assert len(batches) == 4
+    for step, batch in enumerate(batches, start=3):
+        samples = [S.generate_sample(step * 2 + j, "train") for j in range(2)]
+        assert batch["questions"] == [s.question for s in samples]
+        assert torch.allclose(batch["features"], adapter.encode(S.to_pixels(samples)).features, atol=1e-5)
