@@ -11,7 +11,7 @@ Recipe (all choices are here and recorded in ``training_report.json``):
 * Stage 2 (``steps``): projector and LLM on the answers (LM loss on the one-word answer and the end-of-sequence
   token, through the very adapter users attack), plus ``align_weight`` x a feature-alignment loss (LLaVA's
   first-stage job: projected object tokens must read as their colour and shape words). The vision tower stays
-  frozen, as in LLaVA, so the data worker computes its features while the main process trains. A tiny LLM trained
+  frozen, as in LLaVA, so the data workers compute its features while the main process trains. A tiny LLM trained
   from scratch does not find content-based look-up among many tokens in a CPU budget when it sees every token
   from the start (measured: it stays on the answer-prior plateau), but it learns look-up quickly when the
   choice is between two objects and then generalises to more. So stage 2 follows a visibility curriculum:
@@ -60,8 +60,8 @@ class TrainConfig:
     drop_prob: float = 0.5
     min_keep: int = 16
     seed: int = 0
-    threads: int = 1  # torch threads of the main process: the data worker takes the other core (more threads
-    # contend with it and run slower on 2 cores); float results can depend on the count
+    threads: int = 1  # torch threads of the main process: the data workers use the other core (a 2-thread main
+    # contends with them: 0.54 vs 0.40 s/step measured); float results can depend on the count
     eval_every: int = 500
     eval_samples: int = 250
 
@@ -285,7 +285,7 @@ def _train_vision(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> No
 
 
 def _train_llava(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> list[dict]:
-    """Stage 2: projector + LLM on the answers, vision tower frozen (its features come from the data worker)."""
+    """Stage 2: projector + LLM on the answers, vision tower frozen (its features come from the data workers)."""
     model = adapter.model
     tower = model.model.vision_tower
     tower.eval()
