@@ -27,11 +27,10 @@ import torch
 
 from robustvtc.data import synthetic as S
 from robustvtc.models import load_model
-from robustvtc.training import (COMBOS, TrainConfig, _alignment_loss, _collate, _keep_indices, _optimizer,
-                                _patch_cells, _Stream, _visible_indices, new_builtin)
+from robustvtc.training import (TrainConfig, _alignment_loss, _answer_loss, _collate, _keep_indices, _optimizer, _step,
+                                _Stream, _vision_heads, _vision_losses, _visible_indices, new_builtin)
 
 ce = torch.nn.functional.cross_entropy
-bce = torch.nn.functional.binary_cross_entropy_with_logits
 
 
 def probe(samples: int) -> None:
@@ -107,38 +106,19 @@ def vision(args) -> None:
     adapter = new_builtin(0)
     adapter.model.train().requires_grad_(True)
     tower = adapter.model.model.vision_tower
-    heads = torch.nn.ModuleDict({"pool": torch.nn.Linear(128, len(COMBOS)), "cls": torch.nn.Linear(128, len(COMBOS)),
-                                 "patch_colour": torch.nn.Linear(128, 7), "patch_shape": torch.nn.Linear(128, 6),
-                                 "cell": torch.nn.Linear(128, 9)})
-    cells = _patch_cells()
+    heads = _vision_heads(adapter.model.config.vision_config.hidden_size)
     params = list(tower.parameters()) + list(heads.parameters())
     opt, sched = _optimizer(params, args.steps, args.lr, cfg)
     val = _collate(S.generate_dataset(256, "val"))
-
-    def forward(batch):
-        out = tower(pixel_values=adapter.normalize(batch["pixels"]), output_hidden_states=True)
-        hidden = out.hidden_states[adapter.feature_layer + 1]
-        return out, hidden, hidden[:, 1:]
-
     loader = torch.utils.data.DataLoader(_Stream(cfg, 0, args.steps), batch_size=None, num_workers=1, prefetch_factor=4)
     t0 = time.time()
     for step, batch in enumerate(loader):
-        out, hidden, feats = forward(batch)
-        parts = {"pool": bce(heads["pool"](out.pooler_output), batch["presence"]),
-                 "cls": bce(heads["cls"](hidden[:, 0]), batch["presence"]),
-                 "colour": ce(heads["patch_colour"](feats).flatten(0, 1), batch["patch_colour"].flatten()),
-                 "shape": args.shape_weight * ce(heads["patch_shape"](feats).flatten(0, 1), batch["patch_shape"].flatten())}
-        if args.cell:
-            parts["cell"] = ce(heads["cell"](feats).flatten(0, 1), cells.repeat(feats.shape[0]))
-        opt.zero_grad()
-        sum(parts.values()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        parts, _ = _vision_losses(adapter, heads, batch, args.shape_weight, cell=args.cell)
+        _step(sum(parts.values()), params, opt, sched)
         if (step + 1) % 100 == 0:
             tower.eval()
             with torch.no_grad():
-                _, _, feats = forward(val)
+                _, feats = _vision_losses(adapter, heads, val, args.shape_weight, cell=args.cell)
                 on = val["patch_shape"] > 0
                 shape = (heads["patch_shape"](feats).argmax(-1)[on] == val["patch_shape"][on]).float().mean().item()
                 colour = (heads["patch_colour"](feats).argmax(-1)[on] == val["patch_colour"][on]).float().mean().item()
@@ -170,7 +150,6 @@ def llava(args, oracle: bool = False) -> None:
         params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
     gen = torch.Generator().manual_seed(0)
     opt, sched = _optimizer(params, steps, args.lr, cfg)
-    eos = adapter.tokenizer.eos_token_id
     answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
 
     def tokens(batch):
@@ -223,19 +202,11 @@ def llava(args, oracle: bool = False) -> None:
             idx = None
         if idx is not None:
             x = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        conts = [[answer_id[a], eos] for a in batch["answers"]]
         visual = x if oracle else adapter.project(x)
-        hidden, _ = adapter.hidden_states(visual, batch["questions"], conts)
-        n = hidden.shape[1]
-        logits = adapter.logits_at(hidden, torch.tensor([[n - 3, n - 2]]).expand(hidden.shape[0], -1))
-        loss = ce(logits.flatten(0, 1), torch.tensor(conts).flatten())
+        loss = _answer_loss(adapter, visual, batch["questions"], batch["answers"], answer_id)
         if args.align:
             loss = loss + args.align * _alignment_loss(visual, batch, idx, model.get_input_embeddings().weight, answer_id)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _step(loss, params, opt, sched)
         losses.append(loss.item())
         if (step + 1) % 100 == 0:
             print(f"step {step + 1} {phase} loss {sum(losses[-100:]) / 100:.3f} | {evaluate('pair')} | "

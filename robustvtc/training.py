@@ -60,8 +60,8 @@ class TrainConfig:
     drop_prob: float = 0.5
     min_keep: int = 16
     seed: int = 0
-    threads: int = 1  # torch threads of the main process: the data workers use the other core (a 2-thread main
-    # contends with them: 0.54 vs 0.40 s/step measured); float results can depend on the count
+    threads: int = 1  # torch threads of the main process: the data workers use the other core (with one worker,
+    # a 2-thread main ran the pair phase at 0.54 s/step vs 0.40 with 1); float results can depend on the count
     eval_every: int = 500
     eval_samples: int = 250
 
@@ -254,32 +254,51 @@ def _log_parts(log, step: int, parts: dict, t0: float) -> None:
             + f"  {time.time() - t0:6.0f}s")
 
 
-def _train_vision(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> None:
-    """Stage 1: the vision tower alone on CLIP-like objectives; their heads are discarded afterwards."""
-    tower = adapter.model.model.vision_tower
-    vdim = adapter.model.config.vision_config.hidden_size
-    heads = torch.nn.ModuleDict({
+def _vision_heads(vdim: int) -> torch.nn.ModuleDict:
+    """Stage 1's CLIP-like heads (discarded after training)."""
+    return torch.nn.ModuleDict({
         "pool": torch.nn.Linear(vdim, len(COMBOS)),
         "cls": torch.nn.Linear(vdim, len(COMBOS)),
         "patch_colour": torch.nn.Linear(vdim, len(S.COLOURS) + 1),
         "patch_shape": torch.nn.Linear(vdim, len(S.SHAPES) + 1),
         "patch_cell": torch.nn.Linear(vdim, S.GRID * S.GRID),
     })
-    patch_cell = _patch_cells()
+
+
+def _vision_losses(adapter: LlavaAdapter, heads: torch.nn.ModuleDict, batch: dict, shape_weight: float,
+                   cell: bool = True) -> tuple[dict, torch.Tensor]:
+    """Stage 1's losses on one batch, and the feature-layer patch tokens they were computed from."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     ce = torch.nn.functional.cross_entropy
-    params = list(tower.parameters()) + list(heads.parameters())
+    out = adapter.model.model.vision_tower(pixel_values=adapter.normalize(batch["pixels"]), output_hidden_states=True)
+    hidden = out.hidden_states[adapter.feature_layer + 1]
+    feats = hidden[:, 1:]
+    parts = {"pool": bce(heads["pool"](out.pooler_output), batch["presence"]),
+             "cls": bce(heads["cls"](hidden[:, 0]), batch["presence"]),
+             "colour": ce(heads["patch_colour"](feats).flatten(0, 1), batch["patch_colour"].flatten()),
+             "shape": shape_weight * ce(heads["patch_shape"](feats).flatten(0, 1), batch["patch_shape"].flatten())}
+    if cell:
+        parts["cell"] = ce(heads["patch_cell"](feats).flatten(0, 1), _patch_cells().repeat(feats.shape[0]))
+    return parts, feats
+
+
+def _answer_loss(adapter: LlavaAdapter, visual: torch.Tensor, questions: list[str], answers: list[str],
+                 answer_id: dict[str, int]) -> torch.Tensor:
+    """LM loss on the one-word answer and the end-of-sequence token, through the adapter users attack."""
+    conts = [[answer_id[a], adapter.tokenizer.eos_token_id] for a in answers]
+    h, _ = adapter.hidden_states(visual, questions, conts)
+    n = h.shape[1]
+    logits = adapter.logits_at(h, torch.tensor([[n - 3, n - 2]]).expand(h.shape[0], -1))
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(conts).flatten())
+
+
+def _train_vision(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> None:
+    """Stage 1: the vision tower alone on CLIP-like objectives; their heads are discarded afterwards."""
+    heads = _vision_heads(adapter.model.config.vision_config.hidden_size)
+    params = list(adapter.model.model.vision_tower.parameters()) + list(heads.parameters())
     opt, sched = _optimizer(params, cfg.vision_steps, cfg.vision_lr, cfg)
     for step, batch in enumerate(_batches(cfg, 0, cfg.vision_steps)):
-        out = tower(pixel_values=adapter.normalize(batch["pixels"]), output_hidden_states=True)
-        hidden = out.hidden_states[adapter.feature_layer + 1]
-        feats = hidden[:, 1:]
-        parts = {"pool": bce(heads["pool"](out.pooler_output), batch["presence"]),
-                 "cls": bce(heads["cls"](hidden[:, 0]), batch["presence"]),
-                 "colour": ce(heads["patch_colour"](feats).flatten(0, 1), batch["patch_colour"].flatten()),
-                 "shape": cfg.shape_weight * ce(heads["patch_shape"](feats).flatten(0, 1),
-                                                batch["patch_shape"].flatten()),
-                 "cell": ce(heads["patch_cell"](feats).flatten(0, 1), patch_cell.repeat(feats.shape[0]))}
+        parts, _ = _vision_losses(adapter, heads, batch, cfg.shape_weight)
         _step(sum(parts.values()), params, opt, sched)
         _log_parts(log, step, {k: v.detach() for k, v in parts.items()}, t0)
 
@@ -293,9 +312,7 @@ def _train_llava(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> lis
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
     opt, sched = _optimizer(params, cfg.steps, cfg.lr, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    eos = adapter.tokenizer.eos_token_id
     answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
-    ce = torch.nn.functional.cross_entropy
     history = []
     batches = _batches(cfg, cfg.vision_steps, cfg.vision_steps + cfg.steps, frozen=adapter)
     for done, batch in enumerate(batches, start=1):
@@ -303,12 +320,8 @@ def _train_llava(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> lis
         idx = _stage2_indices(batch, done - 1, cfg, feats.shape[1], gen)
         if idx is not None:
             feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-        conts = [[answer_id[a], eos] for a in batch["answers"]]
         visual = adapter.project(feats)
-        h, _ = adapter.hidden_states(visual, batch["questions"], conts)
-        L = h.shape[1]
-        logits = adapter.logits_at(h, torch.tensor([[L - 3, L - 2]]).expand(h.shape[0], -1))
-        parts = {"lm": ce(logits.flatten(0, 1), torch.tensor(conts).flatten()),
+        parts = {"lm": _answer_loss(adapter, visual, batch["questions"], batch["answers"], answer_id),
                  "align": _alignment_loss(visual, batch, idx, model.get_input_embeddings().weight, answer_id)}
         _step(parts["lm"] + cfg.align_weight * parts["align"], params, opt, sched)
         _log_parts(log, cfg.vision_steps + done - 1,
