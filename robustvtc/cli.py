@@ -94,7 +94,8 @@ def evaluate(model, compressors, budgets, samples, batch_size, seed, by_type, re
               help="Output directory (default: the package's built-in model folder).")
 @click.option("--vision-steps", default=None, type=click.IntRange(min=0), help="Override stage 1 (vision tower) steps.")
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Override stage 2 (whole LLaVA) steps.")
-@click.option("--batch-size", default=None, type=click.IntRange(min=1))
+@click.option("--batch-size", default=None, type=click.IntRange(min=1),
+              help="Override the images per step of stage 1 and the scenes per step of stage 2.")
 @click.option("--eval-samples", default=None, type=click.IntRange(min=1), help="Validation samples per evaluation.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(min=1),
@@ -119,7 +120,7 @@ def train_builtin_cmd(out, vision_steps, steps, batch_size, eval_samples, seed, 
     if vision_steps is not None:
         cfg = replace(cfg, vision_steps=vision_steps)
     if batch_size:
-        cfg = replace(cfg, batch_size=batch_size)
+        cfg = replace(cfg, batch_size=batch_size, scenes=batch_size)
     if eval_samples:
         cfg = replace(cfg, eval_samples=eval_samples)
     if threads:

@@ -32,6 +32,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,17 +48,21 @@ COMBOS = [(c, s) for c in S.COLOURS for s in S.SHAPES]
 @dataclass
 class TrainConfig:
     vision_steps: int = 800  # stage 1: the vision tower alone on its CLIP-like objectives (cheap, no LLM)
-    steps: int = 2400  # stage 2: projector + LLM on answers, vision tower frozen
+    steps: int = 1400  # stage 2: projector + LLM on answers, vision tower frozen
     batch_size: int = 32
     vision_lr: float = 3e-3
     shape_weight: float = 2.0  # shape is learned last (it needs neighbouring patches); colour and cell come free
     lr: float = 2e-3
     align_weight: float = 1.0  # stage 2: object tokens, projected, must read as their colour and shape words
+    attend_weight: float = 1.0  # stage 2: two heads of the attend_layer look up the questions' objects
+    attend_layer: int = 2
     warmup: int = 60
     weight_decay: float = 0.05
     pair_fraction: float = 0.4  # stage 2 starts with the question's objects and one distractor visible
     objects_fraction: float = 0.2  # then every object, then every token
     drop_prob: float = 0.5
+    scenes: int = 16  # stage 2: scenes per step ...
+    per_type: int = 2  # ... with this many questions of each type per scene, packed into one sequence
     min_keep: int = 16
     seed: int = 0
     threads: int = 1  # torch threads of the main process: the data workers use the other core (with one worker,
@@ -67,30 +72,26 @@ class TrainConfig:
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    """Batches of the train split for steps ``first..last-1``, made in worker processes while the main process
-    trains. With ``frozen`` (stage 2's frozen model) the workers also run the vision tower, so the main process
-    only trains the LLM. Worker w of W makes steps w, w+W, ...; the loader returns them in step order."""
+    """Batches ``make(step)`` for steps ``first..last-1``, made in worker processes while the main process trains.
+    Worker w of W makes steps w, w+W, ...; the loader returns them in step order, so a run is deterministic."""
 
-    def __init__(self, cfg: TrainConfig, first: int, last: int, frozen: LlavaAdapter | None = None):
-        self.cfg, self.first, self.last, self.frozen = cfg, first, last, frozen
+    def __init__(self, make, first: int, last: int):
+        self.make, self.first, self.last = make, first, last
 
     def __iter__(self):
-        cfg = self.cfg
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.first + worker, self.last, workers):
-            batch = _collate([S.generate_sample(step * cfg.batch_size + j, "train", cfg.seed)
-                              for j in range(cfg.batch_size)])
-            if self.frozen is not None:
-                with torch.no_grad():
-                    batch["features"] = self.frozen.encode(batch["pixels"], validate=False).features
-            yield batch
+            yield self.make(step)
 
 
-def _batches(cfg: TrainConfig, first: int, last: int, frozen: LlavaAdapter | None = None):
-    """Stage 2 has two workers: rendering plus the frozen tower costs more than its cheap early LLM steps."""
-    return torch.utils.data.DataLoader(_Stream(cfg, first, last, frozen), batch_size=None,
-                                       num_workers=1 if frozen is None else 2, prefetch_factor=4)
+def _loader(make, first: int, last: int, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(_Stream(make, first, last), batch_size=None, num_workers=workers,
+                                       prefetch_factor=4)
+
+
+def _vision_batch(cfg: TrainConfig, step: int) -> dict:
+    return _collate([S.generate_sample(step * cfg.batch_size + j, "train", cfg.seed) for j in range(cfg.batch_size)])
 
 
 def _collate(samples: list[S.VQASample]) -> dict:
@@ -123,20 +124,65 @@ def _collate(samples: list[S.VQASample]) -> dict:
             "referent_mask": referent_mask, "object_id": object_id}
 
 
-def _visible_indices(batch: dict, phase: str, gen: torch.Generator) -> torch.Tensor:
-    """(B, k) raster-ordered visual token indices the LLM sees in a curriculum ``phase``: "pair" (the question's
-    objects and one other object) or "objects" (every object); rows are padded with random other patches
-    (background, or fragments of objects not chosen) up to the batch's longest row."""
-    if phase == "objects":
-        visible = batch["object_mask"]
-    else:
-        visible, ids = batch["referent_mask"].clone(), batch["object_id"]
-        for b in range(ids.shape[0]):
-            others = ids[b][(ids[b] >= 0) & ~visible[b]].unique()
-            others = others[~torch.isin(others, ids[b][visible[b]])]
-            if len(others):
-                visible[b] |= ids[b] == others[torch.randint(len(others), (), generator=gen)]
-    return _keep_indices(visible, max(int(visible.sum(-1).max()), 4), gen)
+def _scene_batch(cfg: TrainConfig, frozen: LlavaAdapter, step: int) -> dict:
+    """Stage 2's batch for ``step``: ``scenes`` scenes with ``per_type`` questions of each type, the frozen tower's
+    features, and the visual tokens (``index``, None = all) of the step's curriculum phase."""
+    phase = _phase(cfg, step)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    batch = _collate_scenes([S.generate_scene(step * cfg.scenes + j, "train", cfg.seed, cfg.per_type,
+                                              visible=2 if phase == "pair" else None) for j in range(cfg.scenes)])
+    with torch.no_grad():
+        feats = frozen.encode(batch["pixels"], validate=False).features
+    batch["index"] = index = _scene_indices(batch, phase, cfg, feats.shape[1], gen)
+    if index is not None:
+        feats = torch.gather(feats, 1, index.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        ref = batch["referents"]
+        batch["referents"] = torch.gather(ref, 3, index[:, None, None].expand(-1, *ref.shape[1:3], -1))
+    batch["features"], batch["phase"] = feats, phase
+    return batch
+
+
+def _phase(cfg: "TrainConfig", step: int) -> str:
+    if step < cfg.pair_fraction * cfg.steps:
+        return "pair"
+    if step < (cfg.pair_fraction + cfg.objects_fraction) * cfg.steps:
+        return "objects"
+    return "full"
+
+
+def _collate_scenes(scenes: list[tuple[list[S.SceneObject], list[S.VQASample]]]) -> dict:
+    """Pixels, questions/answers per scene, per-patch labels of every object, and the patches of the objects the
+    questions are about ("shown") and of the others ("hidden")."""
+    first = [qs[0] for _, qs in scenes]
+    batch = _collate([S.VQASample(s.image, "", "", "", objects) for s, (objects, _) in zip(first, scenes)])
+    shown = torch.stack([torch.from_numpy(s.object_patch_mask().reshape(-1)) for s in first])
+    batch["shown_mask"], batch["hidden_mask"] = shown, batch["object_mask"] & ~shown
+    batch["questions"] = [[s.question for s in qs] for _, qs in scenes]
+    batch["answers"] = [[s.answer for s in qs] for _, qs in scenes]
+    most = max(len(qs) for _, qs in scenes)
+    referents = torch.zeros(len(scenes), most, 2, shown.shape[1], dtype=torch.bool)  # first and last referent
+    for b, (_, qs) in enumerate(scenes):
+        cov = torch.from_numpy(qs[0].patch_coverage().reshape(len(qs[0].objects), -1) > 0.02)
+        for j, q in enumerate(qs):
+            if q.referents:
+                referents[b, j, 0] = cov[q.referents[0]] if q.qtype != "count" else cov[list(q.referents)].any(0)
+                referents[b, j, 1] = cov[q.referents[-1]] if q.qtype != "count" else referents[b, j, 0]
+    batch["referents"] = referents
+    return batch
+
+
+def _scene_indices(batch: dict, phase: str, cfg: "TrainConfig", n_tokens: int, gen: torch.Generator):
+    """(B, k) visual tokens the LLM sees in ``phase`` (None = all): "pair" and "objects" show the questions'
+    objects plus background up to the batch's longest row, never a hidden object; "full" shows every token, or
+    with ``drop_prob`` k ~ U[min_keep, N] of them (object patches first)."""
+    if phase == "full":
+        if torch.rand((), generator=gen).item() >= cfg.drop_prob:
+            return None
+        return _keep_indices(batch["object_mask"], int(torch.randint(cfg.min_keep, n_tokens + 1, (), generator=gen)), gen)
+    shown = batch["shown_mask"]
+    priority = torch.rand(shown.shape, generator=gen) + shown.float() * 2.0 - batch["hidden_mask"].float() * 4.0
+    k = max(int(shown.sum(-1).max()), 4)
+    return priority.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
 def _keep_indices(priority_mask: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -204,18 +250,6 @@ def _optimizer(params: list, steps: int, lr: float, cfg: TrainConfig):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     return opt, sched
-
-
-def _stage2_indices(batch: dict, done: int, cfg: TrainConfig, n_tokens: int, gen: torch.Generator):
-    """Visual token indices for LLaVA step ``done`` of the visibility curriculum (None = every token)."""
-    if done < cfg.pair_fraction * cfg.steps:
-        return _visible_indices(batch, "pair", gen)
-    if done < (cfg.pair_fraction + cfg.objects_fraction) * cfg.steps:
-        return _visible_indices(batch, "objects", gen)
-    if torch.rand((), generator=gen).item() < cfg.drop_prob:
-        k = int(torch.randint(cfg.min_keep, n_tokens + 1, (), generator=gen))
-        return _keep_indices(batch["object_mask"], k, gen)
-    return None
 
 
 def train_builtin(out_dir: str | Path, cfg: TrainConfig | None = None, log=print) -> dict:
@@ -292,12 +326,92 @@ def _answer_loss(adapter: LlavaAdapter, visual: torch.Tensor, questions: list[st
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(conts).flatten())
 
 
+def _packed_answer_loss(adapter: LlavaAdapter, visual: torch.Tensor, questions: list[list[str]],
+                        answers: list[list[str]], answer_id: dict[str, int], referents: torch.Tensor | None = None,
+                        attend_layer: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The answer loss of several questions per image in one sequence: [prompt prefix | visual | q1 a1 | q2 a2 ...].
+
+    Each question block attends to the prefix, the visual tokens and itself only, and takes the positions it would
+    have alone, so every answer is scored exactly as in a one-question forward; the image prefix, the bulk of the
+    sequence, is computed once instead of once per question."""
+    embed = adapter.model.get_input_embeddings()
+    lm = adapter.model.model.language_model
+    eos = adapter.tokenizer.eos_token_id
+    B, K, _ = visual.shape
+    pre = adapter._prompt_ids(questions[0][0])[0]
+    head = len(pre) + K
+    rows, blocks, targets, where = [], [], [], []
+    for b, (qs, ans) in enumerate(zip(questions, answers)):
+        ids, block = [], []
+        for j, (q, a) in enumerate(zip(qs, ans)):
+            suf = adapter._prompt_ids(q)[1]
+            targets += [answer_id[a], eos]
+            where += [(b, head + len(ids) + len(suf) - 1), (b, head + len(ids) + len(suf))]
+            ids += suf + [answer_id[a], eos]
+            block += [j + 1] * (len(suf) + 2)
+        rows.append(ids)
+        blocks.append(block)
+    length = head + max(len(r) for r in rows)
+    pad = adapter.tokenizer.pad_token_id
+    text = torch.tensor([r + [pad] * (length - head - len(r)) for r in rows])
+    block = torch.tensor([[0] * head + bl + [-1] * (length - head - len(bl)) for bl in blocks])  # -1 = padding
+    pos = torch.arange(length).expand(B, -1)
+    in_block = pos - head - torch.cat([torch.zeros(B, head, dtype=torch.long),
+                                       _block_starts(block[:, head:])], dim=1)
+    positions = torch.where(block > 0, head + in_block, pos)
+    causal = pos.unsqueeze(-1) >= pos.unsqueeze(-2)
+    allowed = causal & ((block.unsqueeze(-1) == block.unsqueeze(-2)) | (block.unsqueeze(-2) == 0))
+    allowed &= (block.unsqueeze(-2) >= 0)
+    allowed[:, :, 0] |= block == -1  # padding queries read the first token, so no row is empty
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min).unsqueeze(1)
+    h = torch.cat([embed(torch.tensor(pre)).expand(B, -1, -1), visual, embed(text)], dim=1)
+    cos_sin = lm.rotary_emb(h, position_ids=positions)
+    rows_idx, cols_idx = torch.tensor(where).T
+    attend = None
+    for i, layer in enumerate(lm.layers):
+        if i == attend_layer and referents is not None:
+            attend = _attention_supervision(layer, h, cos_sin, mask, rows_idx[::2], cols_idx[::2], referents, len(pre),
+                                            [len(q) for q in questions])
+        h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
+    logits = adapter.model.lm_head(lm.norm(h[rows_idx, cols_idx])).float()
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), attend
+
+
+def _attention_supervision(layer, h, cos_sin, mask, rows, cols, referents, first_visual, counts) -> torch.Tensor:
+    """-log of the attention mass that heads 0 and 1 of ``layer``, at each answer-predicting position, put on the
+    question's first and last referent object (every object of the colour for count questions); questions
+    without a referent (a "no" existence, a "zero" count) are not supervised."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    normed = layer.input_layernorm(h)
+    B, L, _ = h.shape
+    q = attn.q_proj(normed).view(B, L, -1, attn.head_dim).transpose(1, 2)[:, :2]
+    k = attn.k_proj(normed).view(B, L, -1, attn.head_dim).transpose(1, 2)[:, :2]
+    q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+    logits = torch.einsum("nhd,nhld->nhl", q[rows, :, cols], k[rows]) * attn.scaling + mask[rows, 0, cols].unsqueeze(1)
+    K = referents.shape[-1]
+    probs = logits.float().softmax(-1)  # (n, 2, L)
+    target = torch.zeros_like(probs)
+    target[..., first_visual:first_visual + K] = torch.cat([referents[b, :n] for b, n in enumerate(counts)]).float()
+    target[..., 0] += target.sum(-1) == 0  # no referent: the first token, the attention sink
+    return -((probs * target).sum(-1) + 1e-6).log().mean()
+
+
+def _block_starts(block: torch.Tensor) -> torch.Tensor:
+    """(B, T) offset, within the text part, of the first token of each token's block."""
+    idx = torch.arange(block.shape[1]).expand_as(block)
+    new = torch.ones_like(block, dtype=torch.bool)
+    new[:, 1:] = block[:, 1:] != block[:, :-1]
+    return torch.cummax(torch.where(new, idx, torch.zeros_like(idx)), dim=1).values
+
+
 def _train_vision(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> None:
     """Stage 1: the vision tower alone on CLIP-like objectives; their heads are discarded afterwards."""
     heads = _vision_heads(adapter.model.config.vision_config.hidden_size)
     params = list(adapter.model.model.vision_tower.parameters()) + list(heads.parameters())
     opt, sched = _optimizer(params, cfg.vision_steps, cfg.vision_lr, cfg)
-    for step, batch in enumerate(_batches(cfg, 0, cfg.vision_steps)):
+    for step, batch in enumerate(_loader(partial(_vision_batch, cfg), 0, cfg.vision_steps, workers=1)):
         parts, _ = _vision_losses(adapter, heads, batch, cfg.shape_weight)
         _step(sum(parts.values()), params, opt, sched)
         _log_parts(log, step, {k: v.detach() for k, v in parts.items()}, t0)
@@ -311,21 +425,19 @@ def _train_llava(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> lis
     tower.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
     opt, sched = _optimizer(params, cfg.steps, cfg.lr, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
     answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
     history = []
-    batches = _batches(cfg, cfg.vision_steps, cfg.vision_steps + cfg.steps, frozen=adapter)
+    # two workers: rendering plus the frozen tower costs more than the early LLM steps on few tokens
+    batches = _loader(partial(_scene_batch, cfg, adapter), 0, cfg.steps, workers=2)
     for done, batch in enumerate(batches, start=1):
-        feats = batch["features"]
-        idx = _stage2_indices(batch, done - 1, cfg, feats.shape[1], gen)
-        if idx is not None:
-            feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-        visual = adapter.project(feats)
-        parts = {"lm": _answer_loss(adapter, visual, batch["questions"], batch["answers"], answer_id),
-                 "align": _alignment_loss(visual, batch, idx, model.get_input_embeddings().weight, answer_id)}
-        _step(parts["lm"] + cfg.align_weight * parts["align"], params, opt, sched)
-        _log_parts(log, cfg.vision_steps + done - 1,
-                   {**{k: v.detach() for k, v in parts.items()}, "visual_tokens": feats.shape[1]}, t0)
+        visual = adapter.project(batch["features"])
+        lm, attend = _packed_answer_loss(adapter, visual, batch["questions"], batch["answers"], answer_id,
+                                         batch["referents"], cfg.attend_layer)
+        parts = {"lm": lm, "attend": attend,
+                 "align": _alignment_loss(visual, batch, batch["index"], model.get_input_embeddings().weight, answer_id)}
+        _step(lm + cfg.attend_weight * attend + cfg.align_weight * parts["align"], params, opt, sched)
+        _log_parts(log, cfg.vision_steps + done - 1, {**{k: v.detach() for k, v in parts.items()},
+                                                      "visual_tokens": visual.shape[1]}, t0)
         if done % cfg.eval_every == 0 or done == cfg.steps:
             model.eval()
             acc = quick_accuracy(adapter, cfg.eval_samples)

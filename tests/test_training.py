@@ -1,47 +1,95 @@
 """The built-in model's training recipe: the visibility curriculum shows what it claims, and a tiny run
 writes weights that load through the public loader."""
+import collections
 import json
+import math
 
 import torch
 
 from robustvtc.data import synthetic as S
-from robustvtc.training import (TrainConfig, _alignment_loss, _collate, _patch_cells, _stage2_indices, _visible_indices,
-                                train_builtin)
+from robustvtc.training import (TrainConfig, _alignment_loss, _answer_loss, _collate, _collate_scenes, _packed_answer_loss,
+                                _patch_cells, _phase, _scene_indices, new_builtin, train_builtin)
 
 
 def _batch(n=12):
     return _collate([S.generate_sample(i, "train") for i in range(n)])
 
 
-def test_pair_phase_shows_the_referents_and_one_whole_other_object():
-    batch = _batch()
-    idx = _visible_indices(batch, "pair", torch.Generator().manual_seed(0))
-    for b in range(idx.shape[0]):
-        shown = set(idx[b].tolist())
-        assert idx[b].tolist() == sorted(shown)  # raster order, no repeats
-        refs = set(batch["referent_mask"][b].nonzero().flatten().tolist())
-        assert refs <= shown
-        ids = batch["object_id"][b]
-        ref_objects = set(ids[batch["referent_mask"][b]].tolist()) - {-1}
-        all_others = set(ids[ids >= 0].tolist()) - ref_objects
-        whole = {o for o in all_others if set((ids == o).nonzero().flatten().tolist()) <= shown}
-        assert len(whole) >= min(1, len(all_others))
+def _scenes(n=6, visible=None):
+    return _collate_scenes([S.generate_scene(i, "train", visible=visible) for i in range(n)])
 
 
-def test_objects_phase_shows_every_object_patch():
-    batch = _batch()
-    idx = _visible_indices(batch, "objects", torch.Generator().manual_seed(0))
-    for b in range(idx.shape[0]):
-        assert set(batch["object_mask"][b].nonzero().flatten().tolist()) <= set(idx[b].tolist())
+def test_scene_questions_cover_every_type_and_match_the_scene():
+    objects, questions = S.generate_scene(3, per_type=2)
+    assert {q.qtype for q in questions} == set(S.QUESTION_TYPES)
+    assert len({q.question for q in questions}) == len(questions)  # no question twice
+    for q in questions:  # each answer is the one the scene's own question generator gives
+        assert (q.question, q.answer, q.referents) in S._candidate_questions(objects, q.qtype)
+    counts = collections.Counter(q.answer for i in range(200) for q in S.generate_scene(i)[1] if q.qtype == "count")
+    assert min(counts[n] for n in S.NUMBERS) > 0.1 * sum(counts.values())  # large counts are not rare
 
 
-def test_curriculum_phases_follow_the_fractions():
+def test_pair_scenes_ask_only_about_the_two_shown_objects():
+    objects, questions = S.generate_scene(5, visible=2)
+    shown = questions[0].objects
+    assert len(shown) == 2 and all(o in objects for o in shown)
+    for q in questions:
+        assert (q.question, q.answer, q.referents) in S._candidate_questions(shown, q.qtype)
+
+
+def test_curriculum_phases_show_what_they_claim():
     cfg = TrainConfig(steps=100, pair_fraction=0.3, objects_fraction=0.2, drop_prob=0.0)
-    batch, gen = _batch(4), torch.Generator().manual_seed(0)
-    pair = _stage2_indices(batch, 29, cfg, 144, gen)
-    objects = _stage2_indices(batch, 30, cfg, 144, gen)
-    assert pair.shape[1] < objects.shape[1] < 144
-    assert _stage2_indices(batch, 50, cfg, 144, gen) is None  # every token once both phases are over
+    assert [_phase(cfg, s) for s in (29, 30, 49, 50)] == ["pair", "objects", "objects", "full"]
+    gen = torch.Generator().manual_seed(0)
+    pair = _scenes(visible=2)
+    idx = _scene_indices(pair, "pair", cfg, 144, gen)
+    for b in range(idx.shape[0]):
+        kept = set(idx[b].tolist())
+        assert idx[b].tolist() == sorted(kept)  # raster order, no repeats
+        assert set(pair["shown_mask"][b].nonzero().flatten().tolist()) <= kept  # the questions' objects ...
+        assert not kept & set(pair["hidden_mask"][b].nonzero().flatten().tolist())  # ... and never a hidden one
+    everything = _scenes()
+    idx = _scene_indices(everything, "objects", cfg, 144, gen)
+    for b in range(idx.shape[0]):
+        assert set(everything["object_mask"][b].nonzero().flatten().tolist()) <= set(idx[b].tolist())
+    assert _scene_indices(everything, "full", cfg, 144, gen) is None  # every token once both phases are over
+
+
+def test_packed_questions_score_exactly_as_one_question_forwards():
+    """Packing several questions after one image must not let them see each other."""
+    adapter = new_builtin(0)
+    answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
+    scenes = [S.generate_scene(i)[1] for i in range(3)]
+    visual = torch.randn(3, 20, 128)
+    questions = [[q.question for q in qs[:7 - i]] for i, qs in enumerate(scenes)]  # ragged: 7, 6, 5 questions
+    answers = [[q.answer for q in qs[:7 - i]] for i, qs in enumerate(scenes)]
+    packed, _ = _packed_answer_loss(adapter, visual, questions, answers, answer_id)
+    one_by_one = torch.cat([visual[i].expand(len(q), -1, -1) for i, q in enumerate(questions)])
+    single = _answer_loss(adapter, one_by_one, sum(questions, []), sum(answers, []), answer_id)
+    assert torch.isclose(packed, single, atol=1e-5)
+
+
+def test_attention_supervision_scores_the_mass_on_each_questions_referents():
+    """With all keys zero, attention is uniform over the tokens a question may see, so the loss is known exactly:
+    -log(referent tokens / visible tokens), and -log(1 / visible tokens) (the first token) without a referent."""
+    adapter = new_builtin(0)
+    answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
+    batch = _scenes(2)
+    referents = batch["referents"]
+    assert referents.any(-1).any() and not referents.any(-1).all()  # "no" existence, "zero" count: no referent
+    with torch.no_grad():
+        adapter.model.model.language_model.layers[2].self_attn.k_proj.weight.zero_()
+    _, attend = _packed_answer_loss(adapter, adapter.project(torch.randn(2, 144, 128)), batch["questions"],
+                                    batch["answers"], answer_id, referents, attend_layer=2)
+    expected = []
+    for b, questions in enumerate(batch["questions"]):
+        prefix, _ = adapter._prompt_ids(questions[0])
+        for j, q in enumerate(questions):
+            seen = len(prefix) + 144 + len(adapter._prompt_ids(q)[1])
+            for head in range(2):
+                n = int(referents[b, j, head].sum())
+                expected.append(-math.log(max(n, 1) / seen))
+    assert math.isclose(attend.item(), sum(expected) / len(expected), rel_tol=1e-4)
 
 
 def test_tiny_training_run_writes_loadable_weights(tmp_path):
@@ -85,13 +133,16 @@ def test_alignment_loss_rewards_tokens_that_read_as_their_words():
 
 
 def test_stage2_workers_deliver_the_models_own_features_in_step_order():
-    from robustvtc.training import _batches, new_builtin
+    from functools import partial
+
+    from robustvtc.training import _loader, _scene_batch
 
     adapter = new_builtin(0)
-    cfg = TrainConfig(batch_size=2)
-    batches = list(_batches(cfg, 3, 7, frozen=adapter))  # two workers
+    cfg = TrainConfig(scenes=2, steps=100, pair_fraction=0.0, objects_fraction=0.0, drop_prob=0.0)
+    batches = list(_loader(partial(_scene_batch, cfg, adapter), 3, 7, workers=2))
     assert len(batches) == 4
     for step, batch in enumerate(batches, start=3):
-        samples = [S.generate_sample(step * 2 + j, "train") for j in range(2)]
-        assert batch["questions"] == [s.question for s in samples]
-        assert torch.allclose(batch["features"], adapter.encode(S.to_pixels(samples)).features, atol=1e-5)
+        scenes = [S.generate_scene(step * 2 + j, "train") for j in range(2)]
+        assert batch["questions"] == [[q.question for q in qs] for _, qs in scenes]
+        pixels = S.to_pixels([qs[0] for _, qs in scenes])
+        assert torch.allclose(batch["features"], adapter.encode(pixels).features, atol=1e-5)

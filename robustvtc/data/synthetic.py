@@ -222,6 +222,41 @@ def generate_sample(index: int, split: str = "test", seed: int = 0, qtype: str |
             return VQASample(_render(objects, rng), question, answer, qtype, objects, referents, index, split)
 
 
+def generate_scene(index: int, split: str = "train", seed: int = 0, per_type: int = 2,
+                   visible: int | None = None, qtypes: tuple[str, ...] = QUESTION_TYPES) -> tuple[list[SceneObject], list[VQASample]]:
+    """One scene and ``per_type`` questions of every type about it (training packs them into one sequence).
+
+    With ``visible``, the questions are about that many of the scene's objects only (drawn at random; the
+    training curriculum shows the model just their tokens). Within a type, each question's answer class is drawn
+    uniformly among the classes the (visible) scene offers that were not drawn yet, so a scene never repeats a
+    question and no answer is predictable from the question alone. Returns (every object, the questions).
+    """
+    if split not in SPLIT_SEEDS:
+        raise UserInputError(f"unknown split {split!r}; accepted: {', '.join(SPLIT_SEEDS)}")
+    rng = np.random.default_rng([SPLIT_SEEDS[split], seed, index, per_type])
+    count = str(rng.choice(NUMBERS[:None if visible is None else visible + 1]))  # scenes are redrawn until it occurs
+    while True:
+        objects = _random_objects(rng)
+        shown = objects
+        if visible is not None and visible < len(objects):
+            shown = [objects[i] for i in sorted(rng.choice(len(objects), size=visible, replace=False))]
+        if "count" not in qtypes or any(a == count for _, a, _ in _candidate_questions(shown, "count")):
+            break
+    image = _render(objects, rng)
+    out = []
+    for qtype in qtypes:
+        by_answer: dict[str, list] = {}
+        for triple in _candidate_questions(shown, qtype):
+            by_answer.setdefault(triple[1], []).append(triple)
+        others = [a for a in sorted(by_answer) if not (qtype == "count" and a == count)]
+        drawn = list(rng.choice(others, size=min(per_type, len(by_answer)) - (qtype == "count"), replace=False))
+        for answer in ([count] if qtype == "count" else []) + drawn:
+            pool = by_answer[str(answer)]
+            question, answer, referents = pool[int(rng.integers(len(pool)))]
+            out.append(VQASample(image, question, answer, qtype, shown, referents, index, split))
+    return objects, out
+
+
 def generate_dataset(n: int, split: str = "test", seed: int = 0, start: int = 0) -> list[VQASample]:
     return [generate_sample(i, split, seed) for i in range(start, start + n)]
 
