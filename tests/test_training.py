@@ -7,7 +7,7 @@ import math
 import torch
 
 from robustvtc.data import synthetic as S
-from robustvtc.training import (TrainConfig, _alignment_loss, _answer_loss, _collate, _collate_scenes, _packed_answer_loss,
+from robustvtc.training import (TrainConfig, _alignment_loss, _collate, _collate_scenes, _packed_answer_loss,
                                 _patch_cells, _phase, _scene_indices, new_builtin, train_builtin)
 
 
@@ -65,7 +65,8 @@ def test_packed_questions_score_exactly_as_one_question_forwards():
     answers = [[q.answer for q in qs[:7 - i]] for i, qs in enumerate(scenes)]
     packed, _ = _packed_answer_loss(adapter, visual, questions, answers, answer_id)
     one_by_one = torch.cat([visual[i].expand(len(q), -1, -1) for i, q in enumerate(questions)])
-    single = _answer_loss(adapter, one_by_one, sum(questions, []), sum(answers, []), answer_id)
+    with_eos = [f"{a} {adapter.tokenizer.eos_token}" for a in sum(answers, [])]  # the loss covers the answer and EOS
+    single = -adapter.sequence_logprob(one_by_one, sum(questions, []), with_eos).mean() / 2
     assert torch.isclose(packed, single, atol=1e-5)
 
 
@@ -95,7 +96,7 @@ def test_attention_supervision_scores_the_mass_on_each_questions_referents():
 def test_tiny_training_run_writes_loadable_weights(tmp_path):
     from robustvtc.models import load_model
 
-    cfg = TrainConfig(vision_steps=1, steps=3, batch_size=4, eval_every=3, eval_samples=5)
+    cfg = TrainConfig(vision_steps=1, steps=3, batch_size=4, scenes=2, eval_every=3, eval_samples=5)
     report = train_builtin(tmp_path / "m", cfg, log=lambda _: None)
     saved = json.loads((tmp_path / "m" / "training_report.json").read_text())
     assert saved["config"]["steps"] == 3 and len(report["history"]) == 1
