@@ -143,7 +143,7 @@ def _scene_batch(cfg: TrainConfig, frozen: LlavaAdapter, step: int) -> dict:
     return batch
 
 
-def _phase(cfg: "TrainConfig", step: int) -> str:
+def _phase(cfg: TrainConfig, step: int) -> str:
     if step < cfg.pair_fraction * cfg.steps:
         return "pair"
     if step < (cfg.pair_fraction + cfg.objects_fraction) * cfg.steps:
@@ -172,7 +172,7 @@ def _collate_scenes(scenes: list[tuple[list[S.SceneObject], list[S.VQASample]]])
     return batch
 
 
-def _scene_indices(batch: dict, phase: str, cfg: "TrainConfig", n_tokens: int, gen: torch.Generator):
+def _scene_indices(batch: dict, phase: str, cfg: TrainConfig, n_tokens: int, gen: torch.Generator):
     """(B, k) visual tokens the LLM sees in ``phase`` (None = all): "pair" and "objects" show the questions'
     objects plus background up to the batch's longest row, never a hidden object; "full" shows every token, or
     with ``drop_prob`` k ~ U[min_keep, N] of them (object patches first)."""
@@ -181,15 +181,16 @@ def _scene_indices(batch: dict, phase: str, cfg: "TrainConfig", n_tokens: int, g
             return None
         return _keep_indices(batch["object_mask"], int(torch.randint(cfg.min_keep, n_tokens + 1, (), generator=gen)), gen)
     shown = batch["shown_mask"]
-    priority = torch.rand(shown.shape, generator=gen) + shown.float() * 2.0 - batch["hidden_mask"].float() * 4.0
-    k = max(int(shown.sum(-1).max()), 4)
-    return priority.topk(k, dim=-1).indices.sort(dim=-1).values
+    return _keep_indices(shown, max(int(shown.sum(-1).max()), 4), gen, avoid=batch["hidden_mask"])
 
 
-def _keep_indices(priority_mask: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+def _keep_indices(priority_mask: torch.Tensor, k: int, gen: torch.Generator,
+                  avoid: torch.Tensor | None = None) -> torch.Tensor:
     """(B, k) raster-ordered indices: patches of ``priority_mask`` first (random ones if more than k), then
-    random others."""
+    random others, patches of ``avoid`` last."""
     priority = torch.rand(priority_mask.shape, generator=gen) + priority_mask.float() * 2.0
+    if avoid is not None:
+        priority = priority - avoid.float() * 4.0
     return priority.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
