@@ -223,13 +223,16 @@ def generate_sample(index: int, split: str = "test", seed: int = 0, qtype: str |
 
 
 def generate_scene(index: int, split: str = "train", seed: int = 0, per_type: int = 2,
-                   visible: int | None = None, qtypes: tuple[str, ...] = QUESTION_TYPES) -> tuple[list[SceneObject], list[VQASample]]:
+                   visible: int | None = None) -> tuple[list[SceneObject], list[VQASample]]:
     """One scene and ``per_type`` questions of every type about it (training packs them into one sequence).
 
     With ``visible``, the questions are about that many of the scene's objects only (drawn at random; the
     training curriculum shows the model just their tokens). Within a type, each question's answer class is drawn
     uniformly among the classes the (visible) scene offers that were not drawn yet, so a scene never repeats a
-    question and no answer is predictable from the question alone. Returns (every object, the questions).
+    question and no answer is predictable from the question alone. The first count question's answer is drawn
+    uniformly from every possible count first and the scene redrawn until it occurs, as ``generate_sample``
+    does; otherwise three-of-a-colour scenes, and with them the answer "three", would be rare.
+    Returns (every object, the questions).
     """
     if split not in SPLIT_SEEDS:
         raise UserInputError(f"unknown split {split!r}; accepted: {', '.join(SPLIT_SEEDS)}")
@@ -240,11 +243,11 @@ def generate_scene(index: int, split: str = "train", seed: int = 0, per_type: in
         shown = objects
         if visible is not None and visible < len(objects):
             shown = [objects[i] for i in sorted(rng.choice(len(objects), size=visible, replace=False))]
-        if "count" not in qtypes or any(a == count for _, a, _ in _candidate_questions(shown, "count")):
+        if any(a == count for _, a, _ in _candidate_questions(shown, "count")):
             break
     image = _render(objects, rng)
     out = []
-    for qtype in qtypes:
+    for qtype in QUESTION_TYPES:
         by_answer: dict[str, list] = {}
         for triple in _candidate_questions(shown, qtype):
             by_answer.setdefault(triple[1], []).append(triple)
