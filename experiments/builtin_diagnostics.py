@@ -4,12 +4,15 @@ of the package. One main torch thread each.
     python experiments/builtin_diagnostics.py probe    # how well the shipped feature-layer patches encode colour/shape
     python experiments/builtin_diagnostics.py vision --steps 1000 --lr 3e-3 --cell --shape-weight 2 --save tower.pt
     python experiments/builtin_diagnostics.py llava --steps 800 --attend-weight 0   # stage 2 on the shipped tower
+    python experiments/builtin_diagnostics.py fastv    # FastV's accuracy by the decoder layer it ranks with
 
 ``probe`` fits a linear classifier on the object patches of the shipped vision tower (80/20 split).
 ``vision`` trains stage 1 alone and prints the shape/colour accuracy of its per-patch heads on the object
 patches of 256 validation scenes. ``llava`` runs the recipe's stage 2 (``robustvtc.training``) with a fresh
 projector and LLM on a frozen tower (the shipped model's, or one saved by ``vision --save``) and prints
 validation accuracy per question type, with every token visible, every ``--eval-every`` steps.
+``fastv`` evaluates FastV (rule K: rank by layer K-1's last-token attention, prune before layer K) on the shipped
+model for K = 1, 2, 3 at budgets 16 and 48, on the first 100 test samples.
 """
 from __future__ import annotations
 
@@ -93,6 +96,22 @@ def llava(args) -> None:
     _train_llava(adapter, cfg, lambda line: print(line, flush=True), time.time())
 
 
+def fastv(samples: int) -> None:
+    from robustvtc.compression.fastv import FastV
+    from robustvtc.target import Target
+
+    adapter = load_model("builtin")
+    test = S.generate_dataset(samples, "test")
+    for layer in (1, 2, 3):
+        for budget in (16, 48):
+            target, correct = Target(adapter, FastV(layer=layer), budget), 0
+            for i in range(0, samples, 50):
+                chunk = test[i:i + 50]
+                predictions = target.predict(S.to_pixels(chunk), [s.question for s in chunk], S.ANSWERS)
+                correct += sum(p == s.answer for p, s in zip(predictions, chunk))
+            print(f"FastV K={layer} budget {budget}: {100 * correct / samples:.1f} %")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +128,8 @@ def main() -> None:
     p.add_argument("--cell", action="store_true", help="add the per-patch grid-cell objective")
     p.add_argument("--shape-weight", type=float, default=1.0)
     p.add_argument("--save", default=None, help="write the tower's state dict here")
+    p = sub.add_parser("fastv")
+    p.add_argument("--samples", type=int, default=100)
     p = sub.add_parser("llava")
     p.add_argument("--tower", default=None, help="a state dict written by `vision --save` (default: the shipped tower)")
     p.add_argument("--steps", type=int, default=800)
@@ -124,6 +145,8 @@ def main() -> None:
         probe(args.samples)
     elif args.command == "vision":
         vision(args)
+    elif args.command == "fastv":
+        fastv(args.samples)
     else:
         llava(args)
 
