@@ -439,7 +439,8 @@ def _train_llava(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> lis
             acc = quick_accuracy(adapter, cfg.eval_samples)
             model.train()
             tower.eval()
-            history.append({"step": cfg.vision_steps + done, "val_accuracy": acc["all"], "val_by_type": acc,
+            history.append({"step": cfg.vision_steps + done, "val_accuracy": acc["all"],
+                            "val_by_type": {k: v for k, v in acc.items() if k != "all"},
                             "seconds": round(time.time() - t0, 1)})
             log(f"step {cfg.vision_steps + done:5d}  val accuracy " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     return history
