@@ -86,7 +86,7 @@ def vision(args) -> None:
 def llava(args) -> None:
     """Stage 2 of the recipe on a frozen tower; only the flags given differ from the shipped recipe."""
     cfg = TrainConfig(vision_steps=0, steps=args.steps, lr=args.lr, attend_weight=args.attend_weight,
-                      align_weight=args.align, pair_fraction=args.pair_fraction,
+                      align_weight=args.align, readout_weight=args.readout, pair_fraction=args.pair_fraction,
                       objects_fraction=args.objects_fraction, eval_every=args.eval_every)
     torch.manual_seed(0)
     adapter = new_builtin(0)
@@ -117,11 +117,6 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe")
     p.add_argument("--samples", type=int, default=1500)
-    p = sub.add_parser("lookup")
-    p.add_argument("--phases", default="pair:300,objects:150", help="phase:steps,... (pair, objects, all)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("vision")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -136,6 +131,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--attend-weight", type=float, default=TrainConfig.attend_weight)
     p.add_argument("--align", type=float, default=TrainConfig.align_weight, help="weight of the feature alignment")
+    p.add_argument("--readout", type=float, default=TrainConfig.readout_weight)
     p.add_argument("--pair-fraction", type=float, default=TrainConfig.pair_fraction)
     p.add_argument("--objects-fraction", type=float, default=TrainConfig.objects_fraction)
     p.add_argument("--eval-every", type=int, default=100)

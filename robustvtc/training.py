@@ -20,7 +20,9 @@ Recipe (all choices are here and recorded in ``training_report.json``):
     layer ``attend_layer`` must put their attention on the question's first and last object (every object of
     the colour for counts), or on the first token (an attention sink) when the question has none. A tiny LLM
     from scratch otherwise spends most of a CPU budget on the answer-prior plateau before it finds these
-    look-ups (README, "Status").
+    look-ups (README, "Status");
+  - ``readout_weight`` x deep supervision of what those heads found: a discarded linear readout of the hidden
+    state after that layer, at the same position, must give the referents' grid row and column, colour and shape.
   A visibility curriculum makes the first look-ups easy:
   - ``pair_fraction`` of the steps: two objects of each scene, its questions asked about those two only, their
     tokens plus random background up to the batch's longest row;
@@ -63,6 +65,7 @@ class TrainConfig:
     align_weight: float = 1.0  # stage 2: object tokens, projected, must read as their colour and shape words
     attend_weight: float = 1.0  # stage 2: two heads of decoder layer attend_layer must look at the questions'
     attend_layer: int = 2  # objects (the last layer is left to use what they find)
+    readout_weight: float = 1.0  # stage 2: after that layer, the answer position must hold the referents' attributes
     warmup: int = 60
     weight_decay: float = 0.05
     pair_fraction: float = 0.4  # stage 2 starts with two objects of each scene visible and asked about
@@ -169,7 +172,26 @@ def _collate_scenes(scenes: list[tuple[list[S.SceneObject], list[S.VQASample]]])
                 referents[b, j, 0] = cov[q.referents[0]] if q.qtype != "count" else cov[list(q.referents)].any(0)
                 referents[b, j, 1] = cov[q.referents[-1]] if q.qtype != "count" else referents[b, j, 0]
     batch["referents"] = referents
+    batch["referent_places"], batch["referent_kinds"] = _referent_labels(scenes, most)
     return batch
+
+
+def _referent_labels(scenes, most: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each question's first and last referent object: (B, questions, 4) grid row and column of both (NaN where a
+    question has none, or for counts, whose referents are a set) and (B, questions, 4) colour and shape of both
+    (-100 there)."""
+    places = torch.full((len(scenes), most, 4), float("nan"))
+    kinds = torch.full((len(scenes), most, 4), -100, dtype=torch.long)
+    colours, shapes = list(S.COLOURS), list(S.SHAPES)
+    for b, (_, qs) in enumerate(scenes):
+        for j, q in enumerate(qs):
+            if q.referents and q.qtype != "count":
+                first, last = q.objects[q.referents[0]], q.objects[q.referents[-1]]
+                places[b, j] = torch.tensor([first.cell // S.GRID, first.cell % S.GRID, last.cell // S.GRID,
+                                             last.cell % S.GRID], dtype=torch.float)
+                kinds[b, j] = torch.tensor([colours.index(first.colour), colours.index(last.colour),
+                                            shapes.index(first.shape), shapes.index(last.shape)])
+    return places, kinds
 
 
 def _scene_indices(batch: dict, phase: str, cfg: TrainConfig, n_tokens: int, gen: torch.Generator):
@@ -321,7 +343,7 @@ def _vision_losses(adapter: LlavaAdapter, heads: torch.nn.ModuleDict, batch: dic
 
 def _packed_answer_loss(adapter: LlavaAdapter, visual: torch.Tensor, questions: list[list[str]],
                         answers: list[list[str]], answer_id: dict[str, int], referents: torch.Tensor | None = None,
-                        attend_layer: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        attend_layer: int = 2) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The answer loss of several questions per image in one sequence: [prompt prefix | visual | q1 a1 | q2 a2 ...].
 
     Each question block attends to the prefix, the visual tokens and itself only, and takes the positions it would
@@ -360,14 +382,16 @@ def _packed_answer_loss(adapter: LlavaAdapter, visual: torch.Tensor, questions: 
     h = torch.cat([embed(torch.tensor(pre)).expand(B, -1, -1), visual, embed(text)], dim=1)
     cos_sin = lm.rotary_emb(h, position_ids=positions)
     rows_idx, cols_idx = torch.tensor(where).T
-    attend = None
+    attend = found = None
     for i, layer in enumerate(lm.layers):
         if i == attend_layer and referents is not None:
             attend = _attention_supervision(layer, h, cos_sin, mask, rows_idx[::2], cols_idx[::2], referents, len(pre),
                                             [len(q) for q in questions])
         h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
+        if i == attend_layer:
+            found = h[rows_idx[::2], cols_idx[::2]]
     logits = adapter.model.lm_head(lm.norm(h[rows_idx, cols_idx])).float()
-    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), attend
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), attend, found
 
 
 def _attention_supervision(layer, h, cos_sin, mask, rows, cols, referents, first_visual, counts) -> torch.Tensor:
@@ -392,6 +416,24 @@ def _attention_supervision(layer, h, cos_sin, mask, rows, cols, referents, first
     target[..., first_visual:first_visual + K] = torch.cat([referents[b, :n] for b, n in enumerate(counts)]).float()
     target[..., 0] += target.sum(-1) == 0  # no referent: the first token, the attention sink
     return -((probs * target).sum(-1) + 1e-6).log().mean()
+
+
+READOUT_SIZES = [4] + [len(S.COLOURS)] * 2 + [len(S.SHAPES)] * 2  # places of both referents, colour, shape
+
+
+def _readout_loss(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Deep supervision of what the supervised heads found: a linear readout (discarded after training) of the
+    hidden state after layer ``attend_layer`` at each answer-predicting position must give the grid row and column
+    of the question's first and last referent (squared error, so that places are ordered and "left of" becomes a
+    comparison) and their colours and shapes (cross-entropy). Without it the heads looked at the right objects of
+    relation questions but the answer stayed at chance (README, "Status")."""
+    places, kinds = (torch.cat([batch[key][b, :len(q)] for b, q in enumerate(batch["questions"])])
+                     for key in ("referent_places", "referent_kinds"))
+    place, *kind = outputs.split(READOUT_SIZES, dim=-1)
+    has = ~places.isnan()
+    loss = ((place[has] - places[has]) ** 2).mean() if has.any() else outputs.new_zeros(())
+    return loss + sum(torch.nn.functional.cross_entropy(logits, kinds[:, i], ignore_index=-100)
+                      for i, logits in enumerate(kind))
 
 
 def _block_starts(block: torch.Tensor) -> torch.Tensor:
@@ -422,16 +464,20 @@ def _train_llava(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> lis
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
     opt, sched = _optimizer(params, cfg.steps, cfg.lr, cfg)
     answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
+    readout = torch.nn.Linear(model.config.text_config.hidden_size, sum(READOUT_SIZES))  # discarded after training
+    params += list(readout.parameters())
     history = []
     # two workers: rendering plus the frozen tower costs more than the early LLM steps on few tokens
     batches = _loader(partial(_scene_batch, cfg, adapter), 0, cfg.steps, workers=2)
     for done, batch in enumerate(batches, start=1):
         visual = adapter.project(batch["features"])
-        lm, attend = _packed_answer_loss(adapter, visual, batch["questions"], batch["answers"], answer_id,
-                                         batch["referents"], cfg.attend_layer)
+        lm, attend, found = _packed_answer_loss(adapter, visual, batch["questions"], batch["answers"], answer_id,
+                                                batch["referents"], cfg.attend_layer)
         align = _alignment_loss(visual, batch, batch["index"], model.get_input_embeddings().weight, answer_id)
-        parts = {"lm": lm, "attend": attend, "align": align}
-        _step(lm + cfg.attend_weight * attend + cfg.align_weight * align, params, opt, sched)
+        read = _readout_loss(readout(found), batch)
+        parts = {"lm": lm, "attend": attend, "align": align, "read": read}
+        _step(lm + cfg.attend_weight * attend + cfg.align_weight * align + cfg.readout_weight * read, params, opt,
+              sched)
         _log_parts(log, cfg.vision_steps + done - 1, {**{k: v.detach() for k, v in parts.items()},
                                                       "visual_tokens": visual.shape[1]}, t0)
         if done % cfg.eval_every == 0 or done == cfg.steps:

@@ -7,8 +7,9 @@ import math
 import torch
 
 from robustvtc.data import synthetic as S
-from robustvtc.training import (TrainConfig, _alignment_loss, _collate, _collate_scenes, _packed_answer_loss,
-                                _patch_cells, _phase, _scene_indices, new_builtin, train_builtin)
+from robustvtc.training import (READOUT_SIZES, TrainConfig, _alignment_loss, _collate, _collate_scenes,
+                                _packed_answer_loss, _patch_cells, _phase, _readout_loss, _scene_indices, new_builtin,
+                                train_builtin)
 
 
 def _batch(n=12):
@@ -63,7 +64,7 @@ def test_packed_questions_score_exactly_as_one_question_forwards():
     visual = torch.randn(3, 20, 128)
     questions = [[q.question for q in qs[:7 - i]] for i, qs in enumerate(scenes)]  # ragged: 7, 6, 5 questions
     answers = [[q.answer for q in qs[:7 - i]] for i, qs in enumerate(scenes)]
-    packed, _ = _packed_answer_loss(adapter, visual, questions, answers, answer_id)
+    packed, _, _ = _packed_answer_loss(adapter, visual, questions, answers, answer_id)
     one_by_one = torch.cat([visual[i].expand(len(q), -1, -1) for i, q in enumerate(questions)])
     with_eos = [f"{a} {adapter.tokenizer.eos_token}" for a in sum(answers, [])]  # the loss covers the answer and EOS
     single = -adapter.sequence_logprob(one_by_one, sum(questions, []), with_eos).mean() / 2
@@ -80,7 +81,7 @@ def test_attention_supervision_scores_the_mass_on_each_questions_referents():
     assert referents.any(-1).any() and not referents.any(-1).all()  # "no" existence, "zero" count: no referent
     with torch.no_grad():
         adapter.model.model.language_model.layers[2].self_attn.k_proj.weight.zero_()
-    _, attend = _packed_answer_loss(adapter, adapter.project(torch.randn(2, 144, 128)), batch["questions"],
+    _, attend, _ = _packed_answer_loss(adapter, adapter.project(torch.randn(2, 144, 128)), batch["questions"],
                                     batch["answers"], answer_id, referents, attend_layer=2)
     expected = []
     for b, questions in enumerate(batch["questions"]):
@@ -91,6 +92,35 @@ def test_attention_supervision_scores_the_mass_on_each_questions_referents():
                 n = int(referents[b, j, head].sum())
                 expected.append(-math.log(max(n, 1) / seen))
     assert math.isclose(attend.item(), sum(expected) / len(expected), rel_tol=1e-4)
+
+
+def test_readout_labels_name_each_questions_referents():
+    scenes = [S.generate_scene(i, "train") for i in range(4)]
+    batch = _collate_scenes(scenes)
+    places, kinds = batch["referent_places"], batch["referent_kinds"]
+    seen = set()
+    for b, (_, questions) in enumerate(scenes):
+        for j, q in enumerate(questions):
+            if not q.referents or q.qtype == "count":  # nothing, or a set: no label
+                assert places[b, j].isnan().all() and (kinds[b, j] == -100).all()
+                continue
+            first, last = q.objects[q.referents[0]], q.objects[q.referents[-1]]
+            assert places[b, j].tolist() == [first.cell // 3, first.cell % 3, last.cell // 3, last.cell % 3]
+            assert kinds[b, j].tolist() == [list(S.COLOURS).index(first.colour), list(S.COLOURS).index(last.colour),
+                                            list(S.SHAPES).index(first.shape), list(S.SHAPES).index(last.shape)]
+            seen.add(q.qtype)
+    assert seen == {"color", "shape", "exist", "relation"}
+    assert places[:, len(scenes[0][1]):].isnan().all()  # rows past a scene's questions are padding
+
+
+def test_readout_loss_is_squared_place_error_plus_attribute_cross_entropy():
+    """Zero outputs predict place 0 and uniform attributes, so the loss is known exactly."""
+    batch = _scenes(3)
+    n = sum(len(q) for q in batch["questions"])
+    places = torch.cat([batch["referent_places"][b, :len(q)] for b, q in enumerate(batch["questions"])])
+    loss = _readout_loss(torch.zeros(n, sum(READOUT_SIZES)), batch)
+    expected = places[~places.isnan()].pow(2).mean() + 2 * math.log(len(S.COLOURS)) + 2 * math.log(len(S.SHAPES))
+    assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)
 
 
 def test_tiny_training_run_writes_loadable_weights(tmp_path):
