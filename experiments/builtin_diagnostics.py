@@ -5,12 +5,16 @@ of the package. One main torch thread each.
     python experiments/builtin_diagnostics.py vision --steps 1000 --lr 3e-3 --cell --shape-weight 2 --save tower.pt
     python experiments/builtin_diagnostics.py llava --steps 800 --attend-weight 0   # stage 2 on the shipped tower
     python experiments/builtin_diagnostics.py fastv    # FastV's accuracy by the decoder layer it ranks with
+    python experiments/builtin_diagnostics.py attention  # where the supervised heads look, by question type
 
 ``probe`` fits a linear classifier on the object patches of the shipped vision tower (80/20 split).
 ``vision`` trains stage 1 alone and prints the shape/colour accuracy of its per-patch heads on the object
 patches of 256 validation scenes. ``llava`` runs the recipe's stage 2 (``robustvtc.training``) with a fresh
 projector and LLM on a frozen tower (the shipped model's, or one saved by ``vision --save``) and prints
 validation accuracy per question type, with every token visible, every ``--eval-every`` steps.
+``attention`` prints, per question type on the first 250 validation samples, the accuracy and the attention
+mass that heads 0 and 1 of decoder layer 2 put on the question's first and last object (every object of the
+colour for counts; the first token when there is none) at the answer-predicting position.
 ``fastv`` evaluates FastV (rule K: rank by layer K-1's last-token attention, prune before layer K) on the shipped
 model for K = 1, 2, 3 at budgets 16 and 48, on the first 100 test samples.
 """
@@ -112,6 +116,35 @@ def fastv(samples: int) -> None:
             print(f"FastV K={layer} budget {budget}: {100 * correct / samples:.1f} %")
 
 
+def attention(samples: int, model: str) -> None:
+    adapter = load_model(model, attn_implementation="eager")  # SDPA returns no attention weights
+    captured = {}
+    adapter.model.model.language_model.layers[2].self_attn.register_forward_hook(
+        lambda module, args, out: captured.update(weights=out[1]))
+    prefix = len(adapter._prompt_ids("")[0])
+    rows: dict[str, list[list[float]]] = {}
+    for s in S.generate_dataset(samples, "val"):
+        with torch.no_grad():
+            scores = adapter.candidate_logprobs(adapter.project(adapter.encode(S.to_pixels([s])).features), [s.question],
+                                                S.ANSWERS)
+        last = prefix + 144 + len(adapter._prompt_ids(s.question)[1]) - 1
+        weights = captured["weights"][0, :2, last]  # (head, key)
+        cover = torch.from_numpy(s.patch_coverage().reshape(len(s.objects), -1) > 0.02).float()
+        if not s.referents:
+            mass = weights[:, 0]
+        elif s.qtype == "count":
+            mass = weights[:, prefix:prefix + 144] @ cover[list(s.referents)].amax(0)
+        else:
+            mass = torch.stack([weights[0, prefix:prefix + 144] @ cover[s.referents[0]],
+                                weights[1, prefix:prefix + 144] @ cover[s.referents[-1]]])
+        correct = float(S.ANSWERS[int(scores.argmax())] == s.answer)
+        rows.setdefault(s.qtype, []).append([correct, *mass.tolist()])
+    for qtype, values in rows.items():
+        acc, head0, head1 = torch.tensor(values).mean(0).tolist()
+        print(f"{qtype:9s} n={len(values):3d}  accuracy {acc:.2f}  head 0 on first object {head0:.2f}  "
+              f"head 1 on last object {head1:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +156,9 @@ def main() -> None:
     p.add_argument("--cell", action="store_true", help="add the per-patch grid-cell objective")
     p.add_argument("--shape-weight", type=float, default=1.0)
     p.add_argument("--save", default=None, help="write the tower's state dict here")
+    p = sub.add_parser("attention")
+    p.add_argument("--samples", type=int, default=250)
+    p.add_argument("--model", default="builtin", help="the shipped weights or a saved model directory")
     p = sub.add_parser("fastv")
     p.add_argument("--samples", type=int, default=100)
     p = sub.add_parser("llava")
@@ -141,6 +177,8 @@ def main() -> None:
         probe(args.samples)
     elif args.command == "vision":
         vision(args)
+    elif args.command == "attention":
+        attention(args.samples, args.model)
     elif args.command == "fastv":
         fastv(args.samples)
     else:
