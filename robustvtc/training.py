@@ -343,7 +343,7 @@ def _vision_losses(adapter: LlavaAdapter, heads: torch.nn.ModuleDict, batch: dic
 
 def _packed_answer_loss(adapter: LlavaAdapter, visual: torch.Tensor, questions: list[list[str]],
                         answers: list[list[str]], answer_id: dict[str, int], referents: torch.Tensor | None = None,
-                        attend_layer: int = 2) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                        attend_layer: int = 2) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The answer loss of several questions per image in one sequence: [prompt prefix | visual | q1 a1 | q2 a2 ...].
 
     Each question block attends to the prefix, the visual tokens and itself only, and takes the positions it would
@@ -426,8 +426,9 @@ def _readout_loss(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
     """Deep supervision of what the supervised heads found: a linear readout (discarded after training) of the
     hidden state after layer ``attend_layer`` at each answer-predicting position must give the grid row and column
     of the question's first and last referent (squared error, so that places are ordered and "left of" becomes a
-    comparison) and their colours and shapes (cross-entropy). Without it the heads looked at the right objects of
-    relation questions but the answer stayed at chance (README, "Status")."""
+    comparison) and their colours and shapes (cross-entropy). The heads often looked at the right objects without
+    the answer using them; 700 stage-2 steps on the shipped tower reach 78.8 % validation accuracy with this
+    readout, 56.8 % without (README, "Status"). Relations stay at chance either way."""
     places, kinds = (torch.cat([batch[key][b, :len(q)] for b, q in enumerate(batch["questions"])])
                      for key in ("referent_places", "referent_kinds"))
     place, *kind = outputs.split(READOUT_SIZES, dim=-1)
