@@ -7,8 +7,8 @@ import math
 import torch
 
 from robustvtc.data import synthetic as S
-from robustvtc.training import (READOUT_SIZES, TrainConfig, _alignment_loss, _collate, _collate_scenes,
-                                _packed_answer_loss, _patch_cells, _phase, _readout_loss, _scene_indices, new_builtin,
+from robustvtc.training import (COLUMN_WORDS, READOUT_SIZES, ROW_WORDS, TrainConfig, _alignment_loss, _collate,
+                                _collate_scenes, _packed_answer_loss, _patch_cells, _phase, _readout_loss, _scene_indices, new_builtin,
                                 train_builtin)
 
 
@@ -142,14 +142,17 @@ def test_patch_cells_follow_the_3x3_grid():
 
 def test_alignment_loss_rewards_tokens_that_read_as_their_words():
     batch = _batch(4)
-    words = {w: i for i, w in enumerate(S.ANSWERS)}
-    embeddings = torch.randn(len(S.ANSWERS), 16) * 3
+    vocabulary = list(dict.fromkeys([*S.ANSWERS, *ROW_WORDS, *COLUMN_WORDS]))
+    words = {w: i for i, w in enumerate(vocabulary)}
+    embeddings = torch.randn(len(vocabulary), 16) * 3
     colours, shapes = list(S.COLOURS), list(S.SHAPES)
     matching = torch.zeros(4, 144, 16)
     on = batch["patch_shape"] > 0
     for b, p in on.nonzero().tolist():
+        cell = int(batch["patch_cell"][b, p])
         matching[b, p] = (embeddings[words[colours[batch["patch_colour"][b, p] - 1]]]
-                          + embeddings[words[shapes[batch["patch_shape"][b, p] - 1]]])
+                          + embeddings[words[shapes[batch["patch_shape"][b, p] - 1]]]
+                          + embeddings[words[ROW_WORDS[cell // S.GRID]]] + embeddings[words[COLUMN_WORDS[cell % S.GRID]]])
     shuffled = matching[:, torch.randperm(144)]
     assert _alignment_loss(matching, batch, None, embeddings, words) < _alignment_loss(shuffled, batch, None, embeddings, words)
     background_only = matching.clone()
@@ -159,7 +162,8 @@ def test_alignment_loss_rewards_tokens_that_read_as_their_words():
     idx = torch.arange(0, 144, 2).expand(4, -1)  # a kept subset scores the kept tokens' own labels
     assert torch.isclose(_alignment_loss(matching[:, ::2], batch, idx, embeddings, words),
                          _alignment_loss(matching[:, ::2], {k: v[:, ::2] for k, v in batch.items()
-                                                            if k in ("patch_colour", "patch_shape")}, None,
+                                                            if k in ("patch_colour", "patch_shape", "patch_cell")},
+                                         None,
                                          embeddings, words))
 
 
