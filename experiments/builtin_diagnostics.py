@@ -90,8 +90,8 @@ def vision(args) -> None:
 def llava(args) -> None:
     """Stage 2 of the recipe on a frozen tower; only the flags given differ from the shipped recipe."""
     cfg = TrainConfig(vision_steps=0, steps=args.steps, lr=args.lr, attend_weight=args.attend_weight,
-                      align_weight=args.align, readout_weight=args.readout, pair_fraction=args.pair_fraction,
-                      objects_fraction=args.objects_fraction, eval_every=args.eval_every)
+                      align_weight=args.align, place_weight=args.place_weight, readout_weight=args.readout,
+                      pair_fraction=args.pair_fraction, objects_fraction=args.objects_fraction, eval_every=args.eval_every)
     torch.manual_seed(0)
     adapter = new_builtin(0)
     tower = torch.load(args.tower) if args.tower else load_model("builtin").model.model.vision_tower.state_dict()
@@ -167,6 +167,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--attend-weight", type=float, default=TrainConfig.attend_weight)
     p.add_argument("--align", type=float, default=TrainConfig.align_weight, help="weight of the feature alignment")
+    p.add_argument("--place-weight", type=float, default=TrainConfig.place_weight,
+                   help="weight of the object tokens' grid row and column words in the alignment")
     p.add_argument("--readout", type=float, default=TrainConfig.readout_weight)
     p.add_argument("--pair-fraction", type=float, default=TrainConfig.pair_fraction)
     p.add_argument("--objects-fraction", type=float, default=TrainConfig.objects_fraction)

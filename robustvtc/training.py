@@ -63,6 +63,7 @@ class TrainConfig:
     shape_weight: float = 2.0  # shape is learned last (it needs neighbouring patches); colour and cell come free
     lr: float = 2e-3
     align_weight: float = 1.0  # stage 2: object tokens, projected, must read as their colour and shape words
+    place_weight: float = 0.0  # stage 2: ... and as their grid row and column words (off in the shipped run)
     attend_weight: float = 1.0  # stage 2: two heads of decoder layer attend_layer must look at the questions'
     attend_layer: int = 2  # objects (the last layer is left to use what they find)
     readout_weight: float = 1.0  # stage 2: after that layer, the answer position must hold the referents' attributes
@@ -232,26 +233,27 @@ COLUMN_WORDS = ("left", "center", "right")
 
 
 def _alignment_loss(visual: torch.Tensor, batch: dict, idx: torch.Tensor | None, word_embeddings: torch.Tensor,
-                    word_id: dict[str, int]) -> torch.Tensor:
+                    word_id: dict[str, int], place_weight: float = 0.0) -> torch.Tensor:
     """Feature alignment, the job of LLaVA's first stage: each projected object token must score its colour and
-    shape words highest among those words' input embeddings, and its grid row and column words among
-    ``ROW_WORDS`` and ``COLUMN_WORDS``. A question names an object by those words, so the LLM's look-up starts
-    from tokens that already point the way. Measured on colour questions with two objects visible (README,
-    "Status"): without it the LLM picks one of the two visible colours at random (52 % at step 300); with it,
-    62 % at step 300 and 90 % at step 600.
-    The place words keep the object's place in the token itself: attention values carry no position (RoPE
-    only rotates queries and keys), and without them a linear probe read the column from 82 % of the projected
-    object tokens (100 % from the tower's) and from 71 % of the values of the supervised heads, so the answer
-    position could not compare two objects' places (relations at chance)."""
+    shape words highest among those words' input embeddings (and, weighted ``place_weight``, its grid row and
+    column words among ``ROW_WORDS`` and ``COLUMN_WORDS``). A question names an object by those words, so the
+    LLM's look-up starts from tokens that already point the way. Measured on colour questions with two objects
+    visible (README, "Status"): without it the LLM picks one of the two visible colours at random (52 % at step
+    300); with it, 62 % at step 300 and 90 % at step 600.
+    The place words (off in the shipped recipe) keep an object's place in its token: attention values carry no
+    position (RoPE rotates only queries and keys). PLACE_EVIDENCE"""
     labels = {key: batch[key] if idx is None else torch.gather(batch[key], 1, idx)
               for key in ("patch_colour", "patch_shape", "patch_cell")}
     on_object = labels["patch_shape"] > 0
     tokens = visual[on_object]
     cell = labels["patch_cell"][on_object]
-    targets = [(S.COLOURS, labels["patch_colour"][on_object] - 1), (S.SHAPES, labels["patch_shape"][on_object] - 1),
-               (ROW_WORDS, cell // S.GRID), (COLUMN_WORDS, cell % S.GRID)]
-    return sum(torch.nn.functional.cross_entropy(tokens @ word_embeddings[[word_id[w] for w in words]].T, target)
-               for words, target in targets)
+    targets = [(S.COLOURS, labels["patch_colour"][on_object] - 1, 1.0),
+               (S.SHAPES, labels["patch_shape"][on_object] - 1, 1.0)]
+    if place_weight:
+        targets += [(ROW_WORDS, cell // S.GRID, place_weight), (COLUMN_WORDS, cell % S.GRID, place_weight)]
+    return sum(weight * torch.nn.functional.cross_entropy(tokens @ word_embeddings[[word_id[w] for w in words]].T,
+                                                          target)
+               for words, target, weight in targets)
 
 
 def new_builtin(seed: int = 0) -> LlavaAdapter:
@@ -487,7 +489,8 @@ def _train_llava(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> lis
         visual = adapter.project(batch["features"])
         lm, attend, found = _packed_answer_loss(adapter, visual, batch["questions"], batch["answers"], answer_id,
                                                 batch["referents"], cfg.attend_layer)
-        align = _alignment_loss(visual, batch, batch["index"], model.get_input_embeddings().weight, word_id)
+        align = _alignment_loss(visual, batch, batch["index"], model.get_input_embeddings().weight, word_id,
+                                cfg.place_weight)
         read = _readout_loss(readout(found), batch)
         parts = {"lm": lm, "attend": attend, "align": align, "read": read}
         _step(lm + cfg.attend_weight * attend + cfg.align_weight * align + cfg.readout_weight * read, params, opt,

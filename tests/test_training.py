@@ -3,13 +3,14 @@ writes weights that load through the public loader."""
 import collections
 import json
 import math
+from functools import partial
 
 import torch
 
 from robustvtc.data import synthetic as S
 from robustvtc.training import (COLUMN_WORDS, READOUT_SIZES, ROW_WORDS, TrainConfig, _alignment_loss, _collate,
-                                _collate_scenes, _packed_answer_loss, _patch_cells, _phase, _readout_loss, _scene_indices, new_builtin,
-                                train_builtin)
+                                _collate_scenes, _packed_answer_loss, _patch_cells, _phase, _readout_loss,
+                                _scene_indices, new_builtin, train_builtin)
 
 
 def _batch(n=12):
@@ -144,27 +145,32 @@ def test_alignment_loss_rewards_tokens_that_read_as_their_words():
     batch = _batch(4)
     vocabulary = list(dict.fromkeys([*S.ANSWERS, *ROW_WORDS, *COLUMN_WORDS]))
     words = {w: i for i, w in enumerate(vocabulary)}
-    embeddings = torch.randn(len(vocabulary), 16) * 3
+    embeddings = torch.eye(len(vocabulary), 32) * 3  # orthogonal words: a token scores exactly the words it holds
     colours, shapes = list(S.COLOURS), list(S.SHAPES)
-    matching = torch.zeros(4, 144, 16)
     on = batch["patch_shape"] > 0
-    for b, p in on.nonzero().tolist():
-        cell = int(batch["patch_cell"][b, p])
-        matching[b, p] = (embeddings[words[colours[batch["patch_colour"][b, p] - 1]]]
-                          + embeddings[words[shapes[batch["patch_shape"][b, p] - 1]]]
-                          + embeddings[words[ROW_WORDS[cell // S.GRID]]] + embeddings[words[COLUMN_WORDS[cell % S.GRID]]])
-    shuffled = matching[:, torch.randperm(144)]
-    assert _alignment_loss(matching, batch, None, embeddings, words) < _alignment_loss(shuffled, batch, None, embeddings, words)
+
+    def tokens(cell_shift: int) -> torch.Tensor:
+        """Each object patch as the sum of its colour, shape, row and column words (of the cell shifted by
+        ``cell_shift``)."""
+        out = torch.zeros(4, 144, 32)
+        for b, p in on.nonzero().tolist():
+            cell = (int(batch["patch_cell"][b, p]) + cell_shift) % (S.GRID * S.GRID)
+            out[b, p] = (embeddings[words[colours[batch["patch_colour"][b, p] - 1]]]
+                         + embeddings[words[shapes[batch["patch_shape"][b, p] - 1]]]
+                         + embeddings[words[ROW_WORDS[cell // S.GRID]]] + embeddings[words[COLUMN_WORDS[cell % S.GRID]]])
+        return out
+
+    matching, misplaced = tokens(0), tokens(4)
+    loss = partial(_alignment_loss, word_embeddings=embeddings, word_id=words, place_weight=1.0)
+    assert loss(matching, batch, None) < loss(matching[:, torch.randperm(144)], batch, None)
+    assert loss(matching, batch, None) < loss(misplaced, batch, None)
+    assert torch.isclose(loss(misplaced, batch, None, place_weight=0.0), loss(matching, batch, None, place_weight=0.0))
     background_only = matching.clone()
-    background_only[~on] = torch.randn(int((~on).sum()), 16) * 100  # background tokens are not scored
-    assert torch.isclose(_alignment_loss(background_only, batch, None, embeddings, words),
-                         _alignment_loss(matching, batch, None, embeddings, words))
+    background_only[~on] = torch.randn(int((~on).sum()), 32) * 100  # background tokens are not scored
+    assert torch.isclose(loss(background_only, batch, None), loss(matching, batch, None))
     idx = torch.arange(0, 144, 2).expand(4, -1)  # a kept subset scores the kept tokens' own labels
-    assert torch.isclose(_alignment_loss(matching[:, ::2], batch, idx, embeddings, words),
-                         _alignment_loss(matching[:, ::2], {k: v[:, ::2] for k, v in batch.items()
-                                                            if k in ("patch_colour", "patch_shape", "patch_cell")},
-                                         None,
-                                         embeddings, words))
+    kept = {k: v[:, ::2] for k, v in batch.items() if k in ("patch_colour", "patch_shape", "patch_cell")}
+    assert torch.isclose(loss(matching[:, ::2], batch, idx), loss(matching[:, ::2], kept, None))
 
 
 def test_stage2_workers_deliver_the_models_own_features_in_step_order():
