@@ -1,0 +1,225 @@
+"""Why relation questions stay at chance in the built-in model: stage 2 of the recipe on the shipped tower with
+one change at a time, then a look at what the hidden state after the supervised layer holds. Not part of the
+package; it patches private pieces of ``robustvtc.training`` for one run. One main torch thread.
+
+    python experiments/relation_lab.py --steps 700                       # the recipe as shipped
+    python experiments/relation_lab.py --steps 700 --place-weight 1      # object tokens read as their row/column words
+    python experiments/relation_lab.py --steps 700 --place-weight 1 --margin-scale 4 --relation-word
+    python experiments/relation_lab.py --steps 700 --count-sink          # head 1 keeps 1/(1+n) on the sink for counts
+
+After training it prints validation accuracy per type (every token visible), then on 400 validation relation
+questions: the answer accuracy, the share of the readout's four places (row and column of both objects,
+rounded) that are right ("place"), and with ``--margin-scale`` / ``--relation-word`` how often the sign of the
+relation margin and the relation word are read correctly; and a linear probe (70/30 split) of the object
+centre patches' grid row and column from the tower's features, the projected tokens, and the values of the
+supervised heads.
+
+Options:
+* ``--margin-scale S``: the readout must also give, for relation questions, S x the margin that decides the
+  answer (for "is A left of B": column(B) - column(A); right of, above, below alike), so that the answer is the
+  sign of one readout;
+* ``--relation-word``: the readout must also classify the relation word;
+* ``--count-sink``: for count questions, head 1 must put 1/(1+n) of its attention on the first token and the
+  rest on the n objects (cross-entropy against that split), so that the attention output encodes n;
+* ``--attend-layer L``: supervise layer L's heads instead of layer 2.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import robustvtc.training as T
+from robustvtc.data import synthetic as S
+from robustvtc.models import load_model
+
+
+def relation_margin(q: S.VQASample) -> tuple[float, int]:
+    """The signed margin whose sign is the answer ("yes" if > 0) and the index of the relation word."""
+    rel = next(r for r in S.RELATIONS if f" {r} " in q.question)
+    a, b = q.objects[q.referents[0]], q.objects[q.referents[-1]]
+    ra, ca, rb, cb = a.cell // S.GRID, a.cell % S.GRID, b.cell // S.GRID, b.cell % S.GRID
+    return float({"left of": cb - ca, "right of": ca - cb, "above": rb - ra, "below": ra - rb}[rel]), \
+        S.RELATIONS.index(rel)
+
+
+def patch_labels(margin_scale: float, relation_word: bool) -> None:
+    """Extend the readout's targets with the relation margin and/or word (NaN / -100 for other questions)."""
+    base = T._referent_labels
+    if margin_scale:
+        T.READOUT_SIZES[0] += 1
+    if relation_word:
+        T.READOUT_SIZES.append(len(S.RELATIONS))
+
+    def labels(scenes, most):
+        places, kinds = base(scenes, most)
+        margin = torch.full((len(scenes), most, 1), float("nan"))
+        word = torch.full((len(scenes), most, 1), -100, dtype=torch.long)
+        for b, (_, qs) in enumerate(scenes):
+            for j, q in enumerate(qs):
+                if q.qtype == "relation":
+                    m, w = relation_margin(q)
+                    margin[b, j, 0], word[b, j, 0] = m * margin_scale, w
+        return (torch.cat([places, margin], -1) if margin_scale else places,
+                torch.cat([kinds, word], -1) if relation_word else kinds)
+    T._referent_labels = labels
+
+
+def patch_count_sink() -> None:
+    """Head 1 of count questions: 1/(1+n) of the attention on the first token, n/(1+n) on the objects. The
+    count travels to the loss as a marker on the referent mask (10 + n)."""
+    base_batch, base_supervision = T._scene_batch, T._attention_supervision
+
+    def scene_batch(*args, **kwargs):
+        batch = base_batch(*args, **kwargs)
+        ref = batch["referents"].float()
+        for b, (qs, answers) in enumerate(zip(batch["questions"], batch["answers"])):
+            for j, (q, a) in enumerate(zip(qs, answers)):
+                if q.startswith("how many"):
+                    ref[b, j, 1] *= 10 + S.NUMBERS.index(a)
+        batch["referents"] = ref
+        return batch
+
+    def supervision(layer, h, cos_sin, mask, rows, cols, referents, first_visual, counts):
+        code = torch.cat([referents[b, :n] for b, n in enumerate(counts)]).amax(-1)  # (questions, 2)
+        counting = code >= 10
+        if not counting.any():
+            return base_supervision(layer, h, cos_sin, mask, rows, cols, referents > 0, first_visual, counts)
+        # the recipe's loss is -log(mass on the objects); split it by the target shares of sink and objects
+        n = (code - 10).clamp(min=0)
+        share = torch.where(counting, n / (1 + n), torch.ones_like(n))
+        probs = _head_probs(layer, h, cos_sin, mask, rows, cols)
+        target = torch.zeros_like(probs)
+        K = referents.shape[-1]
+        target[..., first_visual:first_visual + K] = (torch.cat([referents[b, :n] for b, n in enumerate(counts)]) > 0)
+        target[..., 0] += target.sum(-1) == 0
+        loss = -share * ((probs * target).sum(-1) + 1e-6).log()
+        loss = loss - torch.where(counting, (1 - share) * (probs[..., 0] + 1e-6).log(), torch.zeros_like(share))
+        return loss.mean()
+
+    T._scene_batch, T._attention_supervision = scene_batch, supervision
+
+
+def _head_probs(layer, h, cos_sin, mask, rows, cols) -> torch.Tensor:
+    """Attention of heads 0 and 1 at the answer-predicting positions, as ``T._attention_supervision`` computes it."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    normed = layer.input_layernorm(h)
+    B, L, _ = h.shape
+    q = attn.q_proj(normed).view(B, L, -1, attn.head_dim).transpose(1, 2)[:, :2]
+    k = attn.k_proj(normed).view(B, L, -1, attn.head_dim).transpose(1, 2)[:, :2]
+    q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+    logits = torch.einsum("nhd,nhld->nhl", q[rows, :, cols], k[rows]) * attn.scaling + mask[rows, 0, cols].unsqueeze(1)
+    return logits.float().softmax(-1)
+
+
+@torch.no_grad()
+def inspect(adapter, readout, attend_layer: int, margin_scale: float, relation_word: bool) -> None:
+    model = adapter.model.eval()
+    lm, embed = model.model.language_model, model.get_input_embeddings()
+    yes_no = [adapter.continuation_ids("is there a red circle ?", w)[0] for w in ("yes", "no")]
+    hits: dict[str, list[float]] = {"answer": [], "place": []}
+    for s in (S.generate_sample(i, "val", qtype="relation") for i in range(400)):
+        pre, suf = adapter._prompt_ids(s.question)
+        visual = adapter.project(adapter.encode(S.to_pixels([s])).features)
+        out = lm(inputs_embeds=torch.cat([embed(torch.tensor(pre))[None], visual, embed(torch.tensor(suf))[None]], 1),
+                 output_hidden_states=True)
+        parts = readout(out.hidden_states[attend_layer + 1][0, -1]).split(T.READOUT_SIZES)
+        a, b = s.objects[s.referents[0]], s.objects[s.referents[-1]]
+        truth = torch.tensor([a.cell // S.GRID, a.cell % S.GRID, b.cell // S.GRID, b.cell % S.GRID]).float()
+        hits["place"].append((parts[0][:4].round() == truth).float().mean().item())
+        margin, word = relation_margin(s)
+        if margin_scale:
+            hits.setdefault("margin sign", []).append(float((parts[0][4] > 0).item() == (margin > 0)))
+        if relation_word:
+            hits.setdefault("relation word", []).append(float(parts[-1].argmax().item() == word))
+        logits = model.lm_head(lm.norm(out.last_hidden_state[0, -1]))[yes_no]
+        hits["answer"].append(float((logits[0] > logits[1]).item() == (s.answer == "yes")))
+    for name, values in hits.items():
+        print(f"relation questions (n={len(values)}): {name} {sum(values) / len(values):.3f}")
+
+
+@torch.no_grad()
+def _place_features(adapter, attend_layer: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each object's centre patch in 300 validation scenes: tower feature, projected token, and the value of
+    the supervised heads (0 and 1) of ``attend_layer``; with the object's grid cell."""
+    lm, embed = adapter.model.model.language_model, adapter.model.get_input_embeddings()
+    samples = S.generate_dataset(300, "val")
+    feats: dict[str, list[torch.Tensor]] = {"tower": [], "projected": [], "head values": []}
+    cells = []
+    for i in range(0, len(samples), 50):
+        chunk = samples[i:i + 50]
+        tower = adapter.encode(S.to_pixels(chunk)).features
+        visual = adapter.project(tower)
+        pre = adapter._prompt_ids(chunk[0].question)[0]
+        h = torch.cat([embed(torch.tensor(pre))[None].expand(len(chunk), -1, -1), visual], 1)
+        state = lm(inputs_embeds=h, output_hidden_states=True).hidden_states[attend_layer][:, len(pre):]
+        layer = lm.layers[attend_layer]
+        values = layer.self_attn.v_proj(layer.input_layernorm(state))[..., :2 * layer.self_attn.head_dim]
+        for b, s in enumerate(chunk):
+            for o in s.objects:
+                p = int(o.cy // S.PATCH_SIZE) * (S.IMAGE_SIZE // S.PATCH_SIZE) + int(o.cx // S.PATCH_SIZE)
+                for name, x in (("tower", tower), ("projected", visual), ("head values", values)):
+                    feats[name].append(x[b, p])
+                cells.append(o.cell)
+    return {k: torch.stack(v) for k, v in feats.items()}, torch.tensor(cells)
+
+
+def probe_places(adapter, attend_layer: int) -> None:
+    feats, cells = _place_features(adapter, attend_layer)
+    cut = int(len(cells) * 0.7)
+    for name, x in feats.items():
+        x = (x - x.mean(0)) / (x.std(0) + 1e-5)
+        accuracy = []
+        for y in (cells // S.GRID, cells % S.GRID):
+            head = torch.nn.Linear(x.shape[1], S.GRID)
+            opt = torch.optim.Adam(head.parameters(), lr=0.02)
+            for _ in range(300):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(head(x[:cut]), y[:cut]).backward()
+                opt.step()
+            accuracy.append((head(x[cut:]).argmax(-1) == y[cut:]).float().mean().item())
+        print(f"linear probe of object centres' place ({len(cells) - cut} held out), {name}: "
+              f"row {accuracy[0]:.3f}  column {accuracy[1]:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--place-weight", type=float, default=T.TrainConfig.place_weight)
+    parser.add_argument("--margin-scale", type=float, default=0.0)
+    parser.add_argument("--relation-word", action="store_true")
+    parser.add_argument("--count-sink", action="store_true")
+    parser.add_argument("--attend-layer", type=int, default=T.TrainConfig.attend_layer)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    patch_labels(args.margin_scale, args.relation_word)
+    if args.count_sink:
+        patch_count_sink()
+    cfg = T.TrainConfig(vision_steps=0, steps=args.steps, eval_every=max(args.steps // 2, 1),
+                        place_weight=args.place_weight, attend_layer=args.attend_layer)
+    torch.manual_seed(0)
+    adapter = T.new_builtin(0)
+    adapter.model.model.vision_tower.load_state_dict(load_model("builtin").model.model.vision_tower.state_dict())
+    adapter.model.train().requires_grad_(True)
+    made: list[torch.nn.Linear] = []  # the recipe's readout is created inside _train_llava; keep a handle on it
+    linear = torch.nn.Linear
+
+    class KeptLinear(linear):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    torch.nn.Linear = KeptLinear
+    try:
+        T._train_llava(adapter, cfg, lambda line: print(line, flush=True) if "val" in line else None, time.time())
+    finally:
+        torch.nn.Linear = linear
+    inspect(adapter, made[-1], args.attend_layer, args.margin_scale, args.relation_word)
+    probe_places(adapter, args.attend_layer)  # outside inspect's no_grad: the probes train
+
+
+if __name__ == "__main__":
+    main()
