@@ -6,6 +6,7 @@ of the package. One main torch thread each.
     python experiments/builtin_diagnostics.py llava --steps 800 --attend-weight 0   # stage 2 on the shipped tower
     python experiments/builtin_diagnostics.py fastv    # FastV's accuracy by the decoder layer it ranks with
     python experiments/builtin_diagnostics.py attention  # where the supervised heads look, by question type
+    python experiments/builtin_diagnostics.py count      # which counts the shipped model confuses
 
 ``probe`` fits a linear classifier on the object patches of the shipped vision tower (80/20 split).
 ``vision`` trains stage 1 alone and prints the shape/colour accuracy of its per-patch heads on the object
@@ -15,6 +16,7 @@ validation accuracy per question type, with every token visible, every ``--eval-
 ``attention`` prints, per question type on the first 250 validation samples, the accuracy and the attention
 mass that heads 0 and 1 of decoder layer 2 put on the question's first and last object (every object of the
 colour for counts; the first token when there is none) at the answer-predicting position.
+``count`` prints the confusion matrix (rows: true count) of the first 200 validation count questions.
 ``fastv`` evaluates FastV (rule K: rank by layer K-1's last-token attention, prune before layer K) on the shipped
 model for K = 1, 2, 3 at budgets 16 and 48, on the first 100 test samples.
 """
@@ -145,6 +147,22 @@ def attention(samples: int, model: str) -> None:
               f"head 1 on last object {head1:.2f}")
 
 
+@torch.no_grad()
+def count(samples: int, model: str) -> None:
+    adapter = load_model(model)
+    questions = [S.generate_sample(i, "val", qtype="count") for i in range(samples)]
+    confusion = torch.zeros(len(S.NUMBERS), len(S.NUMBERS), dtype=torch.long)
+    for i in range(0, samples, 50):
+        chunk = questions[i:i + 50]
+        scores = adapter.candidate_logprobs(adapter.project(adapter.encode(S.to_pixels(chunk)).features),
+                                            [s.question for s in chunk], list(S.NUMBERS))
+        for predicted, s in zip(scores.argmax(-1).tolist(), chunk):
+            confusion[S.NUMBERS.index(s.answer), predicted] += 1
+    print("true \\ answered  " + "  ".join(f"{n:>5s}" for n in S.NUMBERS))
+    for n, row in zip(S.NUMBERS, confusion.tolist()):
+        print(f"{n:>16s}  " + "  ".join(f"{v:5d}" for v in row))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +176,9 @@ def main() -> None:
     p.add_argument("--save", default=None, help="write the tower's state dict here")
     p = sub.add_parser("attention")
     p.add_argument("--samples", type=int, default=250)
+    p.add_argument("--model", default="builtin", help="the shipped weights or a saved model directory")
+    p = sub.add_parser("count")
+    p.add_argument("--samples", type=int, default=200)
     p.add_argument("--model", default="builtin", help="the shipped weights or a saved model directory")
     p = sub.add_parser("fastv")
     p.add_argument("--samples", type=int, default=100)
@@ -181,6 +202,8 @@ def main() -> None:
         vision(args)
     elif args.command == "attention":
         attention(args.samples, args.model)
+    elif args.command == "count":
+        count(args.samples, args.model)
     elif args.command == "fastv":
         fastv(args.samples)
     else:
