@@ -63,7 +63,7 @@ class TrainConfig:
     shape_weight: float = 2.0  # shape is learned last (it needs neighbouring patches); colour and cell come free
     lr: float = 2e-3
     align_weight: float = 1.0  # stage 2: object tokens, projected, must read as their colour and shape words
-    place_weight: float = 0.0  # stage 2: ... and as their grid row and column words (off in the shipped run)
+    place_weight: float = 1.0  # stage 2: ... and as their grid row and column words
     attend_weight: float = 1.0  # stage 2: two heads of decoder layer attend_layer must look at the questions'
     attend_layer: int = 2  # objects (the last layer is left to use what they find)
     readout_weight: float = 1.0  # stage 2: after that layer, the answer position must hold the referents' attributes
@@ -180,21 +180,38 @@ def _collate_scenes(scenes: list[tuple[list[S.SceneObject], list[S.VQASample]]])
 
 
 def _referent_labels(scenes, most: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each question's first and last referent object: (B, questions, 4) grid row and column of both (NaN where a
-    question has none, or for counts, whose referents are a set) and (B, questions, 4) colour and shape of both
-    (-100 there)."""
-    places = torch.full((len(scenes), most, 4), float("nan"))
-    kinds = torch.full((len(scenes), most, 4), -100, dtype=torch.long)
+    """Each question's readout targets. (B, questions, 5): grid row and column of its first and last referent
+    object, then for relation questions ``MARGIN_SCALE`` x the signed margin that decides the answer
+    (``relation_margin``); NaN where a question has none (counts, whose referents are a set, have none).
+    (B, questions, 5): colour and shape of both referents, then the relation word's index; -100 there."""
+    places = torch.full((len(scenes), most, 5), float("nan"))
+    kinds = torch.full((len(scenes), most, 5), -100, dtype=torch.long)
     colours, shapes = list(S.COLOURS), list(S.SHAPES)
     for b, (_, qs) in enumerate(scenes):
         for j, q in enumerate(qs):
             if q.referents and q.qtype != "count":
                 first, last = q.objects[q.referents[0]], q.objects[q.referents[-1]]
-                places[b, j] = torch.tensor([first.cell // S.GRID, first.cell % S.GRID, last.cell // S.GRID,
-                                             last.cell % S.GRID], dtype=torch.float)
-                kinds[b, j] = torch.tensor([colours.index(first.colour), colours.index(last.colour),
-                                            shapes.index(first.shape), shapes.index(last.shape)])
+                places[b, j, :4] = torch.tensor([first.cell // S.GRID, first.cell % S.GRID, last.cell // S.GRID,
+                                                 last.cell % S.GRID], dtype=torch.float)
+                kinds[b, j, :4] = torch.tensor([colours.index(first.colour), colours.index(last.colour),
+                                                shapes.index(first.shape), shapes.index(last.shape)])
+            if q.qtype == "relation":
+                margin, word = relation_margin(q)
+                places[b, j, 4], kinds[b, j, 4] = MARGIN_SCALE * margin, word
     return places, kinds
+
+
+MARGIN_SCALE = 4.0  # weight of the relation margin among the readout's squared errors (x 16)
+
+
+def relation_margin(q: S.VQASample) -> tuple[float, int]:
+    """The relation question's signed margin, > 0 exactly when the answer is "yes" (for "is A left of B":
+    column(B) - column(A); "right of", "above", "below" alike), and the index of its relation word."""
+    rel = next(r for r in S.RELATIONS if f" {r} " in q.question)
+    a, b = q.objects[q.referents[0]], q.objects[q.referents[-1]]
+    ra, ca, rb, cb = a.cell // S.GRID, a.cell % S.GRID, b.cell // S.GRID, b.cell % S.GRID
+    margin = {"left of": cb - ca, "right of": ca - cb, "above": rb - ra, "below": ra - rb}[rel]
+    return float(margin), S.RELATIONS.index(rel)
 
 
 def _scene_indices(batch: dict, phase: str, cfg: TrainConfig, n_tokens: int, gen: torch.Generator):
@@ -432,7 +449,7 @@ def _attention_supervision(layer, h, cos_sin, mask, rows, cols, referents, first
     return -((probs * target).sum(-1) + 1e-6).log().mean()
 
 
-READOUT_SIZES = [4] + [len(S.COLOURS)] * 2 + [len(S.SHAPES)] * 2  # places of both referents, colour, shape
+READOUT_SIZES = [5] + [len(S.COLOURS)] * 2 + [len(S.SHAPES)] * 2 + [len(S.RELATIONS)]  # see _referent_labels
 
 
 def _readout_loss(outputs: torch.Tensor, batch: dict) -> torch.Tensor:

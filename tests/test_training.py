@@ -106,9 +106,15 @@ def test_readout_labels_name_each_questions_referents():
                 assert places[b, j].isnan().all() and (kinds[b, j] == -100).all()
                 continue
             first, last = q.objects[q.referents[0]], q.objects[q.referents[-1]]
-            assert places[b, j].tolist() == [first.cell // 3, first.cell % 3, last.cell // 3, last.cell % 3]
-            assert kinds[b, j].tolist() == [list(S.COLOURS).index(first.colour), list(S.COLOURS).index(last.colour),
-                                            list(S.SHAPES).index(first.shape), list(S.SHAPES).index(last.shape)]
+            assert places[b, j, :4].tolist() == [first.cell // 3, first.cell % 3, last.cell // 3, last.cell % 3]
+            assert kinds[b, j, :4].tolist() == [list(S.COLOURS).index(first.colour),
+                                                list(S.COLOURS).index(last.colour), list(S.SHAPES).index(first.shape),
+                                                list(S.SHAPES).index(last.shape)]
+            if q.qtype == "relation":  # the margin's sign is the answer; the relation word is the question's
+                assert (places[b, j, 4] > 0) == (q.answer == "yes") and places[b, j, 4] != 0
+                assert S.RELATIONS[kinds[b, j, 4]] in q.question
+            else:
+                assert places[b, j, 4].isnan() and kinds[b, j, 4] == -100
             seen.add(q.qtype)
     assert seen == {"color", "shape", "exist", "relation"}
     assert places[:, len(scenes[0][1]):].isnan().all()  # rows past a scene's questions are padding
@@ -120,7 +126,8 @@ def test_readout_loss_is_squared_place_error_plus_attribute_cross_entropy():
     n = sum(len(q) for q in batch["questions"])
     places = torch.cat([batch["referent_places"][b, :len(q)] for b, q in enumerate(batch["questions"])])
     loss = _readout_loss(torch.zeros(n, sum(READOUT_SIZES)), batch)
-    expected = places[~places.isnan()].pow(2).mean() + 2 * math.log(len(S.COLOURS)) + 2 * math.log(len(S.SHAPES))
+    expected = (places[~places.isnan()].pow(2).mean() + 2 * math.log(len(S.COLOURS)) + 2 * math.log(len(S.SHAPES))
+                + math.log(len(S.RELATIONS)))
     assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)
 
 
