@@ -1,24 +1,21 @@
-"""Why relation questions stay at chance in the built-in model: stage 2 of the recipe on the shipped tower with
-one change at a time, then a look at what the hidden state after the supervised layer holds. Not part of the
-package; it patches private pieces of ``robustvtc.training`` for one run. One main torch thread.
+"""Why relation questions were at chance in the built-in model, and what fixed them: stage 2 of the recipe on the
+shipped tower with one change at a time, then a look at what the hidden state after the supervised layer holds.
+Not part of the package; it patches private pieces of ``robustvtc.training`` for one run. One main torch thread.
 
-    python experiments/relation_lab.py --steps 700                       # the recipe as shipped
-    python experiments/relation_lab.py --steps 700 --place-weight 1      # object tokens read as their row/column words
-    python experiments/relation_lab.py --steps 700 --place-weight 1 --margin-scale 4 --relation-word
-    python experiments/relation_lab.py --steps 700 --count-sink          # head 1 keeps 1/(1+n) on the sink for counts
+    python experiments/relation_lab.py --steps 700                        # the recipe
+    python experiments/relation_lab.py --steps 700 --place-weight 0 --margin-scale 0 --no-relation-word
+    python experiments/relation_lab.py --steps 700 --count-sink           # head 1 keeps 1/(1+n) on the sink
 
 After training it prints validation accuracy per type (every token visible), then on 400 validation relation
 questions: the answer accuracy, the share of the readout's four places (row and column of both objects,
-rounded) that are right ("place"), and with ``--margin-scale`` / ``--relation-word`` how often the sign of the
-relation margin and the relation word are read correctly; and a linear probe (70/30 split) of the object
-centre patches' grid row and column from the tower's features, the projected tokens, and the values of the
-supervised heads.
+rounded) that are right ("place"), how often the sign of the relation-margin readout and the relation-word
+readout are right; and a linear probe (70/30 split) of the object centre patches' grid row and column from the
+tower's features, the projected tokens, and the values of the supervised heads.
 
-Options:
-* ``--margin-scale S``: the readout must also give, for relation questions, S x the margin that decides the
-  answer (for "is A left of B": column(B) - column(A); right of, above, below alike), so that the answer is the
-  sign of one readout;
-* ``--relation-word``: the readout must also classify the relation word;
+Options (the recipe's value in ``robustvtc.training`` otherwise):
+* ``--place-weight W``: weight of the object tokens' row and column words in the feature alignment;
+* ``--margin-scale S``: scale of the relation margin the readout must give (0: no margin target);
+* ``--no-relation-word``: no relation-word target;
 * ``--count-sink``: for count questions, head 1 must put 1/(1+n) of its attention on the first token and the
   rest on the n objects (cross-entropy against that split), so that the attention output encodes n;
 * ``--attend-layer L``: supervise layer L's heads instead of layer 2.
@@ -35,34 +32,18 @@ from robustvtc.data import synthetic as S
 from robustvtc.models import load_model
 
 
-def relation_margin(q: S.VQASample) -> tuple[float, int]:
-    """The signed margin whose sign is the answer ("yes" if > 0) and the index of the relation word."""
-    rel = next(r for r in S.RELATIONS if f" {r} " in q.question)
-    a, b = q.objects[q.referents[0]], q.objects[q.referents[-1]]
-    ra, ca, rb, cb = a.cell // S.GRID, a.cell % S.GRID, b.cell // S.GRID, b.cell % S.GRID
-    return float({"left of": cb - ca, "right of": ca - cb, "above": rb - ra, "below": ra - rb}[rel]), \
-        S.RELATIONS.index(rel)
-
-
 def patch_labels(margin_scale: float, relation_word: bool) -> None:
-    """Extend the readout's targets with the relation margin and/or word (NaN / -100 for other questions)."""
+    """Change the readout's relation targets: margin scale (0 = none, NaN) and relation word (False = -100)."""
     base = T._referent_labels
-    if margin_scale:
-        T.READOUT_SIZES[0] += 1
-    if relation_word:
-        T.READOUT_SIZES.append(len(S.RELATIONS))
 
     def labels(scenes, most):
         places, kinds = base(scenes, most)
-        margin = torch.full((len(scenes), most, 1), float("nan"))
-        word = torch.full((len(scenes), most, 1), -100, dtype=torch.long)
-        for b, (_, qs) in enumerate(scenes):
-            for j, q in enumerate(qs):
-                if q.qtype == "relation":
-                    m, w = relation_margin(q)
-                    margin[b, j, 0], word[b, j, 0] = m * margin_scale, w
-        return (torch.cat([places, margin], -1) if margin_scale else places,
-                torch.cat([kinds, word], -1) if relation_word else kinds)
+        places[..., 4] *= margin_scale / T.MARGIN_SCALE
+        if not margin_scale:
+            places[..., 4] = float("nan")
+        if not relation_word:
+            kinds[..., 4] = -100
+        return places, kinds
     T._referent_labels = labels
 
 
@@ -116,7 +97,7 @@ def _head_probs(layer, h, cos_sin, mask, rows, cols) -> torch.Tensor:
 
 
 @torch.no_grad()
-def inspect(adapter, readout, attend_layer: int, margin_scale: float, relation_word: bool) -> None:
+def inspect(adapter, readout, attend_layer: int) -> None:
     model = adapter.model.eval()
     lm, embed = model.model.language_model, model.get_input_embeddings()
     yes_no = [adapter.continuation_ids("is there a red circle ?", w)[0] for w in ("yes", "no")]
@@ -130,11 +111,9 @@ def inspect(adapter, readout, attend_layer: int, margin_scale: float, relation_w
         a, b = s.objects[s.referents[0]], s.objects[s.referents[-1]]
         truth = torch.tensor([a.cell // S.GRID, a.cell % S.GRID, b.cell // S.GRID, b.cell % S.GRID]).float()
         hits["place"].append((parts[0][:4].round() == truth).float().mean().item())
-        margin, word = relation_margin(s)
-        if margin_scale:
-            hits.setdefault("margin sign", []).append(float((parts[0][4] > 0).item() == (margin > 0)))
-        if relation_word:
-            hits.setdefault("relation word", []).append(float(parts[-1].argmax().item() == word))
+        margin, word = T.relation_margin(s)
+        hits.setdefault("margin sign", []).append(float((parts[0][4] > 0).item() == (margin > 0)))
+        hits.setdefault("relation word", []).append(float(parts[-1].argmax().item() == word))
         logits = model.lm_head(lm.norm(out.last_hidden_state[0, -1]))[yes_no]
         hits["answer"].append(float((logits[0] > logits[1]).item() == (s.answer == "yes")))
     for name, values in hits.items():
@@ -189,8 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--place-weight", type=float, default=T.TrainConfig.place_weight)
-    parser.add_argument("--margin-scale", type=float, default=0.0)
-    parser.add_argument("--relation-word", action="store_true")
+    parser.add_argument("--margin-scale", type=float, default=T.MARGIN_SCALE)
+    parser.add_argument("--no-relation-word", dest="relation_word", action="store_false")
     parser.add_argument("--count-sink", action="store_true")
     parser.add_argument("--attend-layer", type=int, default=T.TrainConfig.attend_layer)
     args = parser.parse_args()
@@ -217,7 +196,7 @@ def main() -> None:
         T._train_llava(adapter, cfg, lambda line: print(line, flush=True) if "val" in line else None, time.time())
     finally:
         torch.nn.Linear = linear
-    inspect(adapter, made[-1], args.attend_layer, args.margin_scale, args.relation_word)
+    inspect(adapter, made[-1], args.attend_layer)
     probe_places(adapter, args.attend_layer)  # outside inspect's no_grad: the probes train
 
 
