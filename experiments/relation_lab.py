@@ -70,7 +70,7 @@ def patch_count_sink() -> None:
         # the recipe's loss is -log(mass on the objects); split it by the target shares of sink and objects
         n = (code - 10).clamp(min=0)
         share = torch.where(counting, n / (1 + n), torch.ones_like(n))
-        probs = _head_probs(layer, h, cos_sin, mask, rows, cols)
+        probs = T.supervised_head_attention(layer, h, cos_sin, mask, rows, cols)
         target = torch.zeros_like(probs)
         K = referents.shape[-1]
         target[..., first_visual:first_visual + K] = (torch.cat([referents[b, :n] for b, n in enumerate(counts)]) > 0)
@@ -80,20 +80,6 @@ def patch_count_sink() -> None:
         return loss.mean()
 
     T._scene_batch, T._attention_supervision = scene_batch, supervision
-
-
-def _head_probs(layer, h, cos_sin, mask, rows, cols) -> torch.Tensor:
-    """Attention of heads 0 and 1 at the answer-predicting positions, as ``T._attention_supervision`` computes it."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    attn = layer.self_attn
-    normed = layer.input_layernorm(h)
-    B, L, _ = h.shape
-    q = attn.q_proj(normed).view(B, L, -1, attn.head_dim).transpose(1, 2)[:, :2]
-    k = attn.k_proj(normed).view(B, L, -1, attn.head_dim).transpose(1, 2)[:, :2]
-    q, k = apply_rotary_pos_emb(q, k, *cos_sin)
-    logits = torch.einsum("nhd,nhld->nhl", q[rows, :, cols], k[rows]) * attn.scaling + mask[rows, 0, cols].unsqueeze(1)
-    return logits.float().softmax(-1)
 
 
 @torch.no_grad()

@@ -432,6 +432,16 @@ def _attention_supervision(layer, h, cos_sin, mask, rows, cols, referents, first
     supervision existed: 700 stage-2 steps on the shipped tower reached 56.8 % validation accuracy with it, 50.8 %
     without.
     (The heads' own attention is recomputed here: SDPA does not return it.)"""
+    probs = supervised_head_attention(layer, h, cos_sin, mask, rows, cols)
+    K = referents.shape[-1]
+    target = torch.zeros_like(probs)
+    target[..., first_visual:first_visual + K] = torch.cat([referents[b, :n] for b, n in enumerate(counts)]).float()
+    target[..., 0] += target.sum(-1) == 0  # no referent: the first token, the attention sink
+    return -((probs * target).sum(-1) + 1e-6).log().mean()
+
+
+def supervised_head_attention(layer, h, cos_sin, mask, rows, cols) -> torch.Tensor:
+    """(n, 2, L) attention of heads 0 and 1 of ``layer`` at the positions (``rows``, ``cols``), in float32."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     attn = layer.self_attn
@@ -441,12 +451,7 @@ def _attention_supervision(layer, h, cos_sin, mask, rows, cols, referents, first
     k = attn.k_proj(normed).view(B, L, -1, attn.head_dim).transpose(1, 2)[:, :2]
     q, k = apply_rotary_pos_emb(q, k, *cos_sin)
     logits = torch.einsum("nhd,nhld->nhl", q[rows, :, cols], k[rows]) * attn.scaling + mask[rows, 0, cols].unsqueeze(1)
-    K = referents.shape[-1]
-    probs = logits.float().softmax(-1)  # (n, 2, L)
-    target = torch.zeros_like(probs)
-    target[..., first_visual:first_visual + K] = torch.cat([referents[b, :n] for b, n in enumerate(counts)]).float()
-    target[..., 0] += target.sum(-1) == 0  # no referent: the first token, the attention sink
-    return -((probs * target).sum(-1) + 1e-6).log().mean()
+    return logits.float().softmax(-1)
 
 
 READOUT_SIZES = [5] + [len(S.COLOURS)] * 2 + [len(S.SHAPES)] * 2 + [len(S.RELATIONS)]  # see _referent_labels
