@@ -93,7 +93,8 @@ def llava(args) -> None:
     """Stage 2 of the recipe on a frozen tower; only the flags given differ from the shipped recipe."""
     cfg = TrainConfig(vision_steps=0, steps=args.steps, lr=args.lr, attend_weight=args.attend_weight,
                       align_weight=args.align, place_weight=args.place_weight, readout_weight=args.readout,
-                      pair_fraction=args.pair_fraction, objects_fraction=args.objects_fraction, eval_every=args.eval_every)
+                      pair_fraction=args.pair_fraction, objects_fraction=args.objects_fraction,
+                      eval_every=args.eval_every)
     torch.manual_seed(0)
     adapter = new_builtin(0)
     tower = torch.load(args.tower) if args.tower else load_model("builtin").model.model.vision_tower.state_dict()

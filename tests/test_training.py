@@ -164,7 +164,8 @@ def test_alignment_loss_rewards_tokens_that_read_as_their_words():
             cell = (int(batch["patch_cell"][b, p]) + cell_shift) % (S.GRID * S.GRID)
             out[b, p] = (embeddings[words[colours[batch["patch_colour"][b, p] - 1]]]
                          + embeddings[words[shapes[batch["patch_shape"][b, p] - 1]]]
-                         + embeddings[words[ROW_WORDS[cell // S.GRID]]] + embeddings[words[COLUMN_WORDS[cell % S.GRID]]])
+                         + embeddings[words[ROW_WORDS[cell // S.GRID]]]
+                         + embeddings[words[COLUMN_WORDS[cell % S.GRID]]])
         return out
 
     matching, misplaced = tokens(0), tokens(4)
