@@ -73,18 +73,20 @@ def vision(args) -> None:
     loader = _loader(partial(_vision_batch, cfg), 0, args.steps, workers=1)
     t0 = time.time()
     for step, batch in enumerate(loader):
-        parts, _ = _vision_losses(adapter, heads, batch, args.shape_weight, cell=args.cell)
+        parts, _ = _vision_losses(adapter, heads, batch, args.shape_weight, args.cell, args.centre_weight)
         _step(sum(parts.values()), params, opt, sched)
         if (step + 1) % 100 == 0:
             tower.eval()
             with torch.no_grad():
-                _, feats = _vision_losses(adapter, heads, val, args.shape_weight, cell=args.cell)
+                _, feats = _vision_losses(adapter, heads, val, args.shape_weight, args.cell, args.centre_weight)
                 on = val["patch_shape"] > 0
                 shape = (heads["patch_shape"](feats).argmax(-1)[on] == val["patch_shape"][on]).float().mean().item()
                 colour = (heads["patch_colour"](feats).argmax(-1)[on] == val["patch_colour"][on]).float().mean().item()
+                centre, found = val["centre_mask"], heads["patch_centre"](feats).squeeze(-1) > 0
+                recall, precision = found[centre].float().mean().item(), centre[found].float().mean().item()
             tower.train()
-            print(f"step {step + 1}  val object patches: shape {shape:.3f}  colour {colour:.3f}  {time.time() - t0:.0f}s",
-                  flush=True)
+            print(f"step {step + 1}  val object patches: shape {shape:.3f}  colour {colour:.3f}  centre patches: "
+                  f"recall {recall:.3f}  precision {precision:.3f}  {time.time() - t0:.0f}s", flush=True)
     if args.save:
         torch.save(tower.state_dict(), args.save)
 
@@ -174,6 +176,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--cell", action="store_true", help="add the per-patch grid-cell objective")
     p.add_argument("--shape-weight", type=float, default=1.0)
+    p.add_argument("--centre-weight", type=float, default=0.0, help="weight of the per-patch object-centre objective")
     p.add_argument("--save", default=None, help="write the tower's state dict here")
     p = sub.add_parser("attention")
     p.add_argument("--samples", type=int, default=250)

@@ -64,11 +64,13 @@ class TrainConfig:
     batch_size: int = 32
     vision_lr: float = 3e-3
     shape_weight: float = 2.0  # shape is learned last (it needs neighbouring patches); colour and cell come free
+    centre_weight: float = 1.0  # stage 1: each patch says whether an object's centre lies in it (one per object)
     lr: float = 2e-3
     align_weight: float = 1.0  # stage 2: object tokens, projected, must read as their colour and shape words
     place_weight: float = 1.0  # stage 2: ... and as their grid row and column words
     attend_weight: float = 1.0  # stage 2: two heads of decoder layer attend_layer must look at the questions'
     attend_layer: int = 2  # objects (the last layer is left to use what they find)
+    count_centres: bool = True  # counts: head 1 splits its attention evenly over the sink and the objects' centres
     readout_weight: float = 1.0  # stage 2: after that layer, the answer position must hold the referents' attributes
     warmup: int = 60
     weight_decay: float = 0.05
@@ -110,13 +112,14 @@ def _vision_batch(cfg: TrainConfig, step: int) -> dict:
 
 def _collate(samples: list[S.VQASample]) -> dict:
     """Pixels and ground-truth labels of the samples' images: the (colour, shape) pairs present, and per patch the
-    colour and shape of the object covering it most (0 = background), its grid cell and whether any object touches
-    it."""
+    colour and shape of the object covering it most (0 = background), its grid cell, whether any object touches
+    it and whether an object's centre lies in it."""
     g = S.IMAGE_SIZE // S.PATCH_SIZE
     presence = torch.zeros(len(samples), len(COMBOS))
     patch_colour = torch.zeros(len(samples), g * g, dtype=torch.long)
     patch_shape = torch.zeros(len(samples), g * g, dtype=torch.long)
     object_mask = torch.zeros(len(samples), g * g, dtype=torch.bool)
+    centre_mask = torch.zeros(len(samples), g * g, dtype=torch.bool)
     colours, shapes = list(S.COLOURS), list(S.SHAPES)
     for b, s in enumerate(samples):
         cov = s.patch_coverage().reshape(len(s.objects), -1)
@@ -129,9 +132,15 @@ def _collate(samples: list[S.VQASample]) -> dict:
                 patch_colour[b, p] = colours.index(o.colour) + 1
                 patch_shape[b, p] = shapes.index(o.shape) + 1
             object_mask[b] = torch.from_numpy((cov > 0.02).any(0))
+            centre_mask[b, [_centre_patch(o) for o in s.objects]] = True
     return {"pixels": S.to_pixels(samples), "presence": presence, "patch_colour": patch_colour,
             "patch_shape": patch_shape, "patch_cell": _patch_cells().repeat(len(samples), 1),
-            "object_mask": object_mask}
+            "object_mask": object_mask, "centre_mask": centre_mask}
+
+
+def _centre_patch(obj: S.SceneObject) -> int:
+    """Index of the patch an object's centre lies in: one token per object, whatever its size."""
+    return int(obj.cy // S.PATCH_SIZE) * (S.IMAGE_SIZE // S.PATCH_SIZE) + int(obj.cx // S.PATCH_SIZE)
 
 
 def _scene_batch(cfg: TrainConfig, frozen: LlavaAdapter, step: int) -> dict:
@@ -146,8 +155,9 @@ def _scene_batch(cfg: TrainConfig, frozen: LlavaAdapter, step: int) -> dict:
     batch["index"] = index = _scene_indices(batch, phase, cfg, feats.shape[1], gen)
     if index is not None:
         feats = torch.gather(feats, 1, index.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-        ref = batch["referents"]
+        ref, centres = batch["referents"], batch["count_centres"]
         batch["referents"] = torch.gather(ref, 3, index[:, None, None].expand(-1, *ref.shape[1:3], -1))
+        batch["count_centres"] = torch.gather(centres, 2, index[:, None].expand(-1, centres.shape[1], -1))
     batch["features"], batch["phase"] = feats, phase
     return batch
 
@@ -171,13 +181,16 @@ def _collate_scenes(scenes: list[tuple[list[S.SceneObject], list[S.VQASample]]])
     batch["answers"] = [[s.answer for s in qs] for _, qs in scenes]
     most = max(len(qs) for _, qs in scenes)
     referents = torch.zeros(len(scenes), most, 2, shown.shape[1], dtype=torch.bool)  # first and last referent
+    centres = torch.zeros(len(scenes), most, shown.shape[1], dtype=torch.bool)  # the centres of what a count counts
     for b, (_, qs) in enumerate(scenes):
         cov = torch.from_numpy(qs[0].patch_coverage().reshape(len(qs[0].objects), -1) > 0.02)
         for j, q in enumerate(qs):
             if q.referents:
                 referents[b, j, 0] = cov[q.referents[0]] if q.qtype != "count" else cov[list(q.referents)].any(0)
                 referents[b, j, 1] = cov[q.referents[-1]] if q.qtype != "count" else referents[b, j, 0]
-    batch["referents"] = referents
+            if q.qtype == "count":
+                centres[b, j, [_centre_patch(q.objects[i]) for i in q.referents]] = True
+    batch["referents"], batch["count_centres"] = referents, centres
     batch["referent_places"], batch["referent_kinds"] = _referent_labels(scenes, most)
     return batch
 
@@ -188,7 +201,7 @@ def _referent_labels(scenes, most: int) -> tuple[torch.Tensor, torch.Tensor]:
     (``relation_margin``); NaN where a question has none (counts, whose referents are a set, have none).
     (B, questions, 5): colour and shape of both referents, then the relation word's index; -100 there."""
     places = torch.full((len(scenes), most, 5), float("nan"))
-    kinds = torch.full((len(scenes), most, 5), -100, dtype=torch.long)
+    kinds = torch.full((len(scenes), most, 6), -100, dtype=torch.long)
     colours, shapes = list(S.COLOURS), list(S.SHAPES)
     for b, (_, qs) in enumerate(scenes):
         for j, q in enumerate(qs):
@@ -201,6 +214,8 @@ def _referent_labels(scenes, most: int) -> tuple[torch.Tensor, torch.Tensor]:
             if q.qtype == "relation":
                 margin, word = relation_margin(q)
                 places[b, j, 4], kinds[b, j, 4] = MARGIN_SCALE * margin, word
+            if q.qtype == "count":
+                kinds[b, j, 5] = S.NUMBERS.index(q.answer)
     return places, kinds
 
 
@@ -356,11 +371,12 @@ def _vision_heads(vdim: int) -> torch.nn.ModuleDict:
         "patch_colour": torch.nn.Linear(vdim, len(S.COLOURS) + 1),
         "patch_shape": torch.nn.Linear(vdim, len(S.SHAPES) + 1),
         "patch_cell": torch.nn.Linear(vdim, S.GRID * S.GRID),
+        "patch_centre": torch.nn.Linear(vdim, 1),
     })
 
 
 def _vision_losses(adapter: LlavaAdapter, heads: torch.nn.ModuleDict, batch: dict, shape_weight: float,
-                   cell: bool = True) -> tuple[dict, torch.Tensor]:
+                   cell: bool = True, centre_weight: float = 0.0) -> tuple[dict, torch.Tensor]:
     """Stage 1's losses on one batch, and the feature-layer patch tokens they were computed from."""
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     ce = torch.nn.functional.cross_entropy
@@ -373,12 +389,15 @@ def _vision_losses(adapter: LlavaAdapter, heads: torch.nn.ModuleDict, batch: dic
              "shape": shape_weight * ce(heads["patch_shape"](feats).flatten(0, 1), batch["patch_shape"].flatten())}
     if cell:
         parts["cell"] = ce(heads["patch_cell"](feats).flatten(0, 1), batch["patch_cell"].flatten())
+    if centre_weight:
+        parts["centre"] = centre_weight * bce(heads["patch_centre"](feats).squeeze(-1), batch["centre_mask"].float())
     return parts, feats
 
 
 def _packed_answer_loss(adapter: LlavaAdapter, visual: torch.Tensor, questions: list[list[str]],
                         answers: list[list[str]], answer_id: dict[str, int], referents: torch.Tensor | None = None,
-                        attend_layer: int = 2) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                        attend_layer: int = 2, count_centres: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The answer loss of several questions per image in one sequence: [prompt prefix | visual | q1 a1 | q2 a2 ...].
 
     Each question block attends to the prefix, the visual tokens and itself only, and takes the positions it would
@@ -421,7 +440,7 @@ def _packed_answer_loss(adapter: LlavaAdapter, visual: torch.Tensor, questions: 
     for i, layer in enumerate(lm.layers):
         if i == attend_layer and referents is not None:
             attend = _attention_supervision(layer, h, cos_sin, mask, rows_idx[::2], cols_idx[::2], referents, len(pre),
-                                            [len(q) for q in questions])
+                                            [len(q) for q in questions], count_centres)
         h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=cos_sin)
         if i == attend_layer:
             found = h[rows_idx[::2], cols_idx[::2]]
@@ -429,7 +448,8 @@ def _packed_answer_loss(adapter: LlavaAdapter, visual: torch.Tensor, questions: 
     return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), attend, found
 
 
-def _attention_supervision(layer, h, cos_sin, mask, rows, cols, referents, first_visual, counts) -> torch.Tensor:
+def _attention_supervision(layer, h, cos_sin, mask, rows, cols, referents, first_visual, counts,
+                           count_centres=None) -> torch.Tensor:
     """-log of the attention mass that heads 0 and 1 of ``layer``, at each answer-predicting position, put on the
     question's first and last referent object (every object of the colour for count questions); questions
     without a referent (a "no" existence, a "zero" count) must look at the first token instead, the attention
@@ -442,7 +462,15 @@ def _attention_supervision(layer, h, cos_sin, mask, rows, cols, referents, first
     target = torch.zeros_like(probs)
     target[..., first_visual:first_visual + K] = torch.cat([referents[b, :n] for b, n in enumerate(counts)]).float()
     target[..., 0] += target.sum(-1) == 0  # no referent: the first token, the attention sink
-    return -((probs * target).sum(-1) + 1e-6).log().mean()
+    loss = -((probs * target).sum(-1) + 1e-6).log()
+    if count_centres is not None:
+        centres = torch.cat([count_centres[b, :n] for b, n in enumerate(counts)]).float()
+        share = torch.zeros_like(probs[:, 1])
+        share[:, first_visual:first_visual + K] = centres
+        share[:, 0] = 1.0
+        share = share / share.sum(-1, keepdim=True)
+        loss[:, 1] = torch.where(centres.any(-1), -(share * (probs[:, 1] + 1e-6).log()).sum(-1), loss[:, 1])
+    return loss.mean()
 
 
 def supervised_head_attention(layer, h, cos_sin, mask, rows, cols) -> torch.Tensor:
@@ -459,7 +487,7 @@ def supervised_head_attention(layer, h, cos_sin, mask, rows, cols) -> torch.Tens
     return logits.float().softmax(-1)
 
 
-READOUT_SIZES = [5] + [len(S.COLOURS)] * 2 + [len(S.SHAPES)] * 2 + [len(S.RELATIONS)]  # see _referent_labels
+READOUT_SIZES = [5] + [len(S.COLOURS)] * 2 + [len(S.SHAPES)] * 2 + [len(S.RELATIONS), len(S.NUMBERS)]  # see _referent_labels
 
 
 def _readout_loss(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -494,7 +522,7 @@ def _train_vision(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> No
     params = list(adapter.model.model.vision_tower.parameters()) + list(heads.parameters())
     opt, sched = _optimizer(params, cfg.vision_steps, cfg.vision_lr, cfg)
     for step, batch in enumerate(_loader(partial(_vision_batch, cfg), 0, cfg.vision_steps, workers=1)):
-        parts, _ = _vision_losses(adapter, heads, batch, cfg.shape_weight)
+        parts, _ = _vision_losses(adapter, heads, batch, cfg.shape_weight, centre_weight=cfg.centre_weight)
         _step(sum(parts.values()), params, opt, sched)
         _log_parts(log, step, {k: v.detach() for k, v in parts.items()}, t0)
 
@@ -517,7 +545,8 @@ def _train_llava(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> lis
     for done, batch in enumerate(batches, start=1):
         visual = adapter.project(batch["features"])
         lm, attend, found = _packed_answer_loss(adapter, visual, batch["questions"], batch["answers"], answer_id,
-                                                batch["referents"], cfg.attend_layer)
+                                                batch["referents"], cfg.attend_layer,
+                                                batch["count_centres"] if cfg.count_centres else None)
         align = _alignment_loss(visual, batch, batch["index"], model.get_input_embeddings().weight, word_id,
                                 cfg.place_weight)
         read = _readout_loss(readout(found), batch)

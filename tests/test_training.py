@@ -74,7 +74,9 @@ def test_packed_questions_score_exactly_as_one_question_forwards():
 
 def test_attention_supervision_scores_the_mass_on_each_questions_referents():
     """With all keys zero, attention is uniform over the tokens a question may see, so the loss is known exactly:
-    -log(referent tokens / visible tokens), and -log(1 / visible tokens) (the first token) without a referent."""
+    -log(referent tokens / visible tokens), and -log(1 / visible tokens) (the first token) without a referent;
+    head 1 of a count spreads its target evenly over the sink and the centres, so its cross-entropy with the
+    uniform attention is -log(1 / visible tokens) whatever the count."""
     adapter = new_builtin(0)
     answer_id = {a: adapter.continuation_ids("what color is the circle ?", a)[0] for a in S.ANSWERS}
     batch = _scenes(2)
@@ -83,14 +85,14 @@ def test_attention_supervision_scores_the_mass_on_each_questions_referents():
     with torch.no_grad():
         adapter.model.model.language_model.layers[2].self_attn.k_proj.weight.zero_()
     _, attend, _ = _packed_answer_loss(adapter, adapter.project(torch.randn(2, 144, 128)), batch["questions"],
-                                    batch["answers"], answer_id, referents, attend_layer=2)
+                                    batch["answers"], answer_id, referents, 2, batch["count_centres"])
     expected = []
     for b, questions in enumerate(batch["questions"]):
         prefix, _ = adapter._prompt_ids(questions[0])
         for j, q in enumerate(questions):
             seen = len(prefix) + 144 + len(adapter._prompt_ids(q)[1])
             for head in range(2):
-                n = int(referents[b, j, head].sum())
+                n = 1 if head == 1 and q.startswith("how many") else int(referents[b, j, head].sum())
                 expected.append(-math.log(max(n, 1) / seen))
     assert math.isclose(attend.item(), sum(expected) / len(expected), rel_tol=1e-4)
 
@@ -102,7 +104,11 @@ def test_readout_labels_name_each_questions_referents():
     seen = set()
     for b, (_, questions) in enumerate(scenes):
         for j, q in enumerate(questions):
-            if not q.referents or q.qtype == "count":  # nothing, or a set: no label
+            if q.qtype == "count":  # a set: no place, only the count
+                assert places[b, j].isnan().all() and (kinds[b, j, :5] == -100).all()
+                assert S.NUMBERS[kinds[b, j, 5]] == q.answer
+                continue
+            if not q.referents:  # nothing
                 assert places[b, j].isnan().all() and (kinds[b, j] == -100).all()
                 continue
             first, last = q.objects[q.referents[0]], q.objects[q.referents[-1]]
@@ -115,6 +121,7 @@ def test_readout_labels_name_each_questions_referents():
                 assert S.RELATIONS[kinds[b, j, 4]] in q.question
             else:
                 assert places[b, j, 4].isnan() and kinds[b, j, 4] == -100
+            assert kinds[b, j, 5] == -100
             seen.add(q.qtype)
     assert seen == {"color", "shape", "exist", "relation"}
     assert places[:, len(scenes[0][1]):].isnan().all()  # rows past a scene's questions are padding
@@ -127,8 +134,30 @@ def test_readout_loss_is_squared_place_error_plus_attribute_cross_entropy():
     places = torch.cat([batch["referent_places"][b, :len(q)] for b, q in enumerate(batch["questions"])])
     loss = _readout_loss(torch.zeros(n, sum(READOUT_SIZES)), batch)
     expected = (places[~places.isnan()].pow(2).mean() + 2 * math.log(len(S.COLOURS)) + 2 * math.log(len(S.SHAPES))
-                + math.log(len(S.RELATIONS)))
+                + math.log(len(S.RELATIONS)) + math.log(len(S.NUMBERS)))
     assert math.isclose(loss.item(), expected.item(), rel_tol=1e-5)
+
+
+def test_centre_labels_mark_one_patch_per_object_and_the_counted_objects():
+    scenes = [S.generate_scene(i, "train") for i in range(4)]
+    batch = _collate_scenes(scenes)
+    for b, (objects, questions) in enumerate(scenes):
+        centres = batch["centre_mask"][b].nonzero().flatten().tolist()
+        assert len(centres) == len(objects)  # objects never share a cell, so never a centre patch
+        for o in objects:  # exactly one of them holds the object's centre pixel
+            assert sum(_covers(p, o) for p in centres) == 1
+        for j, q in enumerate(questions):
+            counted = batch["count_centres"][b, j]
+            if q.qtype == "count":
+                assert int(counted.sum()) == S.NUMBERS.index(q.answer)
+                assert set(counted.nonzero().flatten().tolist()) <= set(centres)
+            else:
+                assert not counted.any()
+
+
+def _covers(patch: int, obj: S.SceneObject) -> bool:
+    row, col = divmod(patch, 12)
+    return row * 8 <= obj.cy < row * 8 + 8 and col * 8 <= obj.cx < col * 8 + 8
 
 
 def test_tiny_training_run_writes_loadable_weights(tmp_path):
