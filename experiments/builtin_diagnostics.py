@@ -95,6 +95,7 @@ def llava(args) -> None:
     """Stage 2 of the recipe on a frozen tower; only the flags given differ from the shipped recipe."""
     cfg = TrainConfig(vision_steps=0, steps=args.steps, lr=args.lr, attend_weight=args.attend_weight,
                       align_weight=args.align, place_weight=args.place_weight, readout_weight=args.readout,
+                      count_centres=args.count_centres,
                       pair_fraction=args.pair_fraction, objects_fraction=args.objects_fraction,
                       eval_every=args.eval_every)
     torch.manual_seed(0)
@@ -195,6 +196,8 @@ def main() -> None:
     p.add_argument("--place-weight", type=float, default=TrainConfig.place_weight,
                    help="weight of the object tokens' grid row and column words in the alignment")
     p.add_argument("--readout", type=float, default=TrainConfig.readout_weight)
+    p.add_argument("--no-count-centres", dest="count_centres", action="store_false",
+                   help="head 1 of a count question looks at every patch of the colour, as head 0 does")
     p.add_argument("--pair-fraction", type=float, default=TrainConfig.pair_fraction)
     p.add_argument("--objects-fraction", type=float, default=TrainConfig.objects_fraction)
     p.add_argument("--eval-every", type=int, default=100)

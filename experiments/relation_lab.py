@@ -4,7 +4,6 @@ Not part of the package; it patches private pieces of ``robustvtc.training`` for
 
     python experiments/relation_lab.py --steps 700                        # the recipe
     python experiments/relation_lab.py --steps 700 --place-weight 0 --margin-scale 0 --no-relation-word
-    python experiments/relation_lab.py --steps 700 --count-sink           # head 1 keeps 1/(1+n) on the sink
 
 After training it prints validation accuracy per type (every token visible), then on 400 validation relation
 questions: the answer accuracy, the share of the readout's four places (row and column of both objects,
@@ -16,8 +15,6 @@ Options (the recipe's value in ``robustvtc.training`` otherwise):
 * ``--place-weight W``: weight of the object tokens' row and column words in the feature alignment;
 * ``--margin-scale S``: scale of the relation margin the readout must give (0: no margin target);
 * ``--no-relation-word``: no relation-word target;
-* ``--count-sink``: for count questions, head 1 must put 1/(1+n) of its attention on the first token and the
-  rest on the n objects (cross-entropy against that split), so that the attention output encodes n;
 * ``--attend-layer L``: supervise layer L's heads instead of layer 2.
 """
 from __future__ import annotations
@@ -45,41 +42,6 @@ def patch_labels(margin_scale: float, relation_word: bool) -> None:
             kinds[..., 4] = -100
         return places, kinds
     T._referent_labels = labels
-
-
-def patch_count_sink() -> None:
-    """Head 1 of count questions: 1/(1+n) of the attention on the first token, n/(1+n) on the objects. The
-    count travels to the loss as a marker on the referent mask (10 + n)."""
-    base_batch, base_supervision = T._scene_batch, T._attention_supervision
-
-    def scene_batch(*args, **kwargs):
-        batch = base_batch(*args, **kwargs)
-        ref = batch["referents"].float()
-        for b, (qs, answers) in enumerate(zip(batch["questions"], batch["answers"])):
-            for j, (q, a) in enumerate(zip(qs, answers)):
-                if q.startswith("how many"):
-                    ref[b, j, 1] *= 10 + S.NUMBERS.index(a)
-        batch["referents"] = ref
-        return batch
-
-    def supervision(layer, h, cos_sin, mask, rows, cols, referents, first_visual, counts):
-        code = torch.cat([referents[b, :n] for b, n in enumerate(counts)]).amax(-1)  # (questions, 2)
-        counting = code >= 10
-        if not counting.any():
-            return base_supervision(layer, h, cos_sin, mask, rows, cols, referents > 0, first_visual, counts)
-        # the recipe's loss is -log(mass on the objects); split it by the target shares of sink and objects
-        n = (code - 10).clamp(min=0)
-        share = torch.where(counting, n / (1 + n), torch.ones_like(n))
-        probs = T.supervised_head_attention(layer, h, cos_sin, mask, rows, cols)
-        target = torch.zeros_like(probs)
-        K = referents.shape[-1]
-        target[..., first_visual:first_visual + K] = (torch.cat([referents[b, :n] for b, n in enumerate(counts)]) > 0)
-        target[..., 0] += target.sum(-1) == 0
-        loss = -share * ((probs * target).sum(-1) + 1e-6).log()
-        loss = loss - torch.where(counting, (1 - share) * (probs[..., 0] + 1e-6).log(), torch.zeros_like(share))
-        return loss.mean()
-
-    T._scene_batch, T._attention_supervision = scene_batch, supervision
 
 
 @torch.no_grad()
@@ -156,13 +118,10 @@ def main() -> None:
     parser.add_argument("--place-weight", type=float, default=T.TrainConfig.place_weight)
     parser.add_argument("--margin-scale", type=float, default=T.MARGIN_SCALE)
     parser.add_argument("--no-relation-word", dest="relation_word", action="store_false")
-    parser.add_argument("--count-sink", action="store_true")
     parser.add_argument("--attend-layer", type=int, default=T.TrainConfig.attend_layer)
     args = parser.parse_args()
     torch.set_num_threads(1)
     patch_labels(args.margin_scale, args.relation_word)
-    if args.count_sink:
-        patch_count_sink()
     cfg = T.TrainConfig(vision_steps=0, steps=args.steps, eval_every=max(args.steps // 2, 1),
                         place_weight=args.place_weight, attend_layer=args.attend_layer)
     torch.manual_seed(0)
