@@ -23,7 +23,7 @@ pytestmark = pytest.mark.robustvtc(model="builtin", compressor="visionzip", budg
 
 
 def test_resists_the_compression_aligned_attack(robustvtc_target):
-    # Measured on the shipped weights: 62.5 % under CAGE at 4/255 (95 % CI 41.7-83.3), from 91.7 % clean
+    # Measured on the shipped weights: 45.8 % under CAGE at 4/255 (95 % CI 25.0-66.7), from 95.8 % clean
     # (VisionZip@32) on these 24 samples; this deployment's policy floor is 20 %.
     assert_robust(robustvtc_target, attack="cage", eps=EPS, min_accuracy=0.2, samples=SAMPLES, steps=STEPS)
 
@@ -33,8 +33,8 @@ def test_full_token_testing_does_not_overstate_robustness(robustvtc_target):
 
 
 def test_compression_does_not_make_it_much_easier_to_attack(robustvtc_target):
-    # Measured on the shipped weights: compression costs +8.3 points under CAGE at 4/255 (95 % CI +0.0 to
-    # +20.8) -- the papers' direction; this deployment's policy tolerates up to 25 points.
+    # Measured on the shipped weights: compression costs +0.0 points under CAGE at 4/255 (95 % CI -8.3 to
+    # +12.5) on these 24 samples; this deployment's policy tolerates up to 25 points.
     assert_compression_not_weaker(robustvtc_target, eps=EPS, max_drop=0.25, samples=SAMPLES, steps=STEPS)
 
 

@@ -2,7 +2,8 @@
 of the package. One main torch thread each.
 
     python experiments/builtin_diagnostics.py probe    # how well the shipped feature-layer patches encode colour/shape
-    python experiments/builtin_diagnostics.py vision --steps 1000 --lr 3e-3 --cell --shape-weight 2 --save tower.pt
+    python experiments/builtin_diagnostics.py vision --steps 1400 --lr 3e-3 --cell --shape-weight 2 --centre-weight 1 \
+        --save tower.pt                                # the recipe's stage 1
     python experiments/builtin_diagnostics.py llava --steps 800 --attend-weight 0   # stage 2 on the shipped tower
     python experiments/builtin_diagnostics.py fastv    # FastV's accuracy by the decoder layer it ranks with
     python experiments/builtin_diagnostics.py attention  # where the supervised heads look, by question type
@@ -10,7 +11,8 @@ of the package. One main torch thread each.
 
 ``probe`` fits a linear classifier on the object patches of the shipped vision tower (80/20 split).
 ``vision`` trains stage 1 alone and prints the shape/colour accuracy of its per-patch heads on the object
-patches of 256 validation scenes. ``llava`` runs the recipe's stage 2 (``robustvtc.training``) with a fresh
+patches of 256 validation scenes (with ``--centre-weight``, also the recall and precision of its object-centre
+head on the centre patches). ``llava`` runs the recipe's stage 2 (``robustvtc.training``) with a fresh
 projector and LLM on a frozen tower (the shipped model's, or one saved by ``vision --save``) and prints
 validation accuracy per question type, with every token visible, every ``--eval-every`` steps.
 ``attention`` prints, per question type on the first 250 validation samples, the accuracy and the attention
@@ -152,8 +154,8 @@ def attention(samples: int, model: str) -> None:
 
 
 @torch.no_grad()
-def count(samples: int, model: str) -> None:
-    adapter = load_model(model)
+def count_confusion(adapter, samples: int) -> torch.Tensor:
+    """(true count, answered count) over the first ``samples`` validation count questions, every token visible."""
     questions = [S.generate_sample(i, "val", qtype="count") for i in range(samples)]
     confusion = torch.zeros(len(S.NUMBERS), len(S.NUMBERS), dtype=torch.long)
     for i in range(0, samples, 50):
@@ -162,6 +164,12 @@ def count(samples: int, model: str) -> None:
                                             [s.question for s in chunk], list(S.NUMBERS))
         for predicted, s in zip(scores.argmax(-1).tolist(), chunk):
             confusion[S.NUMBERS.index(s.answer), predicted] += 1
+    return confusion
+
+
+def print_confusion(confusion: torch.Tensor) -> None:
+    total = int(confusion.sum())
+    print(f"count questions ({total}): accuracy {confusion.diag().sum().item() / total:.3f}")
     print("true \\ answered  " + "  ".join(f"{n:>5s}" for n in S.NUMBERS))
     for n, row in zip(S.NUMBERS, confusion.tolist()):
         print(f"{n:>16s}  " + "  ".join(f"{v:5d}" for v in row))
@@ -210,7 +218,7 @@ def main() -> None:
     elif args.command == "attention":
         attention(args.samples, args.model)
     elif args.command == "count":
-        count(args.samples, args.model)
+        print_confusion(count_confusion(load_model(args.model), args.samples))
     elif args.command == "fastv":
         fastv(args.samples)
     else:

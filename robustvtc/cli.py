@@ -102,7 +102,7 @@ def evaluate(model, compressors, budgets, samples, batch_size, seed, by_type, re
               help="Torch CPU threads of the main process (default: the recipe's 1; float results can depend on it).")
 @handle_errors
 def train_builtin_cmd(out, vision_steps, steps, batch_size, eval_samples, seed, threads):
-    """Reproduce the shipped built-in model from scratch (about 18 minutes on 2 CPU cores).
+    """Reproduce the shipped built-in model from scratch (about 15 minutes on 2 CPU cores).
 
     \b
     Example (a smoke run):
