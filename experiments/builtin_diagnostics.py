@@ -16,8 +16,9 @@ head on the centre patches). ``llava`` runs the recipe's stage 2 (``robustvtc.tr
 projector and LLM on a frozen tower (the shipped model's, or one saved by ``vision --save``) and prints
 validation accuracy per question type, with every token visible, every ``--eval-every`` steps.
 ``attention`` prints, per question type on the first 250 validation samples, the accuracy and the attention
-mass that heads 0 and 1 of decoder layer 2 put on the question's first and last object (every object of the
-colour for counts; the first token when there is none) at the answer-predicting position.
+mass that heads 0 and 1 of decoder layer 2 put on the question's first and last object (for counts, head 0 on
+every object of the colour and head 1 on their centre patches plus the first token; the first token when there
+is none) at the answer-predicting position.
 ``count`` prints the confusion matrix (rows: true count) of the first 200 validation count questions.
 ``fastv`` evaluates FastV (rule K: rank by layer K-1's last-token attention, prune before layer K) on the shipped
 model for K = 1, 2, 3 at budgets 16 and 48, on the first 100 test samples.
@@ -32,8 +33,8 @@ import torch
 
 from robustvtc.data import synthetic as S
 from robustvtc.models import load_model
-from robustvtc.training import (TrainConfig, _collate, _loader, _optimizer, _step, _train_llava, _vision_batch,
-                                _vision_heads, _vision_losses, new_builtin)
+from robustvtc.training import (TrainConfig, _centre_patch, _collate, _loader, _optimizer, _step, _train_llava,
+                                _vision_batch, _vision_heads, _vision_losses, new_builtin)
 
 ce = torch.nn.functional.cross_entropy
 
@@ -140,8 +141,11 @@ def attention(samples: int, model: str) -> None:
         cover = torch.from_numpy(s.patch_coverage().reshape(len(s.objects), -1) > 0.02).float()
         if not s.referents:
             mass = weights[:, 0]
-        elif s.qtype == "count":
-            mass = weights[:, prefix:prefix + 144] @ cover[list(s.referents)].amax(0)
+        elif s.qtype == "count":  # head 1 is trained to split its attention over the sink and the centres
+            centres = torch.zeros(144)
+            centres[[_centre_patch(s.objects[i]) for i in s.referents]] = 1.0
+            mass = torch.stack([weights[0, prefix:prefix + 144] @ cover[list(s.referents)].amax(0),
+                                weights[1, prefix:prefix + 144] @ centres + weights[1, 0]])
         else:
             mass = torch.stack([weights[0, prefix:prefix + 144] @ cover[s.referents[0]],
                                 weights[1, prefix:prefix + 144] @ cover[s.referents[-1]]])
