@@ -495,7 +495,8 @@ def supervised_head_attention(layer, h, cos_sin, mask, rows, cols) -> torch.Tens
     return logits.float().softmax(-1)
 
 
-READOUT_SIZES = [5] + [len(S.COLOURS)] * 2 + [len(S.SHAPES)] * 2 + [len(S.RELATIONS), len(S.NUMBERS)]  # see _referent_labels
+# the readout's outputs, in the order of _referent_labels: places, 2 colours, 2 shapes, relation word, count
+READOUT_SIZES = [5] + [len(S.COLOURS)] * 2 + [len(S.SHAPES)] * 2 + [len(S.RELATIONS), len(S.NUMBERS)]
 
 
 def _readout_loss(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
