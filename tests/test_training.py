@@ -143,7 +143,7 @@ def test_centre_labels_mark_one_patch_per_object_and_the_counted_objects():
     batch = _collate_scenes(scenes)
     for b, (objects, questions) in enumerate(scenes):
         centres = batch["centre_mask"][b].nonzero().flatten().tolist()
-        assert len(centres) == len(objects)  # objects never share a cell, so never a centre patch
+        assert len(centres) == len(objects)  # objects never share a cell, so no two share a centre patch
         for o in objects:  # exactly one of them holds the object's centre pixel
             assert sum(_covers(p, o) for p in centres) == 1
         for j, q in enumerate(questions):
