@@ -126,6 +126,8 @@ class Attack:
     paper: ClassVar[str] = ""
     threat: ClassVar[ThreatModel]
     defaults: ClassVar[dict[str, Any]] = {}
+    # what a campaign compares it as: "baseline" (full-token), "compression_aligned", "whitebox", "stealth", "other"
+    role: ClassVar[str] = "other"
 
     def __init__(self, model, **common: Any):
         unknown = sorted(set(common) - set(COMMON_DEFAULTS))

@@ -22,6 +22,7 @@ class FullToken(EncoderAttack):
     """
 
     name = "fulltoken"
+    role = "baseline"
     paper = "VEAttack (Mei et al. 2026), the full-token baseline of CAGE (arXiv 2601.21531)"
     threat = ThreatModel(gradients="encoder", compressor_known=False, budget_known=False, uses_question=False)
 

@@ -25,6 +25,7 @@ class KnownBudget(EncoderAttack):
     """
 
     name = "known_budget"
+    role = "compression_aligned"
     paper = "top-K_attack ablation of CAGE (arXiv 2601.21531)"
     threat = ThreatModel(gradients="encoder", compressor_known=False, budget_known=True, uses_question=False)
 

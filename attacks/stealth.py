@@ -30,6 +30,7 @@ class Stealth(Attack):
     """
 
     name = "stealth"
+    role = "stealth"
     paper = "CAA, arXiv 2601.12042 (objective in its spirit; no reference code)"
     threat = ThreatModel(gradients="model", compressor_known=True, budget_known=True, uses_question=True)
 

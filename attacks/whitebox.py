@@ -31,6 +31,7 @@ class WhiteBox(Attack):
     """
 
     name = "whitebox"
+    role = "whitebox"
     paper = "PGD (Madry et al. 2018) on the LVLM answer loss"
     threat = ThreatModel(gradients="model", compressor_known=True, budget_known=True, uses_question=True)
 

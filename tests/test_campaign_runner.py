@@ -17,8 +17,8 @@ from robustvtc.campaign.runner import KEY_FIELDS
 from robustvtc.errors import UserInputError
 
 SCHEMA = {"sample", "qtype", "question", "answer", "attack", "attack_threat", "eps", "steps", "compressor", "budget",
-          "defense", "adaptive", "prediction", "correct", "clean_correct", "full_token_correct", "flagged",
-          "kept_overlap", "rank_spearman", "rank_kendall", "kept_disruption", "linf", "l2", "seconds",
+          "defense", "adaptive", "prediction", "correct", "clean_correct", "full_token_correct",
+          "clean_full_token_correct", "flagged", "kept_overlap", "rank_spearman", "rank_kendall", "kept_disruption", "linf", "l2", "seconds",
           "budget_mapping"}
 
 
@@ -76,6 +76,8 @@ def test_clean_and_full_token_columns_are_consistent(finished):
     for r in records:
         clean = by_key[(r["sample"], "clean", 0.0, r["compressor"], r["budget"], r["defense"], False)]
         assert r["clean_correct"] == clean["correct"]
+        clean_full = by_key[(r["sample"], "clean", 0.0, "none", 144, r["defense"], False)]
+        assert r["clean_full_token_correct"] == clean_full["correct"]
         full = by_key.get((r["sample"], r["attack"], r["eps"], "none", 144, r["defense"], r["adaptive"]))
         if full is not None:  # the same adversarial image on the full-token model
             assert r["full_token_correct"] == full["correct"]

@@ -286,7 +286,7 @@ class Campaign:
                  clean_px: torch.Tensor, seconds: float, done: AbstractSet[tuple], attack=None) -> Iterator[dict]:
         delta = (adv_px - clean_px).flatten(1).float()
         linf, l2 = delta.abs().amax(dim=1).tolist(), delta.norm(dim=1).tolist()
-        full = adv[self.full]
+        full, clean_full = adv[self.full], clean[self.full]
         ranks: dict[tuple[int, int], tuple] = {}
         for cell in cells:
             a, c = adv[cell], clean[cell]
@@ -294,7 +294,7 @@ class Campaign:
             if pair not in ranks:
                 ranks[pair] = rank_correlations(c.tokens, a.tokens)
             spearman, kendall = ranks[pair]
-            overlap = kept_iou(c.kept, a.kept)
+            overlap = kept_overlap(c.kept, a.kept)
             disruption = kept_disruption(c.tokens, a.tokens, a.kept)
             for b, item in enumerate(items):
                 key = (item.id, unit.attack, unit.eps, cell[0], cell[1], defense, adaptive)
@@ -309,6 +309,7 @@ class Campaign:
                     "prediction": pred, "correct": self.task.correct(item, pred),
                     "clean_correct": self.task.correct(item, c.predictions[b]),
                     "full_token_correct": self.task.correct(item, full.predictions[b]),
+                    "clean_full_token_correct": self.task.correct(item, clean_full.predictions[b]),
                     "flagged": a.flagged[b],
                     "kept_overlap": _at(overlap, b), "rank_spearman": _at(spearman, b),
                     "rank_kendall": _at(kendall, b), "kept_disruption": _at(disruption, b),
@@ -368,13 +369,13 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- per-sample measures
-def kept_iou(clean: torch.Tensor | None, adv: torch.Tensor | None) -> list[float] | None:
-    """IoU of the kept patches, clean vs adversarial, per sample (None when a compressor has no keep plan)."""
+def kept_overlap(clean: torch.Tensor | None, adv: torch.Tensor | None) -> list[float] | None:
+    """|kept_adv ∩ kept_clean| / K per sample, K = |kept_clean| (CAGE, arXiv 2601.21531: the share of the
+    clean image's kept tokens the compressor still keeps on the adversarial one); None without a keep plan."""
     if clean is None or adv is None:
         return None
     inter = (clean & adv).sum(dim=1).float()
-    union = (clean | adv).sum(dim=1).float().clamp_min(1)
-    return (inter / union).tolist()
+    return (inter / clean.sum(dim=1).float().clamp_min(1)).tolist()
 
 
 def rank_correlations(clean, adv) -> tuple[list[float] | None, list[float] | None]:
