@@ -36,6 +36,55 @@ def check_pixels(pixels: Any, size: int | tuple[int, int]) -> torch.Tensor:
     return pixels
 
 
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (about 9459 x 9459)
+IMAGE_FILES = "an image file PIL decodes (PNG, JPEG, WebP, ...), at most {:,} pixels".format(MAX_IMAGE_PIXELS)
+
+
+def open_image(path: str | Path) -> Any:
+    """An image file fully decoded as an RGB PIL image; any other mode (grey, palette, alpha, CMYK, 16-bit,
+    ...) is converted. A missing, unreadable, truncated or oversized file is one line naming it."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"image file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise UserInputError(f"{path}: {w}x{h} pixels exceeds the decompression-bomb limit; "
+                                         f"accepted: {IMAGE_FILES}")
+                im.load()
+                return _rgb(im)
+    except UserInputError:
+        raise
+    except UnidentifiedImageError:
+        raise UserInputError(f"{path} is not an image file PIL can read; accepted: {IMAGE_FILES}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserInputError(f"{path}: too many pixels (decompression-bomb limit); accepted: {IMAGE_FILES}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, EOFError, ...
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserInputError(f"{path}: cannot decode the image ({problem}); accepted: {IMAGE_FILES}") from None
+
+
+def _rgb(im) -> Any:
+    """An RGB copy of a decoded PIL image: 16/32-bit grey scaled from its range, everything else converted."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode.startswith("I") or im.mode == "F":
+        array = np.asarray(im).astype(np.float64)
+        scale = 1.0 if im.mode == "F" else 65535.0 if im.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        grey = (np.clip(array / scale, 0, 1) * 255).round().astype(np.uint8)
+        return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
+    return im.convert("RGB")
+
+
 def to_pixels(image: Any, size: int | tuple[int, int], resize: bool = False) -> torch.Tensor:
     """One image (PIL, array, tensor or path) -> (1, 3, H, W) float tensor in [0, 1].
 
@@ -43,16 +92,7 @@ def to_pixels(image: Any, size: int | tuple[int, int], resize: bool = False) -> 
     """
     h, w = (size, size) if isinstance(size, int) else size
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise UserInputError(f"image file not found: {path}")
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB") if im.mode in ("L", "P", "RGBA") else im.copy()
-        except UnidentifiedImageError:
-            raise UserInputError(f"{path} is not an image file PIL can read; accepted: PNG, JPEG, ...") from None
+        image = open_image(image)
     if type(image).__module__.startswith("PIL."):
         if image.mode != "RGB":
             raise UserInputError(f"image mode {image.mode!r} is not supported; accepted: 'RGB' (use image.convert('RGB'))")

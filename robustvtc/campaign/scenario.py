@@ -41,8 +41,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from ..errors import UserInputError
 
 DATA_SOURCES = ("synthetic", "vqa_jsonl", "vqa_folder", "multiple_choice")
@@ -137,13 +135,10 @@ def resolve_path(name_or_path: str | Path) -> Path:
 
 def load_scenario(name_or_path: str | Path, overrides: Mapping[str, Any] | None = None) -> Scenario:
     """Read, apply ``overrides`` (dotted key paths, e.g. ``{"samples": 10, "attacks.0.steps": 5}``), validate."""
+    from ..safe_io import load_yaml
+
     path = resolve_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserInputError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    raw = load_yaml(path)  # size limit, bounded aliases, duplicate keys refused, UTF-8 checked
     if raw is None:
         raw = {}
     raw = apply_overrides(raw, overrides or {}, str(path))
@@ -248,16 +243,27 @@ def parse_scenario(raw: Any, source: str = "scenario", default_name: str = "scen
     c = _Check(source)
     raw = c.keys(raw, "", TOP_KEYS, REQUIRED)
     name = c.string(raw.get("name", default_name), "name")
+    if "/" in name or "\\" in name or ".." in name or name.startswith(".") or "\0" in name:
+        c.fail("name", f"{name!r} holds a path separator, '..' or a leading '.'", "a plain name like my-scan "
+               "(set output: to choose the folder)")
     out: dict[str, Any] = {"name": name, "output": f"runs/{name}"}
     for key in ("description", "model", "device", "output"):
         if key in raw:
             out[key] = c.string(raw[key], key) if key != "description" else str(raw[key])
     out.setdefault("model", "builtin")
+    if "device" in raw:
+        _device(c, out["device"])
     if "model_kwargs" in raw:
         if not isinstance(raw["model_kwargs"], dict):
             c.fail("model_kwargs", f"expected a mapping, got {_kind(raw['model_kwargs'])}",
                    "a mapping of load_model keyword arguments")
         out["model_kwargs"] = dict(raw["model_kwargs"])
+        size = out["model_kwargs"].get("image_size")
+        if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1 or (
+                isinstance(size, list) and len(size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size))):
+            c.fail("model_kwargs.image_size", f"{size!r} is not an image size",
+                   "a positive integer (pixels per side) or [height, width], at least the model's patch size")
     if "dtype" in raw:
         out["dtype"] = c.choice(raw["dtype"], "dtype", list(DTYPES))
     for key, minimum in (("samples", 1), ("eot_samples", 1), ("seed", 0), ("batch_size", 1), ("examples", 0),
@@ -293,6 +299,32 @@ def parse_scenario(raw: Any, source: str = "scenario", default_name: str = "scen
     _unique(c, [d.label for d in defenses], "defenses", "label", "distinct defense configurations")
     out["defenses"] = tuple(defenses)
     return Scenario(**out)
+
+
+def _device(c: _Check, device: str) -> None:
+    """A torch device string (cpu, cuda, cuda:1, mps, ...); availability is checked when the model loads."""
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        c.fail("device", f"{device!r} is not a device", "cpu, cuda, cuda:N or mps")
+
+
+def _option_types(c: _Check, cls, options: dict, path: str) -> None:
+    """Options whose default is a number or a boolean must be one too (``lambda_rda: abc`` fails here)."""
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in options.items():
+        default = params[key].default if key in params else None
+        if key in ("eps", "alpha") or default is None or default is inspect.Parameter.empty:
+            continue
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                c.fail(f"{path}.{key}", f"{value!r} is not a boolean", "true or false")
+        elif isinstance(default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                c.fail(f"{path}.{key}", f"{value!r} is not a number",
+                       "an integer" if isinstance(default, int) else "a number like 0.005")
 
 
 def _data(c: _Check, raw: Any, base_dir: Path | None) -> DataSpec:
@@ -345,6 +377,7 @@ def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], 
            if "eps" in raw else default_eps)
     opts = {k: v for k, v in raw.items() if k not in ATTACK_KEYS}
     opts["steps"] = c.integer(opts.get("steps", default_steps), f"{path}.steps", 0)
+    _option_types(c, cls, opts, path)
     if "alpha" in opts and opts["alpha"] is not None:
         c.eps(opts["alpha"], f"{path}.alpha")
     return AttackSpec(name, label, tuple(dict.fromkeys(eps)), opts)

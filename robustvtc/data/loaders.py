@@ -16,6 +16,7 @@ is one :class:`UserInputError` line naming the file, the line or row, what is wr
 from __future__ import annotations
 
 import csv
+import io
 import json
 import string
 from dataclasses import dataclass
@@ -56,13 +57,14 @@ class MultipleChoiceItem:
 
 def load_vqa_jsonl(path: str | Path, image_root: str | Path | None = None) -> list[VQAItem]:
     """VQA items from a JSONL file (see the module docstring for the format)."""
-    items = []
+    items, wheres = [], []
     for where, row in _jsonl_rows(path, VQA_JSONL):
         answers = row.get("answers", row.get("answer"))
         answers = [answers] if isinstance(answers, str) else answers
+        wheres.append(where)
         items.append(VQAItem(_id(row, where), _image(row, path, image_root, where, VQA_JSONL),
                              _text(row, "question", where, VQA_JSONL), _answers(answers, where, VQA_JSONL)))
-    return _non_empty(items, path, VQA_JSONL)
+    return _non_empty(items, path, VQA_JSONL, wheres)
 
 
 def load_vqa_folder(folder: str | Path, csv_name: str = "questions.csv",
@@ -73,13 +75,14 @@ def load_vqa_folder(folder: str | Path, csv_name: str = "questions.csv",
         raise UserInputError(f"image folder not found: {folder}; accepted: a folder holding the images and {csv_name}")
     path = folder / csv_name
     root = image_root if image_root is not None else folder
-    items = []
+    items, wheres = [], []
     for where, row in _csv_rows(path, ("image", "question"), ("answers", "answer"), VQA_CSV):
         raw = row.get("answers") or row.get("answer") or ""
         answers = [a.strip() for a in raw.split("|")] if row.get("answers") else [raw.strip()]
+        wheres.append(where)
         items.append(VQAItem(_id(row, where), _image(row, path, root, where, VQA_CSV),
                              _text(row, "question", where, VQA_CSV), _answers(answers, where, VQA_CSV)))
-    return _non_empty(items, path, VQA_CSV)
+    return _non_empty(items, path, VQA_CSV, wheres)
 
 
 def load_multiple_choice(path: str | Path, image_root: str | Path | None = None) -> list[MultipleChoiceItem]:
@@ -91,13 +94,14 @@ def load_multiple_choice(path: str | Path, image_root: str | Path | None = None)
     else:
         rows = _jsonl_rows(path, MC_FORMAT)
         options_of = _jsonl_options
-    items = []
+    items, wheres = [], []
     for where, row in rows:
         options = options_of(row, where)
+        wheres.append(where)
         items.append(MultipleChoiceItem(_id(row, where), _image(row, path, image_root, where, MC_FORMAT),
                                         _text(row, "question", where, MC_FORMAT), options,
                                         _choice(row.get("answer"), len(options), where)))
-    return _non_empty(items, path, MC_FORMAT)
+    return _non_empty(items, path, MC_FORMAT, wheres)
 
 
 def load_pixels(items: Sequence[VQAItem | MultipleChoiceItem], adapter) -> torch.Tensor:
@@ -113,36 +117,43 @@ def _open(path: str | Path, accepted: str) -> Path:
     return path
 
 
+def _utf8_text(path: Path, accepted: str) -> str:
+    """The file's text; a file that is not UTF-8 text is one line naming it and the byte."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"{path}: not UTF-8 text (byte {exc.start}); accepted: a UTF-8 file with {accepted}") \
+            from None
+
+
 def _jsonl_rows(path: str | Path, accepted: str) -> Iterator[tuple[str, dict]]:
     path = _open(path, accepted)
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserInputError(f"{where}: not valid JSON ({exc.msg}); accepted: {accepted}") from None
-            if not isinstance(row, dict):
-                raise UserInputError(f"{where}: expected a JSON object, got {type(row).__name__}; accepted: {accepted}")
-            yield where, row
+    for number, line in enumerate(io.StringIO(_utf8_text(path, accepted)), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"{where}: not valid JSON ({exc.msg}); accepted: {accepted}") from None
+        if not isinstance(row, dict):
+            raise UserInputError(f"{where}: expected a JSON object, got {type(row).__name__}; accepted: {accepted}")
+        yield where, row
 
 
 def _csv_rows(path: Path, required: Sequence[str], one_of: Sequence[str], accepted: str) -> Iterator[tuple[str, dict]]:
     path = _open(path, accepted)
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        columns = set(reader.fieldnames or [])
-        missing = [c for c in required if c not in columns]
-        if one_of and not columns & set(one_of):
-            missing.append(" or ".join(one_of))
-        if missing:
-            raise UserInputError(f"{path} lacks column(s) {', '.join(missing)}; accepted: {accepted}")
-        for number, row in enumerate(reader, 2):  # line 1 is the header
-            if None in row:
-                raise UserInputError(f"{path}:{number}: more fields than columns; accepted: {accepted}")
-            yield f"{path}:{number}", row
+    reader = csv.DictReader(io.StringIO(_utf8_text(path, accepted), newline=""))
+    columns = set(reader.fieldnames or [])
+    missing = [c for c in required if c not in columns]
+    if one_of and not columns & set(one_of):
+        missing.append(" or ".join(one_of))
+    if missing:
+        raise UserInputError(f"{path} lacks column(s) {', '.join(missing)}; accepted: {accepted}")
+    for number, row in enumerate(reader, 2):  # line 1 is the header
+        if None in row:
+            raise UserInputError(f"{path}:{number}: more fields than columns; accepted: {accepted}")
+        yield f"{path}:{number}", row
 
 
 def _id(row: dict, where: str) -> str:
@@ -212,7 +223,13 @@ def _choice(answer, n: int, where: str) -> int:
                          f"{letters[0]}..{letters[-1]} or an index 0..{n - 1}")
 
 
-def _non_empty(items: list, path, accepted: str) -> list:
+def _non_empty(items: list, path, accepted: str, wheres: list[str] | None = None) -> list:
     if not items:
         raise UserInputError(f"{path} holds no items; accepted: {accepted}")
+    first: dict[str, str] = {}
+    for item, where in zip(items, wheres or [f"{path} item {n + 1}" for n in range(len(items))]):
+        if item.id in first:  # records are keyed by id: a second item would silently replace the first's
+            raise UserInputError(f"{first[item.id]} and {where} share the id {item.id!r}; accepted: a distinct id "
+                                 "per item")
+        first[item.id] = where
     return items

@@ -25,21 +25,54 @@ def load_model(name: str = "builtin", *, device: str = "cpu", dtype: str = "floa
     ``kwargs`` go to the adapter's ``from_pretrained``: ``image_size``, ``prompt_template``,
     ``attn_implementation``, ``device_map`` and other transformers loading options.
     """
+    _check_device(device)
     if name in BUILTIN_MODELS:
         path = BUILTIN_MODELS[name]
         if not (path / "model.safetensors").is_file():
             raise UserInputError(f"the built-in weights are missing from {path}; reinstall robustvtc or run "
                                  "`robustvtc train-builtin`")
-        return LlavaAdapter.from_pretrained(path, device=device, dtype=dtype, name=name, **kwargs)
+        return _loading(path, lambda: LlavaAdapter.from_pretrained(path, device=device, dtype=dtype, name=name,
+                                                                   **kwargs), kwargs)
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
             raise UserInputError(f"{local} is not a Hugging Face model directory (no config.json)")
-        return _load_hf(local, device, dtype, kwargs)
+        return _loading(local, lambda: _load_hf(local, device, dtype, kwargs), kwargs)
     if "/" in name and not name.startswith((".", "/")):
-        return _load_hf(name, device, dtype, kwargs)
+        return _loading(name, lambda: _load_hf(name, device, dtype, kwargs), kwargs)
     raise UserInputError(f"unknown model {name!r}; accepted: {', '.join(BUILTIN_MODELS)}, a Hugging Face model "
                          f"directory or hub id of type {', '.join(ADAPTERS)}")
+
+
+def _check_device(device: str) -> None:
+    """A device torch knows and this machine has (``cuda`` without CUDA is one line, not an AssertionError)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError, TypeError):
+        raise UserInputError(f"device {device!r} is not a device; accepted: cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"device {device!r}: this torch has no usable CUDA GPU; accepted: cpu (or install a CUDA "
+                             "build of torch on a machine with a GPU)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError(f"device {device!r}: MPS is not available here; accepted: cpu")
+
+
+def _loading(where, load, kwargs: dict):
+    """Run ``load``; a bad keyword (model_kwargs) or missing weights become one line naming the model."""
+    try:
+        return load()
+    except UserInputError:
+        raise
+    except TypeError as exc:
+        if not kwargs:
+            raise
+        raise UserInputError(f"model_kwargs: {str(exc).splitlines()[0]}; accepted: image_size, prompt_template, "
+                             "attn_implementation, device_map and other transformers from_pretrained options") from None
+    except OSError as exc:
+        raise UserInputError(f"cannot load the model from {where}: {str(exc).splitlines()[0]}; accepted: a "
+                             "Hugging Face model directory with config.json and its weights") from None
 
 
 def _load_hf(path, device, dtype, kwargs) -> HFAdapter:

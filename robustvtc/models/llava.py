@@ -50,6 +50,9 @@ class LlavaAdapter(HFAdapter):
     def _set_geometry(self, image_size) -> None:
         """Input resolution, token grid and token count."""
         self.image_size = int(image_size or self.model.config.vision_config.image_size)
+        if self.image_size < self.patch_size:
+            raise UserInputError(f"model_kwargs.image_size: {image_size!r} is below the model's patch size "
+                                 f"{self.patch_size}; accepted: an integer >= {self.patch_size}")
         self.grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
         self.num_visual_tokens = self.grid[0] * self.grid[1]
 

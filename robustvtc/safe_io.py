@@ -1,0 +1,282 @@
+"""Writing without losing what a user has: atomic files, one writer per folder, safe YAML, safe tables.
+
+* :func:`atomic_write_text` / :func:`atomic_write_bytes` -- temporary file in the same folder, fsync, rename:
+  a kill leaves the old file or the new one, never half of one, and never writes through a symlink (the
+  rename replaces the link itself; :func:`refuse_symlink` refuses it first, naming it).
+* :class:`FolderLock` -- an exclusive lock on an output folder (``.robustvtc.lock`` holding pid and host, held
+  with ``flock`` so a SIGKILLed holder releases it); a second writer gets one line naming the holder, a lock
+  left by a dead process is taken over with a message.
+* :func:`load_yaml` -- size limit, bounded alias expansion (no "billion laughs"), duplicate keys refused with
+  their line.
+* :func:`csv_cell` / :func:`write_csv` neutralise spreadsheet formulas; :func:`md_cell` escapes Markdown/HTML.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserInputError
+
+LOCK_NAME = ".robustvtc.lock"
+YAML_MAX_BYTES = 1 << 20  # a scenario is a few hundred bytes; 1 MiB is generous
+YAML_MAX_NODES = 100_000  # nodes after alias expansion
+
+
+# ---------------------------------------------------------------------------------------------- files
+def refuse_symlink(path: str | Path) -> None:
+    """A :class:`UserInputError` when ``path`` (or a folder between it and its campaign folder) is a symlink."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UserInputError(f"{path} is a symbolic link; robustvtc never writes through links; accepted: remove "
+                             "the link or choose another output folder")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    refuse_symlink(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_with(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(temporary_path)`` then fsync and rename onto ``path`` (for writers that want a file name: PIL)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    refuse_symlink(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- lock
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+class FolderLock:
+    """Exclusive lock on an output folder: ``with FolderLock(out, log):``. See the module docstring."""
+
+    def __init__(self, folder: str | Path, log: Callable[[str], None] | None = None):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.log = log
+        self.fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        refuse_symlink(self.path)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise UserInputError(f"{self.folder} is being written by {holder} (lock {self.path}); accepted: "
+                                     "wait for it to finish, or another output folder") from None
+            try:  # the file we locked must still be the lock file (a releasing holder unlinks it)
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            previous = os.read(fd, 4096).decode("utf-8", "replace").strip()
+            if previous and self.log is not None:
+                self.log(f"taking over the stale lock {self.path} of {previous} (no longer running)")
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            os.fsync(fd)
+            self.fd = fd
+            return self
+        raise UserInputError(f"{self.path}: could not take the lock; accepted: retry")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire() if self.fd is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_holder(folder: str | Path) -> str | None:
+    """Who holds ``folder``'s lock now ("pid N on HOST"), or None when nobody does (stale files included)."""
+    import fcntl
+
+    path = Path(folder) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+        return None
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+def load_yaml(path: str | Path, text: str | None = None) -> Any:
+    """A YAML document, refusing oversized files, alias bombs and duplicate keys (one line naming them)."""
+    import yaml
+
+    path = Path(path)
+    if text is None:
+        size = path.stat().st_size
+        if size > YAML_MAX_BYTES:
+            raise UserInputError(f"{path}: {size} bytes; accepted: a scenario file under {YAML_MAX_BYTES} bytes")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserInputError(f"{path}: not UTF-8 text (byte {exc.start}); accepted: a UTF-8 YAML file") from None
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # SafeLoader reports it
+                if key in seen:
+                    raise UserInputError(f"{path}: line {key_node.start_mark.line + 1}: key {key!r} given twice "
+                                         f"(first on line {seen[key] + 1}); accepted: each key once")
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _bounded(node, path)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserInputError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    finally:
+        loader.dispose()
+
+
+def _bounded(root, path: Path) -> None:
+    """Refuse a document whose aliases expand to more than YAML_MAX_NODES nodes (without expanding them)."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    # iterative post-order: size(node) = 1 + sum of its children's sizes, each shared node counted every time
+    stack = [(root, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else
+                    list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if ready:
+            sizes[id(node)] = min(1 + sum(sizes.get(id(c), 1) for c in children), YAML_MAX_NODES + 1)
+            if sizes[id(node)] > YAML_MAX_NODES:
+                raise UserInputError(f"{path}: line {node.start_mark.line + 1}: aliases expand to more than "
+                                     f"{YAML_MAX_NODES} values; accepted: a scenario without alias chains")
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (``=cmd|calc``) gets a leading apostrophe; numbers
+    (negative ones included) are left alone."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        try:
+            float(value)
+            return value
+        except ValueError:
+            return "'" + value
+    return value
+
+
+def write_csv(table, path: str | Path) -> Path:
+    """A DataFrame as CSV with neutralised formula cells, written atomically."""
+    safe = table.copy()
+    for col in safe.columns:
+        if safe[col].dtype == object:
+            safe[col] = safe[col].map(csv_cell)
+    safe.columns = [csv_cell(str(c)) for c in safe.columns]
+    return atomic_write_text(path, safe.to_csv(index=False))
+
+
+def md_cell(value: Any) -> str:
+    """Text safe in a Markdown table cell: HTML special characters escaped, pipes and newlines neutralised."""
+    import html
+
+    return html.escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def md_text(value: Any) -> str:
+    """Text safe in Markdown prose (labels, names): HTML escaped."""
+    import html
+
+    return html.escape(str(value), quote=False)
