@@ -112,6 +112,7 @@ class CAGE(EncoderAttack):
     """
 
     name = "cage"
+    role = "compression_aligned"
     paper = "CAGE, arXiv 2601.21531 (ICML 2026)"
     threat = ThreatModel(gradients="encoder", compressor_known=False, budget_known=False, uses_question=False)
     defaults = {"eps": "2/255", "alpha": "0.5/255", "steps": 100, "random_start": False}
