@@ -61,8 +61,10 @@ def test_overestimation_gap_is_paired_and_bracketed(df):
     vz = cell(gap, compressor="visionzip", budget=16)
     assert vz["gap"] == pytest.approx(0.5) and vz["fulltoken_accuracy"] == pytest.approx(0.75)
     assert vz["ci_low"] <= 0.5 <= vz["ci_high"] and vz["ci_low"] > 0.3
+    assert vz["p_value"] < 1e-5  # 20 discordant pairs, all one way
     full = cell(gap, compressor="none")
-    assert full["gap"] == 0 and full["ci_low"] == full["ci_high"] == 0  # identical outcomes: no uncertainty
+    # identical outcomes: a zero gap whose score interval does not collapse to a point
+    assert full["gap"] == 0 and full["ci_low"] < 0 < full["ci_high"] and full["p_value"] == 1.0
     assert M.overestimation_gap(df, baseline="fulltoken", aligned="nope").empty
 
 
@@ -118,3 +120,86 @@ def test_load_records_errors(tmp_path):
     with pytest.raises(UserInputError, match="holds no records yet"):
         M.load_records(tmp_path)
     assert isinstance(M.frame([rec(0, "clean", "none", 144, True)]), pd.DataFrame)
+
+
+def test_clopper_pearson_matches_scipy_and_summary_uses_it(df):
+    from scipy.stats import binomtest
+
+    from robustvtc import stats
+
+    exact = binomtest(3, 10).proportion_ci(0.95, method="exact")
+    assert stats.clopper_pearson(3, 10) == pytest.approx((exact.low, exact.high))
+    assert stats.clopper_pearson(3, 10) == pytest.approx((0.06673951, 0.65245285), abs=1e-6)
+    cage = cell(M.summary(df), attack="cage", compressor="visionzip")  # 10 / 40
+    assert (cage["ci_low"], cage["ci_high"]) == pytest.approx(stats.clopper_pearson(10, 40))
+
+
+def test_csfr_as_cira_defines_it():
+    """4 samples on visionzip@16. Both paths right on the clean image: samples 0, 1, 2 (sample 3: the compressed
+    clean answer is wrong). After the attack, wrong compressed and right with all tokens: samples 0 and 3.
+    CIRA's CSFR counts only the eligible samples: 1 of 3; the all-samples rate: 2 of 4."""
+    rows = []
+    for s, (clean_ok, correct, full_ok) in enumerate([(True, False, True), (True, True, True), (True, False, False),
+                                                     (False, False, True)]):
+        rows += [rec(s, "clean", "none", 144, True), rec(s, "clean", "visionzip", 16, clean_ok)]
+        rows.append(rec(s, "cage", "visionzip", 16, correct, clean_correct=clean_ok, full_token_correct=full_ok))
+    table = M.summary(M.frame(rows))
+    cage = cell(table, attack="cage")
+    assert cage["csfr"] == pytest.approx(1 / 3) and cage["csfr_n"] == 3
+    assert cage["compression_only_failure_rate"] == pytest.approx(2 / 4)
+    assert cage["csfr_low"] <= 1 / 3 <= cage["csfr_high"]
+    # the full-token clean answer counts too: sample 0 wrong with all tokens on the clean image -> not eligible
+    rows[0]["correct"] = False
+    cage = cell(M.summary(M.frame(rows)), attack="cage")
+    assert cage["csfr"] == pytest.approx(0 / 2) and cage["csfr_n"] == 2
+    # a record field wins over the join; old records without it fall back to the join (above)
+    for r in rows:
+        r["clean_full_token_correct"] = True
+    assert cell(M.summary(M.frame(rows)), attack="cage")["csfr_n"] == 3
+
+
+def test_verdict_sentence_and_family(df):
+    roles = {"fulltoken": "baseline", "cage": "compression_aligned"}
+    v = M.verdict(df, roles)
+    table = v["table"]
+    assert v["cells"] == 1 and v["family_level"] == pytest.approx(0.95) and v["missing"] is None
+    vz = cell(table, compressor="visionzip")
+    assert vz["significant"] and vz["gap"] == pytest.approx(0.5) and vz["clean_accuracy"] == 1.0
+    assert vz["baseline"] == "fulltoken" and vz["aligned"] == "cage" and vz["aligned_accuracy"] == pytest.approx(0.25)
+    assert not cell(table, compressor="none")["significant"]  # the reference cell is outside the family
+    assert v["sentence"].startswith("Full-token testing overestimates robustness in 1 of 1 settings (largest +50.0 "
+                                    "points at visionzip@16, ε=8/255")
+    # no effect: the sentence claims none and names the detectable gap
+    flat = df.copy()
+    flat.loc[flat["attack"] == "cage", "correct"] = flat.loc[flat["attack"] == "fulltoken", "correct"].to_numpy()
+    quiet = M.verdict(flat, roles)
+    assert quiet["sentence"].startswith("No significant overestimation at this sample size (n = 40; smallest "
+                                        "detectable gap ≈")
+    assert 0 < quiet["detectable"] < 0.5
+    # two compressed cells double the family: Bonferroni
+    two = pd.concat([df, df[df["compressor"] == "visionzip"].assign(compressor="fastervlm")])
+    assert M.verdict(two, roles)["family_level"] == pytest.approx(0.975)
+    missing = M.verdict(df, {"fulltoken": "baseline", "cage": "other"})
+    assert missing["table"].empty and missing["missing"] == missing["sentence"]
+    assert missing["sentence"].startswith("No verdict: this campaign has no compression-aligned attack")
+
+
+def test_attack_roles_from_manifest():
+    manifest = {"attacks": {"mine": {"name": "cage"}, "base": {"name": "fulltoken"}}}
+    assert M.attack_roles(["clean", "mine", "base", "odd"], manifest) == {
+        "mine": "compression_aligned", "base": "baseline", "odd": "other"}
+    assert M.attack_roles(["known_budget", "whitebox"]) == {"known_budget": "compression_aligned",
+                                                              "whitebox": "whitebox"}
+
+
+def test_kept_distortion_paired_wins():
+    rows = []
+    for s in range(10):
+        rows.append({**rec(s, "fulltoken", "visionzip", 16, True), "kept_disruption": 0.2})
+        rows.append({**rec(s, "cage", "visionzip", 16, True), "kept_disruption": 0.3 if s < 7 else 0.1})
+    table = M.kept_distortion(M.frame(rows), {"fulltoken": "baseline", "cage": "compression_aligned"})
+    cage = cell(table, attack="cage")
+    assert cage["versus"] == "fulltoken" and cage["wins"] == pytest.approx(0.7)
+    assert cage["mean"] == pytest.approx(0.24) and cage["ci_low"] < 0.24 < cage["ci_high"]
+    base = cell(table, attack="fulltoken")
+    assert base["ci_low"] == base["ci_high"] == pytest.approx(0.2) and np.isnan(base["wins"])
