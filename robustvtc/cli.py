@@ -1,6 +1,8 @@
 """Command line: ``robustvtc run | validate | report | compare | evaluate | train-builtin | list``.
 
-Exit codes: 0 success, 1 gate breached, 2 usage error (bad input; one line, no traceback), 3 runtime error.
+Exit codes: 0 success (or a gate PASS), 1 gate FAIL, 2 usage error (bad input; one line, no traceback),
+3 runtime error, 4 gate INCONCLUSIVE (the confidence interval straddles the requirement; ``--inconclusive
+pass`` turns it into 0), 130 interrupted.
 Scenario values are defaults; flags given on the command line override them (black-style).
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import click
 
 from .errors import UserInputError
 
-EXIT_GATE, EXIT_USAGE, EXIT_RUNTIME = 1, 2, 3
+EXIT_GATE, EXIT_USAGE, EXIT_RUNTIME, EXIT_INCONCLUSIVE = 1, 2, 3, 4
 
 
 def _csv(value: str) -> list[str]:
@@ -146,23 +148,33 @@ def _overrides(options: dict, sets: tuple[str, ...]) -> dict:
     return out
 
 
-def _gate(value: float, where: dict, fail_under: float | None) -> None:
-    """Exit 1 when the lowest worst-case robust accuracy (%) is below ``fail_under``."""
-    if fail_under is None:
-        return
-    from .campaign.report import format_eps
-
-    cell = ", ".join(f"{k}={format_eps(v) if k == 'eps' else v}" for k, v in where.items()
-                     if k in ("eps", "compressor", "budget", "defense"))
-    if 100 * value < fail_under:
-        click.echo(f"gate breached: robust accuracy {100 * value:.1f} % < {fail_under:g} % at {cell}", err=True)
+def _gate(result, on_inconclusive: str) -> None:
+    """Print a gate's outcome and exit: 0 PASS, 1 FAIL, 4 INCONCLUSIVE (0 with ``--inconclusive pass``)."""
+    click.echo(f"gate {result.outcome} ({result.gate}): {result.message}", err=True)
+    if result.outcome == "FAIL":
         sys.exit(EXIT_GATE)
-    click.echo(f"gate passed: lowest robust accuracy {100 * value:.1f} % >= {fail_under:g} %", err=True)
+    if result.outcome == "INCONCLUSIVE":
+        if on_inconclusive == "pass":
+            click.echo("gate: inconclusive accepted (--inconclusive pass)", err=True)
+            return
+        click.echo("gate: inconclusive fails the job (exit 4); add samples, or accept it with --inconclusive pass",
+                   err=True)
+        sys.exit(EXIT_INCONCLUSIVE)
+
+
+def _gate_options(fn):
+    """--fail-under PCT, --confidence LEVEL, --inconclusive fail|pass."""
+    fn = click.option("--inconclusive", "on_inconclusive", type=click.Choice(["fail", "pass"]), default="fail",
+                      show_default=True, help="What an INCONCLUSIVE gate does: fail the job (exit 4) or pass it.")(fn)
+    fn = click.option("--confidence", type=click.FloatRange(0.5, 1, max_open=True), default=0.95, show_default=True,
+                      help="Confidence level of the gate's intervals (family-wise, Bonferroni over cells).")(fn)
+    return FAIL_UNDER(fn)
 
 
 FAIL_UNDER = click.option("--fail-under", type=click.FloatRange(0, 100), default=None, metavar="PCT",
-                          help="Exit 1 if the lowest worst-case robust accuracy (%, over every compressor x budget "
-                               "x defense x eps) is below PCT.")
+                          help="Gate: every compressor x budget x defense x eps cell's worst-case robust accuracy "
+                               "must be >= PCT with confidence: exit 1 when a cell's whole interval is below, 4 when "
+                               "an interval straddles PCT (INCONCLUSIVE).")
 SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                    help="Override any scenario key (dotted path, YAML value), e.g. --set attacks.0.steps=5.")
 
@@ -182,13 +194,16 @@ SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override the scenario's torch CPU threads (1 is faster on a machine another job keeps busy).")
 @SET
 @click.option("--resume", is_flag=True, help="Continue the campaign in the output folder (same scenario only).")
-@click.option("--overwrite", is_flag=True, help="Delete the output folder's campaign files and start again.")
+@click.option("--overwrite", is_flag=True, help="Delete the files campaigns wrote in the output folder (listed in "
+              "its manifest; nothing else) and start again.")
+@click.option("--allow-existing-files", is_flag=True,
+              help="Write the campaign into a folder that already holds other files (they are left alone).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or tables (CI).")
 @click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
-@FAIL_UNDER
+@_gate_options
 @handle_errors
 def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, save_images, output, threads, sets,
-        resume, overwrite, quiet, report, fail_under):
+        resume, overwrite, allow_existing_files, quiet, report, fail_under, confidence, on_inconclusive):
     """Run a campaign: results.jsonl + manifest.json (+ report/) in the scenario's output folder.
 
     SCENARIO is a YAML file or the name of a shipped scenario (robustvtc list scenarios).
@@ -198,7 +213,7 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
       robustvtc run quickstart
       robustvtc run my.yaml --samples 20 --device cuda --dtype bf16 -o runs/try1
       robustvtc run my.yaml --resume                 # after a crash or Ctrl-C
-      robustvtc run my.yaml --quiet --fail-under 40  # CI gate: exit 1 below 40 %
+      robustvtc run my.yaml --quiet --fail-under 40  # CI gate: exit 1 below 40 %, 4 if undecided
     """
     if resume and overwrite:
         raise UserInputError("--resume and --overwrite contradict each other; accepted: one of them")
@@ -215,7 +230,8 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
         torch.set_num_threads(spec.threads)
     log = None if quiet else (lambda m: click.echo(m, err=True))
     try:
-        out = run_campaign(spec, resume=resume, overwrite=overwrite, quiet=quiet, log=log)
+        out = run_campaign(spec, resume=resume, overwrite=overwrite, quiet=quiet, log=log,
+                           allow_existing=allow_existing_files)
     except KeyboardInterrupt:
         click.echo(f"interrupted; continue with: robustvtc run {scenario} --resume", err=True)
         sys.exit(130)
@@ -228,7 +244,10 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
             click.echo(f"report: {paths['html']}", err=True)
     if not quiet:
         _print_summary(df)
-    _gate(*M.min_robust_accuracy(df), fail_under)
+    if fail_under is not None:
+        from .campaign.gates import robustness_gate
+
+        _gate(robustness_gate(df, fail_under / 100, confidence), on_inconclusive)
 
 
 def _print_summary(df) -> None:
@@ -263,14 +282,41 @@ def validate(scenarios, sets):
                    f"{', '.join(['none', *(d.label for d in s.defenses)])}; output {s.output}")
 
 
+@main.command("rebuild-manifest")
+@click.argument("scenario")
+@click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="The campaign folder.")
+@SET
+@handle_errors
+def rebuild_manifest_cmd(scenario, output, sets):
+    """Rebuild a missing or corrupt manifest.json from the scenario and the records in the folder.
+
+    Give the same scenario and --set overrides the campaign ran with; records it does not produce are
+    refused. Then continue with ``robustvtc run SCENARIO --resume``.
+
+    \b
+    Example:
+      robustvtc rebuild-manifest my.yaml -o runs/my && robustvtc run my.yaml -o runs/my --resume
+    """
+    from .campaign import load_scenario
+    from .campaign.runner import rebuild_manifest
+
+    spec = load_scenario(scenario, _overrides({"output": output}, sets))
+    if spec.threads:
+        import torch
+
+        torch.set_num_threads(spec.threads)
+    out = rebuild_manifest(spec, log=lambda m: click.echo(m, err=True))
+    click.echo(f"{out / 'manifest.json'} rebuilt; continue with: robustvtc run {scenario} -o {out} --resume")
+
+
 @main.command("report")
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", default=None, type=click.Path(file_okay=False), help="Default: RESULTS/report.")
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=1), help="Bootstrap resamples.")
 @click.option("--seed", default=0, show_default=True, help="Bootstrap seed.")
-@FAIL_UNDER
+@_gate_options
 @handle_errors
-def report_cmd(results, out, bootstrap, seed, fail_under):
+def report_cmd(results, out, bootstrap, seed, fail_under, confidence, on_inconclusive):
     """Write report.html (self-contained), summary.md and tables/*.csv from a campaign's results.
 
     \b
@@ -284,17 +330,26 @@ def report_cmd(results, out, bootstrap, seed, fail_under):
     paths = write_report(results, out, n_boot=bootstrap, seed=seed)
     for key in ("html", "markdown"):
         click.echo(paths[key])
-    _gate(*M.min_robust_accuracy(M.load_records(results)), fail_under)
+    if fail_under is not None:
+        from .campaign.gates import robustness_gate
+
+        _gate(robustness_gate(M.load_records(results), fail_under / 100, confidence), on_inconclusive)
 
 
 @main.command()
 @click.argument("a", type=click.Path(exists=True, file_okay=False))
 @click.argument("b", type=click.Path(exists=True, file_okay=False))
 @click.option("--fail-drop", type=click.FloatRange(min=0), default=None, metavar="POINTS",
-              help="Exit 1 if any cell's robust accuracy in B is more than POINTS below A.")
+              help="Gate: in every shared cell, robust accuracy in B may be at most POINTS below A with confidence "
+                   "(paired over samples with the same id): exit 1 when a cell's whole interval drops more, 4 when "
+                   "an interval straddles POINTS (INCONCLUSIVE).")
+@click.option("--confidence", type=click.FloatRange(0.5, 1, max_open=True), default=0.95, show_default=True,
+              help="Confidence level of the gate's intervals (family-wise, Bonferroni over cells).")
+@click.option("--inconclusive", "on_inconclusive", type=click.Choice(["fail", "pass"]), default="fail",
+              show_default=True, help="What an INCONCLUSIVE gate does: fail the job (exit 4) or pass it.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the comparison to a CSV file.")
 @handle_errors
-def compare(a, b, fail_drop, csv_path):
+def compare(a, b, fail_drop, confidence, on_inconclusive, csv_path):
     """Robust accuracy per cell of two campaigns (e.g. before/after a defense or model change), B - A.
 
     \b
@@ -302,22 +357,25 @@ def compare(a, b, fail_drop, csv_path):
       robustvtc compare runs/baseline runs/candidate --fail-drop 5
     """
     from .campaign import metrics as M
+    from .campaign.gates import comparison_gate
     from .campaign.report import display_table
 
-    table = M.compare(M.load_records(a), M.load_records(b))
+    result = comparison_gate(M.load_records(a), M.load_records(b), (fail_drop or 0) / 100, confidence)
+    table = result.cells
     if table.empty:
         raise UserInputError(f"{a} and {b} share no attack x eps x compressor x budget x defense cell")
+    table = table.assign(change=-table["drop"])
     if csv_path:
         table.to_csv(csv_path, index=False)
-    shown = display_table(table)
-    for col in ("robust_accuracy_a", "robust_accuracy_b", "change"):
-        shown[col] = table[col].map(lambda v: f"{100 * v:+.1f}" if col == "change" else f"{100 * v:.1f}")
+    shown = display_table(table[["attack", "eps", "compressor", "budget", "defense", "adaptive", "n_a", "n_b"]])
+    shown["A (%)"] = table["accuracy_a"].map(lambda v: f"{100 * v:.1f}")
+    shown["B (%)"] = table["accuracy_b"].map(lambda v: f"{100 * v:.1f}")
+    shown["B - A (points)"] = table["change"].map(lambda v: f"{100 * v:+.1f}")
+    shown[f"CI ({100 * result.cell_level:.3g} %)"] = [f"{-100 * hi:+.1f} to {-100 * lo:+.1f}" for lo, hi in
+                                                     zip(table["ci_low"], table["ci_high"])]
     click.echo(shown.to_string(index=False))
-    worst = table.loc[table["change"].idxmin()]
-    if fail_drop is not None and -100 * worst["change"] > fail_drop:
-        click.echo(f"gate breached: {worst['attack']} on {worst['compressor']}@{worst['budget']} dropped "
-                   f"{-100 * worst['change']:.1f} points > {fail_drop:g}", err=True)
-        sys.exit(EXIT_GATE)
+    if fail_drop is not None:
+        _gate(result, on_inconclusive)
 
 
 @main.command("list")
