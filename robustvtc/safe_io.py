@@ -22,6 +22,7 @@ from typing import Any, Callable
 from .errors import UserInputError
 
 LOCK_NAME = ".robustvtc.lock"
+LEDGER_NAME = ".robustvtc-files"  # what campaigns wrote in a folder, one relative path a line, noted before writing
 YAML_MAX_BYTES = 1 << 20  # a scenario is a few hundred bytes; 1 MiB is generous
 YAML_MAX_NODES = 100_000  # nodes after alias expansion
 
@@ -48,13 +49,45 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def note_in_ledger(path: str | Path) -> None:
+    """Add ``path`` to the ledger of the campaign folder holding it (up to three levels up), if there is one,
+    before it is written: ``--overwrite`` removes exactly what the ledger lists."""
+    path = Path(path)
+    for folder in list(path.parents)[:3]:
+        ledger = folder / LEDGER_NAME
+        if ledger.is_file() and not ledger.is_symlink():
+            name = path.relative_to(folder).as_posix()
+            if name not in ledger.read_text(encoding="utf-8", errors="replace").splitlines():
+                with open(ledger, "a", encoding="utf-8") as f:
+                    f.write(name + "\n")
+            return
+
+
+_ATOMIC_WRITES = [0]
+
+
+def _test_crash_in_atomic_write(fd: int, data: bytes) -> None:
+    """ROBUSTVTC_TEST_CRASH=atomic:N: SIGKILL halfway through the N-th atomic write (the crash tests)."""
+    mode, _, n = os.environ.get("ROBUSTVTC_TEST_CRASH", "").partition(":")
+    if mode != "atomic" or not n.isdigit():
+        return
+    _ATOMIC_WRITES[0] += 1
+    if _ATOMIC_WRITES[0] == int(n):
+        import signal
+
+        os.write(fd, data[:len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     refuse_symlink(path)
+    note_in_ledger(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _test_crash_in_atomic_write(fd, data)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -76,6 +109,7 @@ def atomic_write_with(path: str | Path, write: Callable[[Path], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     refuse_symlink(path)
+    note_in_ledger(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:

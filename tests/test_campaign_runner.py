@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from robustvtc.campaign import Campaign, parse_scenario, read_records, record_key, run_campaign
-from robustvtc.campaign.runner import KEY_FIELDS
+from robustvtc.campaign.runner import REQUIRED_FIELDS
 from robustvtc.errors import UserInputError
 
 SCHEMA = {"sample", "qtype", "question", "answer", "attack", "attack_threat", "eps", "steps", "compressor", "budget",
@@ -143,7 +143,7 @@ def test_refuses_existing_output_and_changed_scenario(tiny_adapter, tmp_path):
 
 def test_torn_last_line_is_dropped_and_repaired(tmp_path):
     path = tmp_path / "results.jsonl"
-    good = {k: 0 for k in KEY_FIELDS}
+    good = {k: 0 for k in REQUIRED_FIELDS}
     path.write_text(json.dumps(good) + "\n" + '{"sample": 1, "att')
     assert read_records(path) == [good]
     read_records(path, repair=True)

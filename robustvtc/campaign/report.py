@@ -20,10 +20,12 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .runner import EXAMPLES, MANIFEST
+from ..safe_io import atomic_write_text, md_cell, write_csv
+from .runner import EXAMPLES, read_manifest
 
 PERCENT = ("robust_accuracy", "ci_low", "ci_high", "clean_accuracy", "full_token_accuracy", "attack_success_rate",
-           "csfr", "accuracy", "fulltoken_accuracy", "cage_accuracy", "gap")
+           "csfr", "csfr_low", "csfr_high", "compression_only_failure_rate", "accuracy", "fulltoken_accuracy",
+           "cage_accuracy", "gap")
 
 
 def format_eps(eps: float) -> str:
@@ -42,7 +44,7 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     for col in out.columns:
         if col == "eps":
             out[col] = out[col].map(format_eps)
-        elif col in PERCENT:
+        elif col in PERCENT or col.endswith("_accuracy"):
             out[col] = out[col].map(lambda v: "–" if pd.isna(v) else f"{100 * v:.1f}")
         elif pd.api.types.is_float_dtype(out[col]):
             out[col] = out[col].map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
@@ -50,14 +52,16 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    shown = display_table(table).astype(str)
+    shown = display_table(table).astype(str).map(md_cell).rename(columns=md_cell)  # labels escaped (<script>, |)
     lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
     lines += ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False)]
     return "\n".join(lines)
 
 
 def html_table(table: pd.DataFrame) -> str:
-    return display_table(table).to_html(index=False, border=0, classes="t", na_rep="–", escape=True)
+    """A table in a horizontally scrolling wrapper (readable at 700 px: the page never overflows)."""
+    return ('<div class="scroll">' + display_table(table).to_html(index=False, border=0, classes="t", na_rep="–",
+                                                                   escape=True) + "</div>")
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -80,7 +84,8 @@ def _pyplot():
 
 
 def plot_budget_curves(summary: pd.DataFrame, num_tokens: int | None) -> str | None:
-    """Robust accuracy vs budget, one panel per compressor x ε, a line per attack; all tokens at the right."""
+    """Robust accuracy vs budget with its 95 % Clopper--Pearson band, one panel per compressor x ε, a line per
+    attack (clean dashed); the full-token model at the right; one legend for every panel."""
     plain = summary[(summary["defense"] == "none") & ~summary["adaptive"]]
     compressors = [c for c in plain["compressor"].unique() if c != "none"]
     eps_values = sorted(e for e in plain["eps"].unique() if e > 0) or [0.0]
@@ -88,56 +93,139 @@ def plot_budget_curves(summary: pd.DataFrame, num_tokens: int | None) -> str | N
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(len(eps_values), len(compressors), squeeze=False, sharey=True,
-                             figsize=(3.4 * len(compressors) + 1, 2.8 * len(eps_values) + 0.4))
+                             figsize=(3.4 * len(compressors) + 1, 2.7 * len(eps_values) + 0.6))
+    attacks = list(plain["attack"].unique())
+    colours = {a: ("black" if a == "clean" else f"C{i}") for i, a in enumerate(a for a in attacks if a != "clean")}
+    colours["clean"] = "black"
     for r, eps in enumerate(eps_values):
         for c, comp in enumerate(compressors):
             ax = axes[r][c]
-            for attack in plain["attack"].unique():
+            for attack in attacks:
                 at = [eps, 0.0] if attack == "clean" else [eps]
                 rows = plain[(plain["attack"] == attack) & plain["eps"].isin(at)]
                 line = rows[rows["compressor"] == comp].sort_values("budget")
                 full = rows[rows["compressor"] == "none"]
-                xs, ys = list(line["budget"]), list(line["robust_accuracy"] * 100)
-                if not full.empty:
-                    xs.append(int(full["budget"].iloc[0]))
-                    ys.append(float(full["robust_accuracy"].iloc[0]) * 100)
-                if xs:
-                    style = dict(color="black", linestyle="--") if attack == "clean" else {}
-                    ax.plot(xs, ys, marker="o", label=attack, **style)
+                pts = pd.concat([line, full.iloc[:1]]) if not full.empty else line
+                if pts.empty:
+                    continue
+                xs = pts["budget"].astype(float).to_numpy()
+                style = dict(color=colours[attack], linestyle="--" if attack == "clean" else "-")
+                ax.plot(xs, pts["robust_accuracy"] * 100, marker="o", markersize=3.5, label=attack, **style)
+                ax.fill_between(xs, pts["ci_low"] * 100, pts["ci_high"] * 100, color=colours[attack], alpha=0.12,
+                                linewidth=0)
             ax.set_title(f"{comp}, ε={format_eps(eps)}", fontsize=9)
-            ax.set_ylim(-2, 102)
             ax.grid(alpha=0.3)
             if r == len(eps_values) - 1:
-                ax.set_xlabel("visual tokens kept" + (f" (all = {num_tokens})" if num_tokens else ""))
+                ax.set_xlabel("visual tokens kept" + (f" (all = {num_tokens})" if num_tokens else ""), fontsize=8)
             if c == 0:
                 ax.set_ylabel("accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, [f"{lab} (95 % CI band)" if lab != "clean" else lab for lab in labels],
+               loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _png(fig)
 
 
-def plot_gap_heatmap(gap: pd.DataFrame) -> str | None:
-    """Overestimation gap (points) per compressor x budget, one panel per ε, no defense (all tokens: see the table)."""
-    plain = gap[(gap["defense"] == "none") & ~gap["adaptive"].astype(bool) & (gap["compressor"] != "none")]
-    if plain.empty:
+def plot_gap_points(table: pd.DataFrame, num_tokens: int | None) -> str | None:
+    """The verdict's gap (points) per budget on its own y-scale, with its family-level interval as error bars;
+    one panel per ε, one series per compressor, the full-token model at the right; '*' = significant."""
+    if table.empty:
         return None
     plt = _pyplot()
-    eps_values = sorted(plain["eps"].unique())
-    fig, axes = plt.subplots(1, len(eps_values), squeeze=False, figsize=(4.2 * len(eps_values) + 0.5, 3.2))
+    eps_values = sorted(table["eps"].unique())
+    fig, axes = plt.subplots(1, len(eps_values), squeeze=False, sharey=True,
+                             figsize=(4.4 * len(eps_values) + 0.6, 3.3))
+    compressors = list(dict.fromkeys(table["compressor"]))
+    budgets = sorted(table["budget"].unique())
+    span = (max(budgets) - min(budgets)) or 1
     for ax, eps in zip(axes[0], eps_values):
-        table = plain[plain["eps"] == eps].pivot_table(index="compressor", columns="budget", values="gap") * 100
-        limit = max(5.0, float(np.nanmax(np.abs(table.values))))
-        im = ax.imshow(table.values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
-        ax.set_xticks(range(len(table.columns)), [str(c) for c in table.columns])
-        ax.set_yticks(range(len(table.index)), list(table.index))
-        for (i, j), v in np.ndenumerate(table.values):
-            if np.isfinite(v):
-                ax.text(j, i, f"{v:+.0f}", ha="center", va="center", fontsize=8,
-                        color="white" if abs(v) > 0.6 * limit else "black")
-        ax.set_xlabel("budget")
+        rows = table[table["eps"] == eps]
+        for i, comp in enumerate(compressors):
+            g = rows[rows["compressor"] == comp].sort_values("budget")
+            if g.empty:
+                continue
+            x = g["budget"].astype(float) + (i - (len(compressors) - 1) / 2) * 0.012 * span
+            y = g["gap"] * 100
+            err = np.vstack([y - g["ci_low"] * 100, g["ci_high"] * 100 - y])
+            colour = "black" if comp == "none" else f"C{i}"
+            ax.errorbar(x, y, yerr=err, fmt="o", markersize=4, capsize=3, color=colour,
+                        label="none (all tokens)" if comp == "none" else comp)
+            for xi, yi, hi, sig in zip(x, y, g["ci_high"] * 100, g["significant"]):
+                if sig:
+                    ax.annotate("*", (xi, hi), ha="center", va="bottom", fontsize=12, color=colour)
+        ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_title(f"ε={format_eps(eps)}", fontsize=9)
-        fig.colorbar(im, ax=ax, label="gap (points)")
-    fig.tight_layout()
+        ax.set_xlabel("visual tokens kept" + (f" (all = {num_tokens})" if num_tokens else ""), fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("gap (points): baseline − aligned")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return _png(fig)
+
+
+def plot_gap_heatmap(table: pd.DataFrame) -> str | None:
+    """The verdict's gap (points) per compressor x budget, one panel per ε, on one shared symmetric colour
+    scale, the full-token cell (none@N) included; '*' marks a significant cell."""
+    if table.empty:
+        return None
+    plt = _pyplot()
+    eps_values = sorted(table["eps"].unique())
+    limit = max(5.0, float(np.nanmax(np.abs(table["gap"].to_numpy(dtype=float) * 100))))
+    order = [c for c in dict.fromkeys(table["compressor"]) if c != "none"] + ["none"]
+    fig, axes = plt.subplots(1, len(eps_values), squeeze=False, figsize=(3.9 * len(eps_values) + 1.2, 2.9))
+    for ax, eps in zip(axes[0], eps_values):
+        rows = table[table["eps"] == eps]
+        values = rows.pivot_table(index="compressor", columns="budget", values="gap").reindex(
+            [c for c in order if c in set(rows["compressor"])]) * 100
+        marks = rows.pivot_table(index="compressor", columns="budget", values="significant",
+                                 aggfunc="max").reindex(values.index).reindex(columns=values.columns)
+        im = ax.imshow(values.values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        ax.set_xticks(range(len(values.columns)), [str(c) for c in values.columns], fontsize=8)
+        ax.set_yticks(range(len(values.index)), list(values.index), fontsize=8)
+        for (i, j), v in np.ndenumerate(values.values):
+            if np.isfinite(v):
+                star = "*" if bool(marks.values[i, j] == 1) else ""
+                ax.text(j, i, f"{v:+.0f}{star}", ha="center", va="center", fontsize=8,
+                        color="white" if abs(v) > 0.6 * limit else "black")
+        ax.set_xlabel("budget", fontsize=8)
+        ax.set_title(f"ε={format_eps(eps)}", fontsize=9)
+    fig.colorbar(im, ax=list(axes[0]), label="gap (points)", shrink=0.9)
+    return _png(fig)
+
+
+def plot_kept_distortion(table: pd.DataFrame) -> str | None:
+    """Kept-token distortion per compressor@budget with its t interval, one marker per attack, one panel per ε;
+    above each aligned attack: the share of samples where it beats the baseline on the same image and cell."""
+    if table.empty:
+        return None
+    plt = _pyplot()
+    eps_values = sorted(table["eps"].unique())
+    attacks = list(dict.fromkeys(table.sort_values("role", key=lambda r: r != "baseline")["attack"]))
+    cells = list(dict.fromkeys(f"{c}@{b}" for c, b in table.sort_values(["compressor", "budget"])[
+        ["compressor", "budget"]].itertuples(index=False)))
+    fig, axes = plt.subplots(len(eps_values), 1, squeeze=False, sharey=True,
+                             figsize=(max(5.0, 0.9 * len(cells) + 1.5), 2.6 * len(eps_values) + 0.5))
+    for ax, eps in zip(axes[:, 0], eps_values):
+        rows = table[table["eps"] == eps]
+        for i, attack in enumerate(attacks):
+            g = rows[rows["attack"] == attack]
+            x = np.array([cells.index(f"{c}@{b}") for c, b in zip(g["compressor"], g["budget"])], dtype=float)
+            x += (i - (len(attacks) - 1) / 2) * 0.22
+            err = np.vstack([g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]])
+            ax.errorbar(x, g["mean"], yerr=np.nan_to_num(err), fmt="o", markersize=4, capsize=2, color=f"C{i}",
+                        label=attack)
+            for xi, hi, wins in zip(x, g["ci_high"], g["wins"]):
+                if np.isfinite(wins):
+                    ax.annotate(f"{100 * wins:.0f}%", (xi, hi), ha="center", va="bottom", fontsize=6.5,
+                                color=f"C{i}")
+        ax.set_xticks(range(len(cells)), cells, fontsize=7, rotation=20)
+        ax.set_title(f"ε={format_eps(eps)}", fontsize=9)
+        ax.set_ylabel("1 − cos, kept tokens", fontsize=8)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _png(fig)
 
 
@@ -181,8 +269,8 @@ def plot_examples(folder: Path, entries: list[dict]) -> str | None:
             ax.set_title(f"{what} — {e['compressor']}@{e['budget']}", fontsize=8)
             ax.axis("off")
         clean_set, adv_set = set(e["kept_clean"]), set(e["kept_adv"])
-        overlap = len(clean_set & adv_set) / max(1, len(clean_set | adv_set))
-        row[1].text(0.0, -0.08, f"sample {e['sample']}, ε={format_eps(e['eps'])}, kept IoU {overlap:.2f}",
+        overlap = len(clean_set & adv_set) / max(1, len(clean_set))  # |kept_adv ∩ kept_clean| / K
+        row[1].text(0.0, -0.08, f"sample {e['sample']}, ε={format_eps(e['eps'])}, kept-set overlap {overlap:.2f}",
                     transform=row[1].transAxes, fontsize=7, va="top")
     fig.tight_layout()
     return _png(fig)
@@ -230,9 +318,10 @@ def markdown_to_html(text: str) -> str:
             rows = [[_inline(c.strip()) for c in line.strip().strip("|").split("|")] for line in lines
                     if not re.fullmatch(r"\s*\|?[\s:|-]+\|?\s*", line)]
             head, *body = rows or [[]]
-            out.append('<table class="t"><thead><tr>' + "".join(f"<th>{c}</th>" for c in head) + "</tr></thead><tbody>"
+            out.append('<div class="scroll"><table class="t"><thead><tr>' + "".join(f"<th>{c}</th>" for c in head)
+                       + "</tr></thead><tbody>"
                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body)
-                       + "</tbody></table>")
+                       + "</tbody></table></div>")
         elif all(re.match(r"\s*[-*] ", line) for line in lines):
             items = [_inline(re.sub(r"^\s*[-*] ", "", line)) for line in lines]
             out.append("<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>")
@@ -254,16 +343,92 @@ def _inline(text: str) -> str:
 # ---------------------------------------------------------------------------------------------- the report
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#222}h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd}
-table.t{border-collapse:collapse;font-size:.85em;margin:.6em 0}table.t th,table.t td{padding:.2em .6em;
-border-bottom:1px solid #eee;text-align:right}table.t th{background:#f6f6f6}img{max-width:100%}
+.scroll{overflow-x:auto;max-width:100%;margin:.6em 0}
+table.t{border-collapse:collapse;font-size:.82em;margin:0}table.t th,table.t td{padding:.2em .55em;
+border-bottom:1px solid #eee;text-align:right;white-space:nowrap}table.t th{background:#f6f6f6}
+table.t td:first-child,table.t th:first-child{position:sticky;left:0;background:#fff;text-align:left}
+table.t th:first-child{background:#f6f6f6}img{max-width:100%}
 .note{color:#555;font-size:.9em}.gate{padding:.6em 1em;background:#f4f7fb;border-left:4px solid #4a7bd0}
-pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.8em}"""
+.verdict{padding:.7em 1em;background:#fff8e6;border-left:4px solid #d08a1a;font-size:1.05em}
+.warn{padding:.5em 1em;background:#fdecea;border-left:4px solid #c0392b}
+pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.8em}dt{font-weight:600;margin-top:.5em}
+dd{margin-left:1.2em}@media (max-width:800px){body{margin:1em auto}table.t{font-size:.74em}
+table.t th,table.t td{padding:.15em .35em}}"""
 
 
-def build_tables(df: pd.DataFrame, n_boot: int = M.N_BOOT, seed: int = 0) -> dict[str, pd.DataFrame]:
+def build_tables(df: pd.DataFrame, n_boot: int = M.N_BOOT, seed: int = 0,
+                 roles: dict | None = None) -> dict[str, pd.DataFrame]:
+    roles = roles if roles is not None else M.attack_roles(list(df["attack"].unique()))
+    baselines = [a for a, r in roles.items() if r == M.BASELINE]
+    aligned = [a for a, r in roles.items() if r == M.ALIGNED]
+    gap = (M.overestimation_gap(df, baselines[0], aligned[0], n_boot=n_boot, seed=seed) if baselines and aligned
+           else M.overestimation_gap(df, n_boot=n_boot, seed=seed))
     return {"summary": M.summary(df, n_boot, seed), "clean": M.clean_accuracy(df, n_boot, seed),
-            "worst_case": M.worst_case(df, n_boot, seed), "gap": M.overestimation_gap(df, n_boot=n_boot, seed=seed),
-            "ranking": M.ranking_stability(df, n_boot, seed), "perturbation": M.perturbation(df)}
+            "worst_case": M.worst_case(df, n_boot, seed), "gap": gap, "verdict": M.verdict(df, roles)["table"],
+            "kept_distortion": M.kept_distortion(df, roles), "ranking": M.ranking_stability(df, n_boot, seed),
+            "perturbation": M.perturbation(df)}
+
+
+def _ci(value: float, low: float, high: float, signed: bool = False) -> str:
+    if pd.isna(value):
+        return "–"
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    return f"{fmt.format(100 * value)} ({fmt.format(100 * low)} to {fmt.format(100 * high)})"
+
+
+def verdict_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The verdict table as shown: one string per cell, accuracies and gap with their intervals."""
+    return pd.DataFrame({
+        "ε": table["eps"].map(format_eps), "cell": table["compressor"] + "@" + table["budget"].astype(str),
+        "n": table["n"].astype(int),
+        "clean % (CI)": [_ci(*r) for r in table[["clean_accuracy", "clean_low", "clean_high"]].to_numpy()],
+        "baseline": table["baseline"],
+        "baseline % (CI)": [_ci(*r) for r in table[["baseline_accuracy", "baseline_low", "baseline_high"]].to_numpy()],
+        "aligned": table["aligned"],
+        "aligned % (CI)": [_ci(*r) for r in table[["aligned_accuracy", "aligned_low", "aligned_high"]].to_numpy()],
+        "gap, points (family CI)": [_ci(*r, signed=True) for r in table[["gap", "ci_low", "ci_high"]].to_numpy()],
+        "McNemar p": table["p_value"].map(lambda p: f"{p:.2g}"),
+        "significant": [("reference" if c == "none" else "yes" if s else "no")
+                        for c, s in zip(table["compressor"], table["significant"])],
+    })
+
+
+SCHEDULE = ("steps", "alpha", "random_start")
+
+
+def attack_settings(manifest: dict) -> tuple[pd.DataFrame, list[str]]:
+    """Each attack's resolved options (from the manifest) and the labels whose schedule (steps, alpha,
+    random_start) differs from the others' (``manifest["schedule_differences"]`` when the runner wrote it)."""
+    attacks = manifest.get("attacks") or {}
+    rows = []
+    for label, info in attacks.items():
+        params = dict(info.get("params") or {})
+        row = {"attack": label, "name": info.get("name", label), "ε": ", ".join(format_eps(float(e)) for e in
+                                                                             info.get("eps") or [])}
+        row.update({k: params.pop(k, "–") for k in SCHEDULE})
+        row["other options"] = ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if v is not None)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if "schedule_differences" in manifest:
+        return table, [str(x) for x in manifest.get("schedule_differences") or []]
+    if table.empty:
+        return table, []
+    differ = []
+    for key in SCHEDULE:
+        values = table[key].astype(str)
+        if values.nunique() > 1:
+            common = values.mode().iloc[0]
+            differ += [a for a, v in zip(table["attack"], values) if v != common]
+    return table, list(dict.fromkeys(differ))
+
+
+def _glossary_html() -> str:
+    return "<dl>" + "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(text)} <i>Source: {html.escape(src)}."
+                            "</i></dd>" for name, text, src in M.GLOSSARY) + "</dl>"
+
+
+def _glossary_md() -> str:
+    return "\n".join(f"- **{name}**: {text} Source: {src}." for name, text, src in M.GLOSSARY)
 
 
 def write_report(results: str | Path, out: str | Path | None = None, n_boot: int = M.N_BOOT,
@@ -274,7 +439,8 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
     manifest = json.loads((results / MANIFEST).read_text()) if (results / MANIFEST).is_file() else {}
     out = Path(out) if out is not None else results / "report"
     (out / "tables").mkdir(parents=True, exist_ok=True)
-    tables = build_tables(df, n_boot, seed)
+    roles = M.attack_roles(list(df["attack"].unique()), manifest)
+    tables = build_tables(df, n_boot, seed, roles)
     paths = {}
     for name, table in tables.items():
         paths[name] = out / "tables" / f"{name}.csv"
@@ -292,48 +458,107 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
     num_tokens = manifest.get("model", {}).get("num_visual_tokens")
     sections: list[tuple[str, str, str]] = []  # (title, html, markdown)
 
-    def add(name: str, intro: str, table: pd.DataFrame | None, image: str | None = None) -> None:
+    def add(name: str, intro: str, table: pd.DataFrame | None, image: str | None = None,
+            shown: pd.DataFrame | None = None) -> None:
         body = f'<p class="note">{intro}</p>'
         md = intro
         if image:
             body += f'<img alt="{html.escape(name)}" src="data:image/png;base64,{image}">'
         if table is not None and not table.empty:
-            body += html_table(table)
-            md += "\n\n" + markdown_table(table)
+            body += html_table(table) if shown is None else _plain_html_table(shown)
+            md += "\n\n" + (markdown_table(table) if shown is None else _plain_markdown_table(shown))
         sections.append((name, body, md))
 
-    add("Clean accuracy", "Accuracy (%) on the unattacked images per compressor x budget x defense, 95 % bootstrap CI.",
-        tables["clean"])
+    # ---- the verdict first
+    v = M.verdict(df, roles)
+    vt = v["table"]
+    settings, differ = attack_settings(manifest)
+    verdict_note = ("Per ε × compressor × budget, no defense: clean accuracy, robust accuracy under the strongest "
+                    "full-token baseline (" + (", ".join(v["baselines"]) or "none") + ") and under the strongest "
+                    "compression-aligned attack (" + (", ".join(v["aligned"]) or "none") + "), same samples, with "
+                    "95 % Clopper–Pearson intervals; the gap (baseline − aligned, points; positive = full-token "
+                    "testing overestimates robustness) with Newcombe's paired score interval. ")
+    if v["cells"]:
+        verdict_note += (f"The family of {v['cells']} compressed comparisons (compressor × budget × aligned attack "
+                         f"× ε) is Bonferroni-corrected: gap intervals are simultaneous {100 * v['family_level']:.2f}"
+                         f" % intervals and a gap is significant when its exact McNemar p-value is below "
+                         f"{(1 - v['level']) / v['cells']:.2g} (family-wise 5 %) and its interval excludes 0. "
+                         "The uncompressed row (none) is a reference outside the family.")
+    body = f'<p class="verdict">{html.escape(v["sentence"])}</p><p class="note">{html.escape(verdict_note)}</p>'
+    md = f"**{v['sentence']}**\n\n{verdict_note}"
+    if differ:
+        warn = (f"The attacks compared do not share one schedule (steps, step size, random start): "
+                f"{', '.join(differ)} differ from the others; see Attack settings.")
+        body += f'<p class="warn">{html.escape(warn)}</p>'
+        md += f"\n\n**Note:** {warn}"
+    if not vt.empty:
+        shown = verdict_display(vt)
+        body += _plain_html_table(shown)
+        md += "\n\n" + _plain_markdown_table(shown)
+        for image in (plot_gap_points(vt, num_tokens), plot_gap_heatmap(vt)):
+            if image:
+                body += f'<img alt="overestimation gap" src="data:image/png;base64,{image}">'
+        body += ('<p class="note">Top: the gap per budget on its own scale, error bars = the family interval. '
+                 "Bottom: the same gaps on one shared symmetric colour scale; * = significant after correction.</p>")
+    body += f'<p class="gate">{gate}</p>'
+    md += "\n\n" + re.sub(r"</?(b|code)>", lambda m: "**" if m.group(1) == "b" else "`", gate)
+    sections.append(("Verdict: does full-token testing overestimate robustness?", body, md))
+
+    add("Clean accuracy", "Accuracy (%) on the unattacked images per compressor x budget x defense, 95 % "
+        "Clopper–Pearson interval.", tables["clean"])
     add("Robust accuracy vs budget",
-        "Accuracy (%) on the adversarial images, no defense. The rightmost point of each line is the full-token "
-        "model (compressor none). Lines that drop as the budget shrinks mean compression makes the model easier "
-        "to attack.", accuracy_pivot(attacked, "robust_accuracy"), plot_budget_curves(s, num_tokens))
+        "Accuracy (%) on the adversarial images, no defense; bands: 95 % Clopper–Pearson intervals. The rightmost "
+        "point of each line is the full-token model (compressor none). Lines that drop as the budget shrinks mean "
+        "compression makes the model easier to attack.", accuracy_pivot(attacked, "robust_accuracy"),
+        plot_budget_curves(s, num_tokens))
+    kd = tables["kept_distortion"]
+    if not kd.empty:
+        shown = kd.assign(eps=kd["eps"].map(format_eps), cell=kd["compressor"] + "@" + kd["budget"].astype(str),
+                          **{"distortion (95 % CI)": [f"{m:.3f} ({lo:.3f} to {hi:.3f})" for m, lo, hi in
+                                                      kd[["mean", "ci_low", "ci_high"]].to_numpy()],
+                             "wins vs baseline % (CI)": [_ci(w, lo, hi) for w, lo, hi in
+                                                         kd[["wins", "wins_low", "wins_high"]].to_numpy()]})
+        shown = shown[["eps", "cell", "attack", "role", "n", "distortion (95 % CI)", "versus",
+                       "wins vs baseline % (CI)"]].rename(columns={"eps": "ε"})
+        add("Kept-token distortion",
+            "Mean 1 − cos between the adversarial and clean features of the tokens the compressor keeps (what "
+            "CAGE's expected feature disruption maximises), per compressor × budget, no defense, 95 % t interval. "
+            "Wins: share of samples where the compression-aligned attack distorts the kept tokens more than the "
+            "baseline on the same image and cell (Clopper–Pearson).", kd, plot_kept_distortion(kd), shown=shown)
     add("Worst case over attacks",
         "Per sample, correct under every attack run at that ε on that cell (adaptive attacks included): the "
-        "robust accuracy against the whole suite, 95 % CI.", tables["worst_case"])
+        "robust accuracy against the whole suite, 95 % Clopper–Pearson interval.", tables["worst_case"])
     gap = tables["gap"]
-    add("Overestimation gap (fulltoken − cage)",
-        "Robust accuracy (points) under the full-token baseline minus under the compression-aligned attack, "
-        "same samples; positive = full-token testing overestimates the robustness of the compressed model. "
-        "CI: paired bootstrap over samples." if not gap.empty else
-        "Needs both a `fulltoken` and a `cage` attack at the same ε; this campaign has no such pair.",
-        gap, plot_gap_heatmap(gap))
+    if not gap.empty:
+        add(f"Overestimation gap per cell ({gap.columns[6].removesuffix('_accuracy')} − "
+            f"{gap.columns[7].removesuffix('_accuracy')})",
+            "Every defense and adaptive setting: robust accuracy (points) under the baseline minus under the "
+            "aligned attack, same samples; 95 % Newcombe paired interval and exact McNemar p-value, uncorrected "
+            "(the verdict above corrects its family).", gap)
     csfr = attacked[attacked["compressor"] != "none"]
     add("Attack success and compression-specific failures",
-        "Attack success rate = share of clean-correct samples the attack flips. CSFR = share of samples wrong "
-        "under compression but right with all tokens on the same adversarial image (failures full-token "
-        "testing never sees).", csfr[["attack", "eps", "compressor", "budget", "defense", "adaptive", "n",
-                                      "attack_success_rate", "csfr", "kept_overlap", "kept_disruption"]])
+        "Attack success rate = share of clean-correct samples the attack flips. CSFR (as CIRA defines it) = among "
+        "the csfr_n samples both paths answered correctly on the clean image, the share wrong under compression "
+        "and right with all tokens after the attack (95 % Clopper–Pearson). compression_only_failure_rate = the "
+        "same event over all samples. kept_overlap = |kept_adv ∩ kept_clean| / K.",
+        csfr[["attack", "eps", "compressor", "budget", "defense", "adaptive", "n", "attack_success_rate", "csfr",
+              "csfr_n", "csfr_low", "csfr_high", "compression_only_failure_rate", "kept_overlap",
+              "kept_disruption"]])
     add("Ranking stability",
         "Correlation of the clean and adversarial CLS-attention importance per image (1 = the attack left the "
-        "ranking a compressor keeps tokens by intact), 95 % CI for Spearman.", tables["ranking"],
+        "ranking a compressor keeps tokens by intact), 95 % bootstrap interval for Spearman.", tables["ranking"],
         plot_ranking(tables["ranking"]))
     add("Perturbations and cost", "Norms in [0, 1] pixel space at the model's input resolution; seconds to craft "
         "one adversarial image (per sample).", tables["perturbation"])
+    if not settings.empty:
+        add("Attack settings", "Each attack's resolved options as the manifest records them. "
+            + (f"Schedules differ: {', '.join(differ)}." if differ else "All attacks share one schedule (steps, "
+               "step size, random start)."), settings, shown=settings.astype(str))
     examples = _example_entries(results / EXAMPLES)
     if examples:
         add("Kept tokens, clean vs adversarial", "The patches the compressor keeps (others dimmed) on the clean "
-            "image and on the adversarial one.", None, plot_examples(results / EXAMPLES, examples))
+            "image and on the adversarial one; kept-set overlap = |kept_adv ∩ kept_clean| / K.", None,
+            plot_examples(results / EXAMPLES, examples))
     for name, text in extra_sections(df):
         sections.append((name, markdown_to_html(text), text))
 
@@ -341,20 +566,34 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
                                          "started", "status", "records")}
     meta["model"] = manifest.get("model", {}).get("name")
     head = (f"<p>{len(df)} records, {df['sample'].nunique()} samples, model <code>{html.escape(str(meta['model']))}"
-            f"</code>, status {html.escape(str(meta['status']))}.</p><p class=\"gate\">{gate}</p>")
-    doc = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-           f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{head}"]
-    doc += [f"<h2>{html.escape(name)}</h2>{body}" for name, body, _ in sections]
+            f"</code>, status {html.escape(str(meta['status']))}.</p>")
+    doc = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+           f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}"
+           f"</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{head}"]
+    anchors = ['<h2 id="verdict">'] + ["<h2>"] * (len(sections) - 1)
+    doc += [f"{anchor}{html.escape(name)}</h2>{body}" for anchor, (name, body, _) in zip(anchors, sections)]
     doc.append(f"<h2>Reproducibility</h2><pre>{html.escape(json.dumps(meta, indent=2, default=str))}</pre>"
-               f"<pre>{html.escape(json.dumps(scenario, indent=2))}</pre></body></html>")
+               f"<pre>{html.escape(json.dumps(scenario, indent=2))}</pre>"
+               f"<h2 id=\"glossary\">Glossary</h2>{_glossary_html()}</body></html>")
     paths["html"] = out / "report.html"
     paths["html"].write_text("\n".join(doc), encoding="utf-8")
-    md = [f"# {title}", "", f"{len(df)} records, {df['sample'].nunique()} samples, model `{meta['model']}`.", "",
-          re.sub(r"</?(b|code)>", lambda m: "**" if m.group(1) == "b" else "`", gate), ""]
+    md = [f"# {title}", "", f"{len(df)} records, {df['sample'].nunique()} samples, model `{meta['model']}`.", ""]
     md += [f"## {name}\n\n{text}\n" for name, _, text in sections]
+    md += ["## Glossary\n", _glossary_md(), ""]
     paths["markdown"] = out / "summary.md"
     paths["markdown"].write_text("\n".join(md), encoding="utf-8")
     return paths
+
+
+def _plain_html_table(table: pd.DataFrame) -> str:
+    """An already formatted (string) table, in the scrolling wrapper."""
+    return '<div class="scroll">' + table.to_html(index=False, border=0, classes="t", na_rep="–", escape=True) + "</div>"
+
+
+def _plain_markdown_table(table: pd.DataFrame) -> str:
+    shown = table.astype(str)
+    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False)])
 
 
 def accuracy_pivot(summary: pd.DataFrame, value: str) -> pd.DataFrame:

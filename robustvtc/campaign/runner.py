@@ -27,7 +27,7 @@ import inspect
 import json
 import os
 import platform
-import shutil
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
+from ..safe_io import LEDGER_NAME, LOCK_NAME, FolderLock, atomic_write_text, atomic_write_with, refuse_symlink
 from ..evaluate import CellResult, evaluate_grid, make_target, parse_budgets
 from .scenario import Scenario, defense_registry
 from .tasks import Item, Task
@@ -109,6 +110,7 @@ class Campaign:
         self.threats = {a.label: ATTACKS.get(a.name).threat for a in scenario.attacks}
         self.crafts = {a.label: self._dry_run(a) for a in scenario.attacks}
         self._clean_cache: dict[tuple, dict[Cell, CellResult]] = {}
+        self._noted: set[str] | None = None  # the output folder's ledger, loaded on first use
 
     # ------------------------------------------------------------------ planning
     def _applicable(self, defense: str) -> list[Cell]:
@@ -322,8 +324,10 @@ class Campaign:
         folder.mkdir(parents=True, exist_ok=True)
         where = "all" if craft.against is None else f"{craft.against[0]}@{craft.against[1]}"
         where += f"-K{craft.budget}" if craft.budget is not None else ""
-        for item, image in zip(items, adv):
-            name = f"{_slug(item.id)}_{_slug(unit.attack)}_eps{unit.eps:.5f}_{where}_vs-{_slug(against)}.png"
+        names = [f"{_slug(item.id)}_{_slug(unit.attack)}_eps{unit.eps:.5f}_{where}_vs-{_slug(against)}.png"
+                 for item in items]
+        self._note([f"{IMAGES}/{n}" for n in names])
+        for name, image in zip(names, adv):
             save_png(image, folder / name)
 
     def _save_examples(self, unit: WorkUnit, items, cells, clean, adv, clean_px, adv_px) -> None:
@@ -338,6 +342,7 @@ class Campaign:
         for b in rows:
             item = items[b]
             stem = f"{_slug(item.id)}_{_slug(unit.attack)}_eps{unit.eps:.5f}"
+            self._note([f"{EXAMPLES}/examples.jsonl", f"{EXAMPLES}/{_slug(item.id)}_clean.png", f"{EXAMPLES}/{stem}.png"])
             save_png(clean_px[b], folder / f"{_slug(item.id)}_clean.png")
             save_png(adv_px[b], folder / f"{stem}.png")
             for cell in cells:
@@ -350,8 +355,18 @@ class Campaign:
                               "adv_image": f"{stem}.png",
                               "kept_clean": c.kept[b].nonzero().flatten().tolist(),
                               "kept_adv": a.kept[b].nonzero().flatten().tolist()})
-        with open(folder / "examples.jsonl", "a") as f:
+        refuse_symlink(folder / "examples.jsonl")
+        with open(folder / "examples.jsonl", "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(line) + "\n" for line in lines))
+
+    def _note(self, names: Sequence[str]) -> None:
+        """Note files in the output folder's ledger before writing them (what --overwrite may remove)."""
+        if self._noted is None:
+            self._noted = set(_ledger(self.output))
+        new = [n for n in names if n not in self._noted]
+        if new:
+            _note_written(self.output, new)
+            self._noted.update(new)
 
     def _seed(self, *parts) -> int:
         """A seed derived from the scenario seed and what is being done (independent of execution order)."""
@@ -412,7 +427,7 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(array).save(path)
+    atomic_write_with(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def _slug(value) -> str:
@@ -421,13 +436,25 @@ def _slug(value) -> str:
 
 # ---------------------------------------------------------------------------------------------- results files
 class ResultsWriter:
-    """Appends records to results.jsonl, one ``write`` + flush per record (a kill loses only the one in flight)."""
+    """Appends records to results.jsonl, one ``write`` + flush per record (a kill loses only the one in flight).
+    Never through a symlink (O_NOFOLLOW)."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "a", encoding="utf-8")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            if Path(path).is_symlink():
+                refuse_symlink(path)
+            raise UserInputError(f"cannot write {path}: {exc.strerror}; accepted: a writable output folder") from None
+        self.file = os.fdopen(fd, "a", encoding="utf-8")
+        self._crash = _test_crash()
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._crash is not None:
+            self._crash.record(self.file, line)
+        self.file.write(line)
         self.file.flush()
 
     def close(self) -> None:
@@ -435,9 +462,39 @@ class ResultsWriter:
         self.file.close()
 
 
+class _TestCrash:
+    """ROBUSTVTC_TEST_CRASH=after:N (SIGKILL once N records are written by this process) or mid:N (SIGKILL
+    halfway through writing record N): the crash tests' way of killing a campaign at a chosen moment."""
+
+    def __init__(self, mode: str, n: int):
+        self.mode, self.n, self.count = mode, n, 0
+
+    def record(self, file, line: str) -> None:
+        import signal
+
+        self.count += 1
+        if self.mode == "mid" and self.count == self.n:
+            file.write(line[:max(1, len(line) // 2)])
+            file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.mode == "after" and self.count == self.n + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _test_crash() -> _TestCrash | None:
+    value = os.environ.get("ROBUSTVTC_TEST_CRASH", "")
+    mode, _, n = value.partition(":")
+    return _TestCrash(mode, int(n)) if mode in ("after", "mid") and n.isdigit() else None
+
+
+# the fields every record has (a results.jsonl whose lines lack them is not robustvtc's)
+REQUIRED_FIELDS = (*KEY_FIELDS, "correct", "clean_correct", "full_token_correct")
+
+
 def read_records(path: str | Path, repair: bool = False) -> list[dict]:
     """Every complete record of a results.jsonl; a torn last line (killed mid-write) is ignored, or cut
-    off the file with ``repair``. Later duplicates of a key (a resumed unit) replace earlier ones."""
+    off the file with ``repair``. Later duplicates of a key (a resumed unit) replace earlier ones. A line that
+    is not a robustvtc record (not JSON, not an object, lacking a key field) is one error naming it."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -445,18 +502,28 @@ def read_records(path: str | Path, repair: bool = False) -> list[dict]:
     records: dict[tuple, dict] = {}
     good = 0
     lines = raw.split(b"\n")
+    accepted = "a results.jsonl written by robustvtc run"
     for number, line in enumerate(lines, 1):
         if not line.strip():
             good += len(line) + 1
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             if number < len(lines) - 1:
-                raise UserInputError(f"{path} line {number} is not a JSON record; accepted: a results.jsonl "
-                                     "written by robustvtc run") from None
+                raise UserInputError(f"{path} line {number} is not a JSON record; accepted: {accepted}") from None
             break  # torn last line
-        records[record_key(record)] = record
+        if not isinstance(record, dict):
+            raise UserInputError(f"{path} line {number} is a JSON {type(record).__name__}, not a record; "
+                                 f"accepted: {accepted}")
+        missing = [k for k in REQUIRED_FIELDS if k not in record]
+        if missing:
+            raise UserInputError(f"{path} line {number} lacks the field(s) {', '.join(missing)}; accepted: {accepted}")
+        try:
+            records[record_key(record)] = record
+        except TypeError:
+            raise UserInputError(f"{path} line {number}: a key field is a list or mapping; accepted: {accepted}") \
+                from None
         good += len(line) + 1
     if repair and good < len(raw):
         with open(path, "r+b") as f:
@@ -517,70 +584,245 @@ def _manifest(campaign: Campaign) -> dict:
     }, default=str))
 
 
+OWN = (RESULTS, MANIFEST, LEDGER_NAME, LOCK_NAME)
+
+
+def read_manifest(out: str | Path) -> dict | None:
+    """The campaign's manifest.json, None when there is none; a corrupt one is one line naming the way out."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserInputError(
+            f"{path} is not a valid manifest ({str(exc).splitlines()[0][:80]}; cut short by a crash?); accepted: "
+            f"`robustvtc rebuild-manifest SCENARIO -o {Path(out)}` rebuilds it from the scenario and the records "
+            "(then --resume), or --overwrite to start again") from None
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+    """Record-relevant scenario keys whose value differs between two resolved scenarios."""
+    from .scenario import NOT_HASHED
+
+    keys = sorted((set(old) | set(new)) - set(NOT_HASHED))
+    return [k for k in keys if json.dumps(old.get(k), sort_keys=True) != json.dumps(new.get(k), sort_keys=True)]
+
+
+def _check_resume(out: Path, previous: dict, scenario: Scenario, data: dict | None) -> None:
+    """Refuse to resume a campaign whose record-relevant keys or data contents changed, naming what changed."""
+    from .scenario import NOT_HASHED
+
+    unhashed = f"(keys that do not change records and may change: {', '.join(NOT_HASHED)})"
+    if previous.get("scenario_hash") != scenario.hash():
+        changed = _changed_keys(previous.get("scenario") or {}, scenario.to_dict()) if previous.get("scenario") else []
+        what = f"changed: {', '.join(changed)}" if changed else f"scenario hash {previous.get('scenario_hash')}, now " \
+                                                                 f"{scenario.hash()}"
+        raise UserInputError(f"{out} holds a campaign of a different scenario ({what}) {unhashed}; accepted: the same "
+                             "scenario and overrides, a new output folder, or --overwrite")
+    old = previous.get("data")
+    if data is None or not isinstance(old, dict):
+        return  # a manifest without a data fingerprint (older robustvtc, the pytest plugin's)
+    if old.get("rows") != data.get("rows"):
+        raise UserInputError(f"{out}: the rows of {scenario.data.path} (ids, questions, answers) changed since the "
+                             "campaign started; accepted: the data it started with, a new output folder, or --overwrite")
+    old_images, new_images = old.get("images") or {}, data.get("images") or {}
+    for image in sorted(set(old_images) | set(new_images)):
+        if old_images.get(image) != new_images.get(image):
+            raise UserInputError(f"{out}: image {image} changed since the campaign started; accepted: the data it "
+                                 "started with, a new output folder, or --overwrite")
+
+
+def _check_folder(out: Path, scenario: Scenario, resume: bool, overwrite: bool, allow_existing: bool) -> dict | None:
+    """Whether ``out`` may be written as asked (read-only); returns the previous manifest to continue, if any."""
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"output {out} is a file; accepted: a folder (new, empty, or holding a campaign)")
+    for name in (*OWN, EXAMPLES, IMAGES, "report"):
+        refuse_symlink(out / name)
+    if not out.is_dir():
+        if resume:
+            raise UserInputError(f"{out} does not exist, so there is nothing to resume; accepted: run without --resume")
+        return None
+    manifest_file = out / MANIFEST
+    if manifest_file.exists():
+        try:
+            previous = read_manifest(out)
+        except UserInputError:
+            if overwrite:
+                return None  # what it wrote is in the ledger
+            raise
+        if resume:
+            return previous
+        if overwrite:
+            return None
+        raise UserInputError(f"{out} already holds a campaign; accepted: --resume to continue it, --overwrite "
+                             "to start again, or another output folder")
+    results = out / RESULTS
+    ours = set(_ledger(out))
+    if results.is_file() and results.stat().st_size > 0 and not (overwrite and RESULTS in ours):
+        raise UserInputError(f"{out} holds {RESULTS} but no {MANIFEST}, so robustvtc cannot tell what wrote the "
+                             f"records; accepted: `robustvtc rebuild-manifest SCENARIO -o {out}` (then --resume), "
+                             "another output folder, or move the file away")
+    if resume:
+        raise UserInputError(f"{out} holds no campaign to resume; accepted: run without --resume")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN and p.name not in ours
+                     and not _STALE_TEMP.match(p.name))
+    if foreign and not allow_existing:
+        raise UserInputError(f"{out} holds files that no robustvtc campaign wrote ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); accepted: a new or empty folder, or "
+                             "--allow-existing-files to write the campaign beside them")
+    if foreign:
+        clash = [n for n in (RESULTS, f"{EXAMPLES}/examples.jsonl", "report/report.html", "report/summary.md")
+                 if (out / n).exists() and n not in ours]
+        if clash:
+            raise UserInputError(f"{out}: {clash[0]} exists and was not written by robustvtc; robustvtc would "
+                                 "overwrite it; accepted: move it away or another output folder")
+    return None
+
+
+_STALE_TEMP = re.compile(r"^\.manifest\.json\..+\.tmp$")  # an atomic write of the manifest killed halfway
+
+
+def _ledger(out: Path) -> list[str]:
+    path = out / LEDGER_NAME
+    if not path.is_file() or path.is_symlink():
+        return []
+    names = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return list(dict.fromkeys(n for n in names if n and not n.startswith("/") and ".." not in Path(n).parts))
+
+
 def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume: bool = False,
                  overwrite: bool = False, quiet: bool = False, adapter=None, executor=None,
-                 log=None) -> Path:
-    """Run (or resume) a campaign; returns its output folder holding results.jsonl and manifest.json."""
+                 log=None, allow_existing: bool = False) -> Path:
+    """Run (or resume) a campaign; returns its output folder holding results.jsonl and manifest.json.
+
+    The folder is checked before the model loads and again under its lock (one writer per folder):
+    an existing campaign needs ``resume`` (same record-relevant keys and data contents) or ``overwrite``
+    (removes exactly the files campaigns wrote there); a folder holding other files needs ``allow_existing``.
+    Every input (model, options, data rows, images) is validated before anything is written."""
     from tqdm import tqdm
 
     from .executor import LocalExecutor
 
     out = Path(output or scenario.output)
     manifest_path, results_path = out / MANIFEST, out / RESULTS
-    previous = None
-    if manifest_path.is_file():
-        previous = json.loads(manifest_path.read_text())
-        if resume:
-            if previous.get("scenario_hash") != scenario.hash():
-                raise UserInputError(
-                    f"{out} holds a campaign of a different scenario (hash {previous.get('scenario_hash')}, now "
-                    f"{scenario.hash()}); accepted: the same scenario and overrides, a new output folder, or "
-                    "--overwrite")
-        elif overwrite:
-            _clear(out)
-            previous = None
-        else:
-            raise UserInputError(f"{out} already holds a campaign; accepted: --resume to continue it, --overwrite "
-                                 "to start again, or another output folder")
-    elif resume and results_path.exists():
-        raise UserInputError(f"{out} has results but no manifest.json, so it cannot be resumed; accepted: "
-                             "--overwrite or another output folder")
+    _check_folder(out, scenario, resume, overwrite, allow_existing)  # fail fast, before loading the model
     campaign = Campaign(scenario, adapter, output=out)
-    out.mkdir(parents=True, exist_ok=True)
-    done = {record_key(r) for r in read_records(results_path, repair=True)}
-    info = _manifest(campaign)
-    runs = (previous or {}).get("runs", [])
-    runs.append({"started": _now(), "resumed_with": len(done), "argv": sys.argv})
-    info.update(started=(previous or {}).get("started", runs[-1]["started"]), runs=runs, status="running")
-    manifest_path.write_text(json.dumps(info, indent=2))
+    data = campaign.task.fingerprint()
+    with FolderLock(out, log):
+        previous = _check_folder(out, scenario, resume, overwrite, allow_existing)
+        if previous is not None:
+            _check_resume(out, previous, scenario, data)
+        if overwrite:
+            _clear(out)
+        _note_written(out, [RESULTS, MANIFEST])
+        done = {record_key(r) for r in read_records(results_path, repair=True)}
+        info = _manifest(campaign)
+        from .scenario import NOT_HASHED
 
-    units = campaign.units()
-    expected = {k for u in units for k in campaign.unit_keys(u)}
-    pending = [u for u in units if not set(campaign.unit_keys(u)) <= done]
-    if log is not None:
-        log(f"{scenario.name}: {len(units)} units, {len(expected)} records ({len(done & expected)} already done) "
-            f"-> {results_path}")
-    writer = ResultsWriter(results_path)
-    written = 0
-    try:
-        with tqdm(total=len(expected), initial=len(done & expected), unit="rec", desc=scenario.name,
-                  disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True) as bar:
-            for record in (executor or LocalExecutor()).run(campaign, pending, done):
-                writer.write(record)
-                written += 1
-                bar.update(1)
-    finally:
-        writer.close()
-        runs[-1].update(finished=_now(), records_written=written)
-        total = len(done & expected) + written
-        info.update(runs=runs, records=total, status="complete" if total >= len(expected) else "interrupted")
-        manifest_path.write_text(json.dumps(info, indent=2))
+        info.update(data=data, unhashed_keys=list(NOT_HASHED))
+        runs = (previous or {}).get("runs", [])
+        runs.append({"started": _now(), "resumed_with": len(done), "argv": sys.argv})
+        info.update(started=(previous or {}).get("started", runs[-1]["started"]), runs=runs, status="running")
+        atomic_write_text(manifest_path, json.dumps(info, indent=2))
+
+        units = campaign.units()
+        expected = {k for u in units for k in campaign.unit_keys(u)}
+        pending = [u for u in units if not set(campaign.unit_keys(u)) <= done]
+        if log is not None:
+            log(f"{scenario.name}: {len(units)} units, {len(expected)} records ({len(done & expected)} already done) "
+                f"-> {results_path}")
+        writer = ResultsWriter(results_path)
+        written = 0
+        try:
+            with tqdm(total=len(expected), initial=len(done & expected), unit="rec", desc=scenario.name,
+                      disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True) as bar:
+                for record in (executor or LocalExecutor()).run(campaign, pending, done):
+                    writer.write(record)
+                    written += 1
+                    bar.update(1)
+        finally:
+            writer.close()
+            runs[-1].update(finished=_now(), records_written=written)
+            total = len(done & expected) + written
+            info.update(runs=runs, records=total, status="complete" if total >= len(expected) else "interrupted",
+                        files=_ledger(out))
+            atomic_write_text(manifest_path, json.dumps(info, indent=2))
     return out
 
 
+def rebuild_manifest(scenario: Scenario, *, output: str | Path | None = None, adapter=None, log=None) -> Path:
+    """Write a fresh manifest.json for a folder whose manifest is missing or corrupt, from the scenario and the
+    records there; refuses when a record does not belong to the scenario. Then ``--resume`` continues it."""
+    out = Path(output or scenario.output)
+    for name in (*OWN, "report"):
+        refuse_symlink(out / name)
+    if not (out / RESULTS).is_file():
+        raise UserInputError(f"{out} holds no {RESULTS}; accepted: a campaign folder whose manifest is missing or "
+                             "corrupt")
+    campaign = Campaign(scenario, adapter, output=out)
+    with FolderLock(out, log):
+        records = read_records(out / RESULTS, repair=True)
+        expected = {k for u in campaign.units() for k in campaign.unit_keys(u)}
+        stray = [record_key(r) for r in records if record_key(r) not in expected]
+        if stray:
+            raise UserInputError(f"{out / RESULTS} holds records this scenario does not produce (e.g. "
+                                 f"{dict(zip(KEY_FIELDS, stray[0]))}); accepted: the scenario and overrides the "
+                                 "campaign ran with")
+        from .scenario import NOT_HASHED
+
+        info = _manifest(campaign)
+        info.update(data=campaign.task.fingerprint(), unhashed_keys=list(NOT_HASHED), started=_now(),
+                    runs=[{"rebuilt": _now(), "records": len(records), "argv": sys.argv}], records=len(records),
+                    status="complete" if len(records) >= len(expected) else "interrupted")
+        _note_written(out, [RESULTS, MANIFEST])
+        info["files"] = _ledger(out)
+        atomic_write_text(out / MANIFEST, json.dumps(info, indent=2))
+    return out
+
+
+def _note_written(out: Path, names) -> None:
+    """Add paths (relative to ``out``) to the folder's ledger of campaign files, before they are written."""
+    known = set(_ledger(out))
+    new = [str(n) for n in names if str(n) not in known]
+    if new:
+        refuse_symlink(out / LEDGER_NAME)
+        with open(out / LEDGER_NAME, "a", encoding="utf-8") as f:
+            f.write("".join(n + "\n" for n in new))
+            f.flush()
+
+
+# what campaigns of robustvtc before the ledger wrote (a manifest without "files", no ledger)
+_LEGACY = re.compile(r"^(results\.jsonl|manifest\.json|examples/examples\.jsonl|examples/.+_(clean|eps[0-9.]+)\.png|"
+                     r"images/.+_eps[0-9.]+_.+_vs-.+\.png|report/(report\.html|summary\.md|tables/[a-z_]+\.csv))$")
+
+
 def _clear(out: Path) -> None:
-    """Remove what a campaign writes (and nothing else) from ``out``."""
-    for name in (RESULTS, MANIFEST):
-        (out / name).unlink(missing_ok=True)
-    for name in (EXAMPLES, IMAGES, "report"):
-        shutil.rmtree(out / name, ignore_errors=True)
+    """Remove exactly the files campaigns wrote in ``out`` (its ledger and manifest's list), nothing else;
+    folders only when that leaves them empty."""
+    names = set(_ledger(out))
+    try:
+        manifest = read_manifest(out) or {}
+    except UserInputError:
+        manifest = {}
+    names |= {n for n in manifest.get("files", []) if isinstance(n, str) and ".." not in Path(n).parts}
+    if not names and manifest:  # a campaign from before the ledger: its fixed names and patterns
+        names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
+                 and _LEGACY.match(p.relative_to(out).as_posix())}
+    names.add(MANIFEST)
+    for name in sorted(names, key=lambda n: -n.count("/")):
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+    for folder in ("report/tables", "report", EXAMPLES, IMAGES):
+        try:
+            (out / folder).rmdir()
+        except OSError:
+            pass  # not empty (user files) or absent
+    for stale in out.iterdir():
+        if _STALE_TEMP.match(stale.name) and stale.is_file():
+            stale.unlink()
+    (out / LEDGER_NAME).unlink(missing_ok=True)

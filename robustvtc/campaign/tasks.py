@@ -31,6 +31,25 @@ class Item:
     options: int = 0  # multiple choice: how many options the prompt lists
 
 
+_HASHES: dict[tuple, str] = {}
+
+
+def file_sha256(path) -> str:
+    """SHA-256 (16 hex digits) of a file's contents, streamed; cached per (path, size, mtime) in a process."""
+    import hashlib
+    import os
+
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()[:16]
+    return _HASHES[key]
+
+
 class Task:
     def __init__(self, spec: DataSpec, samples: int):
         from ..errors import UserInputError
@@ -40,6 +59,23 @@ class Task:
         if len(self.items) < samples:
             raise UserInputError(f"data: {spec.path} holds {len(self.items)} items but samples is {samples}; "
                                  f"accepted: samples <= {len(self.items)}")
+        if spec.source != "synthetic":
+            from ..images import open_image
+
+            for item in self.items:  # every image decodes (size, mode, truncation) before the first unit
+                open_image(item.source)
+
+    def fingerprint(self) -> dict:
+        """What the records depend on in the data, by content: a hash of the rows used (ids, questions,
+        answers, options) and one per image file used. The synthetic task is generated from its split."""
+        import hashlib
+        import json
+
+        if self.spec.source == "synthetic":
+            return {"rows": None, "images": {}}
+        rows = [[str(i.id), i.question, i.prompt, i.answer, list(i.answers), i.options] for i in self.items]
+        images = {str(i.source): file_sha256(i.source) for i in self.items}
+        return {"rows": hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16], "images": images}
 
     def _load(self, samples: int) -> list[Item]:
         from ..data import loaders
