@@ -167,7 +167,7 @@ def test_cage_survival_probability_matches_closed_form():
 def test_cage_budget_interval_scales_with_token_count(tiny_adapter):
     atk = CAGE(tiny_adapter)
     assert tiny_adapter.num_visual_tokens == 144 and (atk.k_min, atk.k_max) == (4, 48)
-    assert atk.steps == 100 and atk.random_start is False and atk.lambda_rda == 0.005
+    assert atk.steps == 100 and atk.random_start is False and (atk.lambda_efd, atk.lambda_rda) == (0.005, 1.0)
     assert atk.alpha == pytest.approx(atk.eps / 4)
 
 
