@@ -562,12 +562,19 @@ def _now() -> str:
 
 def _manifest(campaign: Campaign) -> dict:
     """What reproduces the run: the resolved scenario and its hash, versions, git revision, model, attacks."""
+    from .scenario import schedule_differences
+
     s, adapter = campaign.scenario, campaign.adapter
-    attacks = {}
+    attacks, schedule = {}, {}
     for spec in s.attacks:
         attack = campaign.example_attack(spec.label)
         attacks[spec.label] = {"name": spec.name, "eps": list(spec.eps), "threat": asdict(attack.threat),
                                "params": {k: v for k, v in attack.hyperparameters().items() if k != "eps"}}
+        alpha = spec.options.get("alpha")  # None = eps/4 for each radius (what the attack resolves it to)
+        schedule[spec.label] = {"steps": attack.steps, "alpha": "eps/4" if alpha is None else alpha,
+                                "alpha_per_eps": [e / 4 if alpha is None else alpha for e in spec.eps],
+                                "random_start": attack.random_start}
+    shared = {**s.schedule, "alpha": "eps/4" if s.schedule.get("alpha") is None else s.schedule["alpha"]}
     return json.loads(json.dumps({
         "format": "robustvtc-campaign/1", "scenario": s.to_dict(), "scenario_hash": s.hash(),
         "seed": s.seed, "dtype": s.dtype, "device": s.device, "batch_size": s.batch_size,
@@ -579,7 +586,9 @@ def _manifest(campaign: Campaign) -> dict:
                   "prompt_source": getattr(adapter, "prompt_source", None)},
         "cells": [list(c) for c in campaign.cells], "budget_mappings": {f"{c}@{b}": m for (c, b), m in
                                                                            campaign.mappings.items()},
-        "defenses": campaign.defenses, "attacks": attacks, "units": len(campaign.units()),
+        "defenses": campaign.defenses, "attacks": attacks,
+        "schedule": schedule, "schedule_differences": schedule_differences(schedule, shared),
+        "units": len(campaign.units()),
         "records_expected": sum(len(campaign.unit_keys(u)) for u in campaign.units()),
     }, default=str))
 

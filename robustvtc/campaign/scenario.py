@@ -15,10 +15,15 @@ are applied to the raw document *before* validation (black-style: the file sets 
     compressors: [none, visionzip, fastervlm]   # "none" (all tokens) is always evaluated
     budgets: [16, 32, 48]            # visual tokens reaching the LLM; "all" = every token
     eps: [8/255]                     # default radii for attacks that do not set their own
-    steps: 10                        # default PGD steps
+    schedule:                        # the PGD schedule every attack of the campaign shares (see below)
+      steps: 10                      # iterations
+      alpha: null                    # step size; null = eps/4 for each radius, or a radius like 0.5/255
+      random_start: true             # uniform start in the ε-ball (seeded by seed:), false = start at δ = 0
+    steps: 10                        # shorthand for schedule.steps (give one of the two)
     attacks:                         # a name, or a mapping with name, label, eps and any attack option
       - fulltoken
-      - {name: cage, eps: [2/255, 8/255], steps: 20, lambda_rda: 0.005}
+      - {name: cage, eps: [2/255, 8/255], lambda_efd: 1, lambda_rda: 200}
+      - {name: cage, label: cage_official, eps: [2/255], steps: 100, alpha: 0.5/255, random_start: false}
     defenses: []                     # names or {name: {option: value}}; "none" is always evaluated
     adaptive: true                   # also craft against each defended target (EOT if it is randomised)
     eot_samples: 8
@@ -29,6 +34,16 @@ are applied to the raw document *before* validation (black-style: the file sets 
     examples: 2                      # samples whose kept-token maps the report shows
 
 Relative data paths resolve against the scenario file's folder.
+
+Fair comparisons: attacks compared in one campaign run one schedule. Each attack's steps, alpha and
+random_start are resolved from ``schedule:`` (or its default) and stored explicitly in its options, so an
+attack class's own defaults (CAGE's official 100 zero-start steps of 0.5/255, say) never make a gap by
+themselves; an attack entry may still override any of the three (``attacks[i].steps`` etc.), and the
+campaign manifest then names it under ``schedule_differences``. The default schedule is 10 steps, alpha =
+eps/4 and a random start for every attack: a feature-distance loss such as fulltoken's has zero gradient
+at δ = 0 (the clean point is its minimum), so a zero start would handicap it, while a random start costs
+the other attacks nothing. With the same ``seed`` every attack draws the same start for the same images.
+The resolved values are part of each attack's options and so of the hash that ``--resume`` compares.
 """
 from __future__ import annotations
 
@@ -45,13 +60,17 @@ from ..errors import UserInputError
 
 DATA_SOURCES = ("synthetic", "vqa_jsonl", "vqa_folder", "multiple_choice")
 TOP_KEYS = ("name", "description", "model", "model_kwargs", "device", "dtype", "threads", "data", "samples",
-            "compressors", "budgets", "eps", "steps", "attacks", "defenses", "adaptive", "eot_samples", "seed",
-            "batch_size", "output", "save_images", "examples")
+            "compressors", "budgets", "eps", "schedule", "steps", "attacks", "defenses", "adaptive", "eot_samples",
+            "seed", "batch_size", "output", "save_images", "examples")
 REQUIRED = ("compressors", "budgets", "attacks")
 DATA_KEYS = ("source", "split", "path", "image_root", "csv_name", "max_new_tokens")
 ATTACK_KEYS = ("name", "label", "eps")
-# keys that do not change any record: they stay out of the hash that --resume compares
-NOT_HASHED = ("name", "description", "output", "save_images", "examples", "threads")
+SCHEDULE_KEYS = ("steps", "alpha", "random_start")
+# the campaign schedule when the scenario says nothing (alpha None = eps/4 for each radius)
+DEFAULT_SCHEDULE: dict[str, Any] = {"steps": 10, "alpha": None, "random_start": True}
+# keys that do not change any record: they stay out of the hash that --resume compares ("schedule" acts only
+# through each attack's resolved steps/alpha/random_start, which are hashed with the attack's options)
+NOT_HASHED = ("name", "description", "output", "save_images", "examples", "threads", "schedule")
 EPS_FORMAT = "a float like 0.03 or a fraction like '8/255'"
 
 
@@ -72,7 +91,11 @@ class AttackSpec:
     name: str
     label: str
     eps: tuple[float, ...]
-    options: dict = field(default_factory=dict)  # every other attack option, steps included
+    options: dict = field(default_factory=dict)  # every other attack option, the resolved schedule included
+
+    def schedule(self) -> dict:
+        """The resolved steps, alpha (None = eps/4) and random_start this attack runs with."""
+        return {k: self.options[k] for k in SCHEDULE_KEYS}
 
 
 @dataclass(frozen=True)
@@ -96,6 +119,7 @@ class Scenario:
     threads: int | None = None
     data: DataSpec = DataSpec()
     samples: int = 50
+    schedule: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))  # the campaign-wide schedule
     defenses: tuple[DefenseSpec, ...] = ()
     adaptive: bool = True
     eot_samples: int = 8
@@ -289,8 +313,8 @@ def parse_scenario(raw: Any, source: str = "scenario", default_name: str = "scen
     out["budgets"] = tuple(dict.fromkeys(budgets))
 
     default_eps = [c.eps(e, f"eps[{i}]") for i, e in enumerate(c.listing(raw.get("eps", "8/255"), "eps", "radii"))]
-    default_steps = c.integer(raw.get("steps", 10), "steps", 0)
-    attacks = [_attack(c, a, f"attacks[{i}]", ATTACKS, default_eps, default_steps)
+    out["schedule"] = schedule = _schedule(c, raw)
+    attacks = [_attack(c, a, f"attacks[{i}]", ATTACKS, default_eps, schedule)
                for i, a in enumerate(c.listing(raw["attacks"], "attacks", "attacks"))]
     _unique(c, [a.label for a in attacks], "attacks", "label", "attack labels (set label: to tell two apart)")
     out["attacks"] = tuple(attacks)
@@ -356,7 +380,44 @@ def _data(c: _Check, raw: Any, base_dir: Path | None) -> DataSpec:
     return DataSpec(**spec)
 
 
-def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], default_steps: int) -> AttackSpec:
+def _schedule(c: _Check, raw: dict) -> dict:
+    """The campaign schedule: ``schedule:`` over :data:`DEFAULT_SCHEDULE`, with ``steps:`` as its shorthand."""
+    given = c.keys(raw.get("schedule", {}), "schedule", SCHEDULE_KEYS) if raw.get("schedule") is not None else {}
+    if "steps" in raw and "steps" in given:
+        c.fail("steps", "given twice (also as schedule.steps)", "one of steps (shorthand) or schedule.steps")
+    merged = {**DEFAULT_SCHEDULE, **given, **({"steps": raw["steps"]} if "steps" in raw else {})}
+    return _check_schedule(c, merged, "schedule", top_steps="steps" in raw)
+
+
+def _check_schedule(c: _Check, values: dict, path: str, top_steps: bool = False) -> dict:
+    """Validated steps (integer >= 0), alpha (None or a radius, parsed) and random_start (boolean)."""
+    out = dict(values)
+    out["steps"] = c.integer(values["steps"], "steps" if top_steps else f"{path}.steps", 0)
+    if values["alpha"] is not None:
+        out["alpha"] = c.eps(values["alpha"], f"{path}.alpha")
+    out["random_start"] = c.boolean(values["random_start"], f"{path}.random_start")
+    return out
+
+
+def schedule_differences(schedules: Mapping[str, Mapping[str, Any]], shared: Mapping[str, Any] | None = None
+                         ) -> list[str]:
+    """Labels whose schedule (steps, alpha, random_start) differs from the others'.
+
+    The reference is the schedule most attacks run; on a tie, the campaign's shared schedule if one of the
+    tied groups runs it, else the first listed attack's. [] when all attacks share one schedule."""
+    key = lambda s: tuple(json.dumps(s.get(k)) for k in SCHEDULE_KEYS)  # noqa: E731
+    counts: dict[tuple, int] = {}
+    for s in schedules.values():
+        counts[key(s)] = counts.get(key(s), 0) + 1
+    if len(counts) <= 1:
+        return []
+    top = max(counts.values())
+    tied = [k for k, n in counts.items() if n == top]  # in first-listed order
+    reference = key(shared) if shared is not None and key(shared) in tied else tied[0]
+    return [label for label, s in schedules.items() if key(s) != reference]
+
+
+def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], schedule: dict) -> AttackSpec:
     from ..attacks.base import COMMON_DEFAULTS
 
     if isinstance(raw, str):
@@ -376,10 +437,8 @@ def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], 
     eps = ([c.eps(e, f"{path}.eps[{i}]") for i, e in enumerate(c.listing(raw["eps"], f"{path}.eps", "radii"))]
            if "eps" in raw else default_eps)
     opts = {k: v for k, v in raw.items() if k not in ATTACK_KEYS}
-    opts["steps"] = c.integer(opts.get("steps", default_steps), f"{path}.steps", 0)
+    opts.update(_check_schedule(c, {**schedule, **{k: opts[k] for k in SCHEDULE_KEYS if k in opts}}, path))
     _option_types(c, cls, opts, path)
-    if "alpha" in opts and opts["alpha"] is not None:
-        c.eps(opts["alpha"], f"{path}.alpha")
     return AttackSpec(name, label, tuple(dict.fromkeys(eps)), opts)
 
 
