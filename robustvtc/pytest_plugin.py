@@ -7,11 +7,16 @@
     def test_visionzip_16_resists_cage(robustvtc_target):
         assert_robust(robustvtc_target, attack="cage", eps="4/255", min_accuracy=0.6)
 
-Every check runs a small campaign through :mod:`robustvtc.campaign`: the same records, metrics and bootstrap
-CIs as ``robustvtc run``, so a failure names a scenario file whose ``robustvtc run`` reproduces its figures,
-and ``--robustvtc-report DIR`` writes the CLI's report from the records the checks produced. Work is shared:
-in a session each configuration (target x data x samples x steps) computes every clean and attack x eps unit
-once, whichever checks ask for it.
+Every check decides on a confidence interval, never on a point estimate: it passes when the whole interval
+meets the requirement, fails when the whole interval breaches it, and is INCONCLUSIVE otherwise -- a failure
+by default, worded as such and naming about how many samples would decide it (``--robustvtc-inconclusive
+pass|skip`` or the ini option ``robustvtc_inconclusive`` change that; ``--robustvtc-confidence`` sets the level).
+
+Every check runs a small campaign through :mod:`robustvtc.campaign`: the same records as ``robustvtc run``, so
+a failure names a scenario file whose ``robustvtc run`` reproduces its figures, and ``--robustvtc-report DIR``
+writes the CLI's report from the records the checks produced. Work is shared: in a session each
+configuration (target x data x samples x steps) computes every clean and attack x eps unit once, whichever
+checks ask for it.
 
 Registered as the ``pytest11`` entry point ``robustvtc`` (disable with ``-p no:robustvtc``).
 """
@@ -47,7 +52,7 @@ FIXTURES = ("robustvtc_target", "make_target", "robustvtc_eval_set", "make_eval_
 TARGET_OPTIONS = ("model", "compressor", "budget", "defense", "scenario", "device", "dtype", "model_kwargs", "seed")
 # scenario keys a target takes from a scenario file (data and samples become its evaluation set)
 SCENARIO_TARGET_KEYS = ("model", "model_kwargs", "device", "dtype", "seed", "batch_size", "eot_samples", "adaptive")
-TOLERANCE = 1e-9  # 3/5 must meet a 0.6 bound whatever the float rounding
+INCONCLUSIVE_ACTIONS = ("fail", "pass", "skip")
 
 
 # ---------------------------------------------------------------------------------------------- options and hooks
@@ -63,6 +68,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--robustvtc-report", default=None, metavar="DIR",
                     help="Write the campaign report (as `robustvtc run` does) of the records the checks produced, "
                          "one folder per configuration under DIR, plus every check's scenario file.")
+    group.addoption("--robustvtc-confidence", type=_level, default=None, metavar="LEVEL",
+                    help="Confidence level of every check's interval (default 0.95; ini: robustvtc_confidence).")
+    group.addoption("--robustvtc-inconclusive", choices=INCONCLUSIVE_ACTIONS, default=None,
+                    help="What a check whose interval straddles its requirement does: fail (default), pass or skip "
+                         "(ini: robustvtc_inconclusive).")
+    parser.addini("robustvtc_confidence", "confidence level of robustvtc checks (default 0.95)", default="0.95")
+    parser.addini("robustvtc_inconclusive", "fail | pass | skip: what an INCONCLUSIVE robustvtc check does",
+                  default="fail")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -95,15 +108,29 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         return
     tr = terminalreporter
     tr.write_sep("=", "robustvtc security checks")
-    header = ("result", "check", "target", "attack", "eps", "measured (95 % CI)", "required", "test")
-    rows = [("PASS" if m.passed else "FAIL", m.check, m.target, m.attack, m.eps, m.figure.format(m.kind),
+    header = ("result", "check", "target", "attack", "eps", f"measured ({100 * session.confidence:g} % CI)",
+              "required", "test")
+    rows = [(m.outcome, m.check, m.target, m.attack, m.eps, m.figure.format(m.kind),
              m.requirement, m.test) for m in session.measurements]
     widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         line = "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()
-        tr.write_line(line, **({"red": True} if row[0] == "FAIL" else {"green": True} if row[0] == "PASS" else {}))
+        colour = {"FAIL": {"red": True}, "PASS": {"green": True}, "INCONCLUSIVE": {"yellow": True}}
+        tr.write_line(line, **colour.get(row[0], {}))
     for path in session.reports:
         tr.write_line(f"robustvtc report: {path}")
+
+
+def _level(value: str) -> float:
+    import argparse
+
+    try:
+        level = float(value)
+    except ValueError:
+        level = 0.0
+    if not 0.5 <= level < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a confidence level in [0.5, 1), e.g. 0.95")
+    return level
 
 
 def _positive_int(value: str) -> int:
@@ -132,6 +159,8 @@ class Session:
         self.model: str | None = config.getoption("robustvtc_model")
         report = config.getoption("robustvtc_report")
         self.report_dir = Path(report).resolve() if report else None
+        self.confidence: float = config.getoption("robustvtc_confidence") or _ini_level(config)
+        self.inconclusive: str = config.getoption("robustvtc_inconclusive") or _ini_choice(config)
         self.current = ""  # node id of the running test
         self.measurements: list[Measurement] = []
         self.reports: list[Path] = []
@@ -224,6 +253,23 @@ class _Runs:
         (self.folder / MANIFEST).write_text(json.dumps({"scenario_hash": scenario.hash()}))
         run_campaign(scenario, output=self.folder, resume=True, quiet=True, adapter=self.adapter)
         return write_report(self.folder)["html"]
+
+
+def _ini_level(config: pytest.Config) -> float:
+    import argparse
+
+    try:
+        return _level(str(config.getini("robustvtc_confidence")))
+    except argparse.ArgumentTypeError as exc:
+        raise pytest.UsageError(f"ini option robustvtc_confidence: {exc}") from None
+
+
+def _ini_choice(config: pytest.Config) -> str:
+    value = str(config.getini("robustvtc_inconclusive")).strip()
+    if value not in INCONCLUSIVE_ACTIONS:
+        raise pytest.UsageError(f"ini option robustvtc_inconclusive: {value!r}; accepted: "
+                                f"{', '.join(INCONCLUSIVE_ACTIONS)}")
+    return value
 
 
 def _session(config: pytest.Config) -> Session:
@@ -426,16 +472,19 @@ def robustvtc_eval_set(make_eval_set) -> EvalSet:
 # ---------------------------------------------------------------------------------------------- measuring
 @dataclass(frozen=True)
 class Figure:
-    """A measured fraction (or difference of fractions) and its 95 % bootstrap CI."""
+    """A measured fraction (or difference of fractions) and its confidence interval: Clopper–Pearson for an
+    accuracy, Newcombe's paired score interval for a difference on the same samples."""
 
     value: float
     low: float
     high: float
+    level: float = 0.95
 
     def format(self, kind: str = "percent") -> str:
+        ci = f"{100 * self.level:g} % CI"
         if kind == "points":
-            return f"{100 * self.value:+.1f} points (95 % CI {100 * self.low:+.1f} to {100 * self.high:+.1f})"
-        return f"{100 * self.value:.1f} % (95 % CI {100 * self.low:.1f}–{100 * self.high:.1f} %)"
+            return f"{100 * self.value:+.1f} points ({ci} {100 * self.low:+.1f} to {100 * self.high:+.1f})"
+        return f"{100 * self.value:.1f} % ({ci} {100 * self.low:.1f}–{100 * self.high:.1f} %)"
 
 
 @dataclass
@@ -450,21 +499,44 @@ class Measurement:
     figure: Figure
     kind: str  # "percent" or "points"
     requirement: str
-    passed: bool
+    outcome: str  # PASS, FAIL or INCONCLUSIVE
     context: list[str]
     command: str
+    samples_needed: int | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome == "PASS"
 
     def message(self) -> str:
-        lines = [f"{self.check} {self.figure.format(self.kind)} breaches the requirement {self.requirement}",
-                 *(f"  {line}" for line in [*self.context, f"reproduce: {self.command}"])]
-        return "\n".join(lines)
+        shown = f"{self.check} {self.figure.format(self.kind)}"
+        if self.outcome == "INCONCLUSIVE":
+            more = ("no realistic sample size decides it at the observed value" if self.samples_needed is None
+                    else f"about {self.samples_needed} samples would likely decide it (--robustvtc-samples)")
+            head = (f"robustvtc INCONCLUSIVE: {shown} straddles the requirement {self.requirement}: the interval "
+                    f"neither meets nor breaches it; {more}")
+        else:
+            head = f"{shown} breaches the requirement {self.requirement}: the whole interval is outside it"
+        return "\n".join([head, *(f"  {line}" for line in [*self.context, f"reproduce: {self.command}"])])
 
 
-def _figure(values: pd.Series) -> Figure:
-    from .campaign.metrics import bootstrap_ci
+def _accuracy(correct: pd.Series, level: float) -> tuple[Figure, tuple[int, int]]:
+    """Accuracy with its Clopper–Pearson interval, and (correct, n) for sample-size projections."""
+    from . import stats
 
-    low, high = bootstrap_ci(values)  # the report's CI: same resamples, same seed
-    return Figure(float(values.mean()), low, high)
+    k, n = int((correct > 0.5).sum()), int(correct.notna().sum())
+    return Figure(k / n if n else float("nan"), *stats.clopper_pearson(k, n, level), level), (k, n)
+
+
+def _paired(first: pd.Series, second: pd.Series, level: float):
+    """first - second on the samples both have, with Newcombe's paired interval, and the paired counts."""
+    import pandas as pd
+
+    from . import stats
+
+    both = pd.concat([first, second], axis=1, join="inner").dropna()
+    counts = stats.PairedCounts.of(both.iloc[:, 0], both.iloc[:, 1])
+    return Figure(counts.difference, *stats.paired_difference_ci(counts, level), level), counts
 
 
 @dataclass
@@ -532,20 +604,31 @@ def _evaluate(target: DeploymentTarget, attacks: Sequence[str], eps: str | float
     return _Evaluation(target, records, radius, eps_text, command, setting)
 
 
-def _conclude(run: _Evaluation, check: str, attack: str, figure: Figure, kind: str, passed: bool,
-              requirement: str, context: list[str]) -> Figure:
-    """Record the measurement; raise AssertionError with the figures and the reproduce command if it failed."""
+def _conclude(run: _Evaluation, check: str, attack: str, figure: Figure, kind: str, bound: float,
+              direction: str, requirement: str, context: list[str], samples_needed) -> Figure:
+    """Decide on the interval, record the measurement, and fail the test on FAIL (and, unless configured
+    otherwise, on INCONCLUSIVE) with the figures and the reproduce command."""
     __tracebackhide__ = True
+    from . import stats
+
     target = run.target
+    session = target.session
     compressor, budget = target.cell
+    outcome = stats.decide(figure.low, figure.high, bound, direction)
     lines = [f"target: {target.document['model']}, {compressor} keeping {budget} of "
              f"{target.target.adapter.num_visual_tokens} visual tokens, defense {target.defense}",
              f"attack: {run.setting}", *context]
-    measurement = Measurement(target.session.current, check, target.describe(), attack, run.eps_text, figure, kind,
-                              requirement, passed, lines, run.command)
-    target.session.measurements.append(measurement)
-    if not passed:
+    needed = samples_needed(bound, direction) if outcome == stats.INCONCLUSIVE else None
+    measurement = Measurement(session.current, check, target.describe(), attack, run.eps_text, figure, kind,
+                              requirement, outcome, lines, run.command, needed)
+    session.measurements.append(measurement)
+    if outcome == stats.FAIL:
         raise AssertionError(measurement.message())
+    if outcome == stats.INCONCLUSIVE:
+        if session.inconclusive == "fail":
+            raise AssertionError(measurement.message())
+        if session.inconclusive == "skip":
+            pytest.skip(measurement.message())
     return figure
 
 
@@ -568,13 +651,20 @@ def assert_robust(target: DeploymentTarget, *, eps: str | float, min_accuracy: f
                   samples: int | None = None, steps: int = DEFAULT_STEPS, data: EvalSet | None = None) -> Figure:
     """Robust accuracy of the deployed target under ``attack`` at ``eps`` must be >= ``min_accuracy``.
 
-    Returns the measured figure (point estimate and 95 % CI); the bound applies to the point estimate."""
+    Decided on the exact (Clopper–Pearson) interval at the session's confidence level: passes when the whole
+    interval is at or above the bound, fails when it is entirely below, and is INCONCLUSIVE otherwise.
+    Returns the measured figure."""
     __tracebackhide__ = True
+    from . import stats
+
     bound = _fraction(min_accuracy, "min_accuracy")
     run = _evaluate(target, [attack], eps, steps, samples, data)
-    robust = _figure(run.correct(attack))
-    return _conclude(run, "robust accuracy", attack, robust, "percent", robust.value >= bound - TOLERANCE,
-                     f">= {100 * bound:.1f} %", [f"clean accuracy {_figure(run.correct('clean')).format()}"])
+    level = target.session.confidence
+    robust, (k, n) = _accuracy(run.correct(attack), level)
+    clean, _ = _accuracy(run.correct("clean"), level)
+    return _conclude(run, "robust accuracy", attack, robust, "percent", bound, "at_least",
+                     f">= {100 * bound:.1f} %", [f"clean accuracy {clean.format()}"],
+                     lambda b, d: stats.samples_to_decide_accuracy(k, n, b, d, level))
 
 
 @_one_line
@@ -582,16 +672,24 @@ def assert_no_overestimation(target: DeploymentTarget, *, eps: str | float, max_
                              samples: int | None = None, steps: int = DEFAULT_STEPS,
                              data: EvalSet | None = None) -> Figure:
     """Robust accuracy under the full-token baseline (``fulltoken``) minus under the compression-aligned attack
-    (``cage``), paired over samples, must be <= ``max_gap``: full-token testing must not overstate robustness."""
+    (``cage``), paired over samples, must be <= ``max_gap``: full-token testing must not overstate robustness.
+
+    Decided on Newcombe's paired interval: passes when its upper end is <= ``max_gap``."""
     __tracebackhide__ = True
+    from . import stats
+
     bound = _fraction(max_gap, "max_gap")
     run = _evaluate(target, ["fulltoken", "cage"], eps, steps, samples, data)
+    level = target.session.confidence
     baseline, aligned = run.correct("fulltoken"), run.correct("cage")
-    gap = _figure((baseline - aligned).dropna())
-    context = [f"robust accuracy under fulltoken {_figure(baseline).format()}",
-               f"robust accuracy under cage {_figure(aligned).format()}"]
-    return _conclude(run, "overestimation gap", "fulltoken - cage", gap, "points", gap.value <= bound + TOLERANCE,
-                     f"<= {100 * bound:+.1f} points", context)
+    gap, counts = _paired(baseline, aligned, level)
+    context = [f"robust accuracy under fulltoken {_accuracy(baseline, level)[0].format()}",
+               f"robust accuracy under cage {_accuracy(aligned, level)[0].format()}",
+               f"paired: {counts.first} samples only fulltoken leaves correct, {counts.second} only cage "
+               f"(exact McNemar p = {stats.mcnemar_exact(counts):.3g})"]
+    return _conclude(run, "overestimation gap", "fulltoken - cage", gap, "points", bound, "at_most",
+                     f"<= {100 * bound:+.1f} points", context,
+                     lambda b, d: stats.samples_to_decide_paired(counts, b, d, level))
 
 
 @_one_line
@@ -599,17 +697,23 @@ def assert_compression_not_weaker(target: DeploymentTarget, *, eps: str | float,
                                   attack: str = "cage", samples: int | None = None, steps: int = DEFAULT_STEPS,
                                   data: EvalSet | None = None) -> Figure:
     """Robust accuracy of the same model with all visual tokens minus with the target's compression, paired
-    over samples, must be <= ``max_drop``: compressing must not make the model much easier to attack."""
+    over samples, must be <= ``max_drop``: compressing must not make the model much easier to attack.
+
+    Decided on Newcombe's paired interval: passes when its upper end is <= ``max_drop``."""
     __tracebackhide__ = True
+    from . import stats
+
     bound = _fraction(max_drop, "max_drop")
     if _deployment(target).cell[0] == "none":
         raise UserInputError("the target keeps every visual token (compressor 'none'), so there is nothing to "
                              "compare; accepted: a target with a compressor and a budget")
     run = _evaluate(target, [attack], eps, steps, samples, data)
+    level = target.session.confidence
     full = run.correct(attack, ("none", target.target.adapter.num_visual_tokens))
     compressed = run.correct(attack)
-    drop = _figure((full - compressed).dropna())
-    context = [f"robust accuracy with all tokens {_figure(full).format()}",
-               f"robust accuracy compressed {_figure(compressed).format()}"]
-    return _conclude(run, "compression drop", attack, drop, "points", drop.value <= bound + TOLERANCE,
-                     f"<= {100 * bound:+.1f} points", context)
+    drop, counts = _paired(full, compressed, level)
+    context = [f"robust accuracy with all tokens {_accuracy(full, level)[0].format()}",
+               f"robust accuracy compressed {_accuracy(compressed, level)[0].format()}"]
+    return _conclude(run, "compression drop", attack, drop, "points", bound, "at_most",
+                     f"<= {100 * bound:+.1f} points", context,
+                     lambda b, d: stats.samples_to_decide_paired(counts, b, d, level))

@@ -42,7 +42,8 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def run(pytester: pytest.Pytester, model_dir: str, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_inprocess(*PLUGIN, "--robustvtc-model", model_dir, "--robustvtc-samples", "4", *args)
+    # "--opt=value": a separate path argument would move the rootdir (and the ini file pytest reads) above the test
+    return pytester.runpytest_inprocess(*PLUGIN, f"--robustvtc-model={model_dir}", "--robustvtc-samples=4", *args)
 
 
 def test_passing_checks_and_terminal_summary(pytester, model_dir):
@@ -80,7 +81,7 @@ def test_failing_check_shows_figures_and_a_command_that_reproduces_them(pytester
     assert result.ret == 1
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
-        "E * robust accuracy *.* % (95 % CI *.*–*.* %) breaches the requirement >= 100.0 %",
+        "E * robust accuracy *.* % (95 % CI *.*–*.* %) breaches the requirement >= 100.0 %: the whole interval*",
         "E * target: *, visionzip keeping 16 of 144 visual tokens, defense none",
         "E * attack: cage at eps 4/255, 1 steps, 4 samples of the synthetic test split",
         "E * clean accuracy *.* % (95 % CI *",
@@ -99,6 +100,29 @@ def test_failing_check_shows_figures_and_a_command_that_reproduces_them(pytester
     (results,) = Path("rep").glob("visionzip16-*/results.jsonl")
     checked = {record_key(r): r["prediction"] for r in read_records(results)}
     assert again and again == {k: checked[k] for k in again}
+
+
+def test_an_interval_across_the_bound_is_inconclusive_not_a_pass(pytester, model_dir):
+    # at 4 samples every Clopper–Pearson interval contains 50 %: no outcome of 4 samples decides that bound
+    pytester.makepyfile("""
+        import pytest
+        from robustvtc.pytest_plugin import assert_robust
+
+        @pytest.mark.robustvtc(compressor="visionzip", budget=16)
+        def test_holds(robustvtc_target):
+            assert_robust(robustvtc_target, eps="4/255", min_accuracy=0.5, steps=1)
+    """)
+    result = run(pytester, model_dir)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "E * robustvtc INCONCLUSIVE: robust accuracy * (95 % CI *) straddles the requirement >= 50.0 %*samples*",
+        "*INCONCLUSIVE*robust accuracy*visionzip@16*",
+    ])
+    run(pytester, model_dir, "--robustvtc-inconclusive", "skip").assert_outcomes(skipped=1)
+    pytester.makefile(".ini", pytest="[pytest]\nrobustvtc_inconclusive = pass\n")
+    run(pytester, model_dir).assert_outcomes(passed=1)
+    # a lower level narrows the interval, but 4 samples still straddle 50 % at 60 %
+    assert "60 % CI" in run(pytester, model_dir, "--robustvtc-confidence", "0.6").stdout.str()
 
 
 def test_bad_arguments_fail_in_one_line_naming_what_is_accepted(pytester, model_dir):
