@@ -296,7 +296,7 @@ def write_csv(table, path: str | Path) -> Path:
     """A DataFrame as CSV with neutralised formula cells, written atomically."""
     safe = table.copy()
     for col in safe.columns:
-        if safe[col].dtype == object:
+        if getattr(safe[col].dtype, "kind", "O") not in "biufcmM":  # text columns (object or string dtype)
             safe[col] = safe[col].map(csv_cell)
     safe.columns = [csv_cell(str(c)) for c in safe.columns]
     return atomic_write_text(path, safe.to_csv(index=False))
@@ -310,7 +310,8 @@ def md_cell(value: Any) -> str:
 
 
 def md_text(value: Any) -> str:
-    """Text safe in Markdown prose (labels, names): HTML escaped."""
-    import html
+    """Markdown with every HTML tag neutralised (``<script>`` -> ``&lt;script>``): what a viewer renders from a
+    label cannot run. Comparisons like ``a < b`` are left alone."""
+    import re
 
-    return html.escape(str(value), quote=False)
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", str(value))

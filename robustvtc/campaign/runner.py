@@ -652,8 +652,6 @@ def _check_folder(out: Path, scenario: Scenario, resume: bool, overwrite: bool, 
     for name in (*OWN, EXAMPLES, IMAGES, "report"):
         refuse_symlink(out / name)
     if not out.is_dir():
-        if resume:
-            raise UserInputError(f"{out} does not exist, so there is nothing to resume; accepted: run without --resume")
         return None
     manifest_file = out / MANIFEST
     if manifest_file.exists():
@@ -675,8 +673,6 @@ def _check_folder(out: Path, scenario: Scenario, resume: bool, overwrite: bool, 
         raise UserInputError(f"{out} holds {RESULTS} but no {MANIFEST}, so robustvtc cannot tell what wrote the "
                              f"records; accepted: `robustvtc rebuild-manifest SCENARIO -o {out}` (then --resume), "
                              "another output folder, or move the file away")
-    if resume:
-        raise UserInputError(f"{out} holds no campaign to resume; accepted: run without --resume")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN and p.name not in ours
                      and not _STALE_TEMP.match(p.name))
     if foreign and not allow_existing:

@@ -1,0 +1,453 @@
+"""Nothing a user has is lost: crash-and-resume at random moments, bad inputs (exit 2, one line, nothing
+written), --overwrite next to foreign files, one writer per folder, atomic files, safe tables."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from robustvtc.campaign import parse_scenario, read_records, record_key, run_campaign
+from robustvtc.campaign.runner import LEDGER_NAME, rebuild_manifest
+from robustvtc.cli import main
+from robustvtc.errors import UserInputError
+from robustvtc.safe_io import LOCK_NAME, FolderLock, csv_cell, lock_holder, md_cell
+
+BASE = {"compressors": ["fastervlm"], "budgets": [16], "samples": 3, "batch_size": 1, "steps": 1,
+        "attacks": ["fulltoken"], "examples": 1}  # 3 chunks x (clean + fulltoken) x 2 cells = 12 records
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from robustvtc.training import new_builtin, save_builtin
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    save_builtin(new_builtin(seed=0), path, {})
+    return path
+
+
+def _strip(records):
+    return {record_key(r): {k: v for k, v in r.items() if k != "seconds"} for r in records}
+
+
+# ---------------------------------------------------------------------------------------------- crash and resume
+def _killed_run(out, env_value, adapter):
+    os.environ["ROBUSTVTC_TEST_CRASH"] = env_value
+    try:
+        run_campaign(parse_scenario(BASE), output=out, adapter=adapter, quiet=True)
+    finally:
+        os._exit(0)  # reached only when the crash point was never hit
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_records(tiny_adapter, tmp_path):
+    """SIGKILL between records, halfway through writing a record, and halfway through an atomic manifest
+    write, at seeded random moments; --resume always ends with exactly the uninterrupted records."""
+    reference = run_campaign(parse_scenario(BASE), output=tmp_path / "ref", adapter=tiny_adapter, quiet=True)
+    expected = _strip(read_records(reference / "results.jsonl"))
+    assert len(expected) == 12
+    rng = random.Random(int(os.environ.get("ROBUSTVTC_CRASH_SEED", "18")))
+    trials = int(os.environ.get("ROBUSTVTC_CRASH_TRIALS", "6"))
+    modes = ["after", "mid", "atomic"]
+    context = multiprocessing.get_context("fork")
+    outcomes = []
+    for trial in range(trials):
+        mode = modes[trial % 3]  # every kind of moment is covered, the moment itself is random
+        n = rng.randint(1, 2) if mode == "atomic" else rng.randint(1, 11)
+        out = tmp_path / f"trial{trial}"
+        child = context.Process(target=_killed_run, args=(out, f"{mode}:{n}", tiny_adapter))
+        child.start()
+        child.join(120)
+        assert child.exitcode == -signal.SIGKILL, (mode, n, child.exitcode)
+        results = out / "results.jsonl"
+        partial = results.read_bytes() if results.exists() else b""
+        if mode == "mid":
+            assert partial and not partial.endswith(b"\n")  # really killed inside a line
+        messages = []
+        run_campaign(parse_scenario(BASE), output=out, adapter=tiny_adapter, quiet=True, resume=True,
+                     log=messages.append)
+        assert any("stale lock" in m for m in messages), messages  # the dead writer's lock was taken over
+        lines = results.read_text().splitlines()
+        assert _strip(read_records(results)) == expected, (mode, n)
+        assert len(lines) == len(expected) and all(json.loads(line) for line in lines)  # no duplicate, no torn
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["records"] == 12
+        assert not (out / LOCK_NAME).exists()
+        outcomes.append((mode, n, len(partial.splitlines())))
+    assert len(outcomes) == trials
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+def _png(path: Path, size=(40, 40), colour=(200, 30, 30)) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def _bomb_png(path: Path) -> Path:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+def _mc(root: Path, rows=None, images=("a.png", "b.png")) -> Path:
+    for name in images:
+        if not (root / name).exists():
+            _png(root / name)
+    rows = rows or [{"id": f"q{i}", "image": name, "question": "What colour?", "options": ["red", "blue"],
+                     "answer": 0} for i, name in enumerate(images)]
+    path = root / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _scenario(root: Path, model_dir, **changes) -> Path:
+    doc = {**BASE, "model": str(model_dir), "samples": 2, **changes}
+    path = root / "s.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _records_folder(root: Path, lines: list[str]) -> Path:
+    folder = root / "foreign"
+    folder.mkdir()
+    (folder / "results.jsonl").write_text("".join(line + "\n" for line in lines))
+    return folder
+
+
+def _file_data(root, model_dir, image_writer):
+    image_writer(root / "b.png")
+    _mc(root)
+    return ["run", str(_scenario(root, model_dir, data={"source": "multiple_choice", "path": "mc.jsonl"}))]
+
+
+def _held_lock(root, model_dir):
+    out = root / "out"
+    lock = FolderLock(out).acquire()
+    root.joinpath("keep").write_text("")  # the lock stays held for the test's duration
+    _held_lock.locks.append(lock)
+    return ["run", str(_scenario(root, model_dir)), "-o", str(out)]
+
+
+_held_lock.locks = []
+
+
+def _truncated(path):
+    _png(path, (200, 200))
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def _symlinked_results(root, model_dir):
+    elsewhere = root / "elsewhere.txt"
+    elsewhere.write_text("my notes, one line")
+    (root / "out").mkdir()
+    (root / "out" / "results.jsonl").symlink_to(elsewhere)
+    return ["run", str(_scenario(root, model_dir)), "-o", str(root / "out"), "--resume"]
+
+
+def _foreign_results(root, model_dir):
+    (root / "out").mkdir()
+    (root / "out" / "results.jsonl").write_text("not json at all")
+    return ["run", str(_scenario(root, model_dir)), "-o", str(root / "out")]
+
+
+def _foreign_report(root, model_dir):
+    (root / "out" / "report").mkdir(parents=True)
+    (root / "out" / "report" / "report.html").write_text("<p>my own report</p>")
+    return ["run", str(_scenario(root, model_dir)), "-o", str(root / "out")]
+
+
+def _corrupt_manifest(root, model_dir):
+    (root / "out").mkdir()
+    (root / "out" / "manifest.json").write_text('{"format": "robustvtc-campaign/1", "scen')
+    (root / "out" / "results.jsonl").write_text("")
+    return ["run", str(_scenario(root, model_dir)), "-o", str(root / "out"), "--resume"]
+
+
+def _corrupt_manifest_with_records(root):
+    (root / "out").mkdir()
+    (root / "out" / "manifest.json").write_text('{"format": "robustvtc-campaign/1", "scen')
+    (root / "out" / "results.jsonl").write_text(json.dumps(RECORD) + "\n")
+    return root / "out"
+
+
+RECORD = {"sample": 0, "attack": "clean", "eps": 0.0, "compressor": "none", "budget": 144, "defense": "none",
+          "adaptive": False, "correct": True, "clean_correct": True, "full_token_correct": True}
+
+
+def _records_without_manifest(root, model_dir):
+    (root / "out").mkdir()
+    (root / "out" / "results.jsonl").write_text(json.dumps(RECORD) + "\n")
+    return ["run", str(_scenario(root, model_dir)), "-o", str(root / "out"), "--set", "attacks.0.steps=3"]
+
+
+def _alias_bomb(root, model_dir):
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i, (prev, name) in enumerate(zip("abcdefgh", "bcdefghi")):
+        lines.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    path = root / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return ["validate", str(path)]
+
+
+BAD = {  # case -> (arguments maker, what the one line must name)
+    "scenario not UTF-8": (lambda r, m: ["validate", str(_write(r / "s.yaml", b"name: caf\xe9\n"))], "s.yaml: not UTF-8"),
+    "data not UTF-8": (lambda r, m: ["run", str(_scenario(r, m, data={"source": "vqa_jsonl", "path": str(
+        _write(r / "d.jsonl", b'{"question": "caf\xe9"}\n'))}))], "d.jsonl: not UTF-8"),
+    "lambda_rda abc": (lambda r, m: ["validate", str(_scenario(r, m, attacks=[{"name": "cage", "lambda_rda": "abc"}]))],
+                       "attacks[0].lambda_rda: 'abc' is not a number"),
+    "device quantum": (lambda r, m: ["validate", str(_scenario(r, m, device="quantum"))], "device: 'quantum'"),
+    "device cuda without CUDA": (lambda r, m: ["run", str(_scenario(r, m)), "--device", "cuda"], "no usable CUDA"),
+    "unknown model_kwargs key": (lambda r, m: ["run", str(_scenario(r, m, model_kwargs={"bogus_option": 1}))],
+                                 "model_kwargs: "),
+    "image_size -5": (lambda r, m: ["validate", str(_scenario(r, m, model_kwargs={"image_size": -5}))],
+                      "model_kwargs.image_size: -5"),
+    "image_size below the patch": (lambda r, m: ["run", str(_scenario(r, m, model_kwargs={"image_size": 5}))],
+                                   "model_kwargs.image_size: 5 is below the model's patch size"),
+    "truncated PNG": (lambda r, m: _file_data(r, m, _truncated), "b.png: cannot decode the image"),
+    "PNG header 100000x100000": (lambda r, m: _file_data(r, m, _bomb_png), "b.png: too many pixels"),
+    "image not an image": (lambda r, m: _file_data(r, m, lambda p: p.write_text("hello")), "b.png is not an image"),
+    "LLaVA config without weights": (lambda r, m: ["run", str(_scenario(r, _weightless(r, m)))],
+                                     "cannot load the model from"),
+    "report: records without sample": (lambda r, m: ["report", str(_records_folder(r, ['{"a": 1}']))],
+                                       "line 1 lacks the field(s) sample"),
+    "report: records that are lists": (lambda r, m: ["report", str(_records_folder(r, ["[1, 2]"]))],
+                                       "line 1 is a JSON list"),
+    "report: records without correct": (lambda r, m: ["report", str(_records_folder(r, [json.dumps(
+        {"sample": 0, "attack": "clean", "eps": 0, "compressor": "none", "budget": 1, "defense": "none",
+         "adaptive": False})]))], "lacks the field(s) correct"),
+    "report: non-JSON manifest": (lambda r, m: ["report", str(_corrupt_manifest_with_records(r))],
+                                  "manifest.json is not a valid manifest"),
+    "run: non-JSON manifest": (_corrupt_manifest, "robustvtc rebuild-manifest"),
+    "YAML key twice": (lambda r, m: ["validate", str(_write(r / "s.yaml", b"compressors: [none]\nbudgets: [16]\n"
+                                                             b"attacks: [fulltoken]\nsamples: 2\nsamples: 3\n"))],
+                       "line 5: key 'samples' given twice (first on line 4)"),
+    "YAML alias bomb": (_alias_bomb, "aliases expand to more than"),
+    "YAML too large": (lambda r, m: ["validate", str(_write(r / "big.yaml", b"# " + b"x" * (2 << 20)))],
+                       "bytes; accepted: a scenario file under"),
+    "name ../../x": (lambda r, m: ["validate", str(_scenario(r, m, name="../../x"))], "name: '../../x' holds a path"),
+    "duplicate sample ids": (lambda r, m: ["run", str(_scenario(r, m, data={"source": "multiple_choice",
+                                                                            "path": str(_mc(r, _dup_rows(r)))}))],
+                             "mc.jsonl:1 and "),
+    "data row without question": (lambda r, m: ["run", str(_scenario(r, m, data={"source": "multiple_choice", "path": str(
+        _mc(r, [{"image": "a.png", "options": ["x", "y"], "answer": 0}]))}))], "mc.jsonl:1: field 'question' missing"),
+    "results.jsonl is a symlink": (_symlinked_results, "results.jsonl is a symbolic link"),
+    "foreign results.jsonl, no manifest": (_foreign_results, "holds results.jsonl but no manifest.json"),
+    "foreign report/report.html": (_foreign_report, "holds files that no robustvtc campaign wrote (report)"),
+    "records but no manifest, changed option": (_records_without_manifest, "holds results.jsonl but no manifest"),
+    "second writer": (_held_lock, f"is being written by pid {os.getpid()}"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _weightless(root: Path, model_dir: Path) -> Path:
+    folder = root / "weightless"
+    folder.mkdir()
+    shutil.copy(model_dir / "config.json", folder / "config.json")
+    return folder
+
+
+def _dup_rows(root):
+    _png(root / "a.png")
+    return [{"id": "same", "image": "a.png", "question": "Q?", "options": ["x", "y"], "answer": 0}] * 2
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(root.rglob("*")) if p.name != LOCK_NAME}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, model_dir, tmp_path, monkeypatch):
+    import torch
+
+    if case == "device cuda without CUDA" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    make, expected = BAD[case]
+    root = tmp_path / "work"
+    root.mkdir()
+    monkeypatch.chdir(root)  # the default output folder (runs/<name>) would land here
+    args = make(root, model_dir)
+    before = _snapshot(tmp_path)
+    try:
+        result = CliRunner().invoke(main, [*args, *(["-q", "--no-report"] if args[0] == "run" else [])])
+    finally:
+        for lock in _held_lock.locks:
+            lock.release()
+        _held_lock.locks.clear()
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in result.output and "import " not in lines[0] and ".convert(" not in lines[0]
+    assert _snapshot(tmp_path) == before  # nothing written, changed or deleted, anywhere
+
+
+def test_cmyk_jpeg_and_16_bit_png_are_converted(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from robustvtc.images import open_image
+
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    red = np.asarray(open_image(tmp_path / "c.jpg"))
+    assert red.shape == (20, 20, 3) and red[..., 0].mean() > 200 and red[..., 1].mean() < 60
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "g.png")
+    grey = np.asarray(open_image(tmp_path / "g.png"))
+    assert grey.shape == (8, 8, 3) and abs(int(grey[0, 0, 0]) - 128) <= 1
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def test_overwrite_removes_only_campaign_files(tiny_adapter, tmp_path):
+    s = parse_scenario({**BASE, "samples": 2, "save_images": True})
+    out = run_campaign(s, output=tmp_path / "out", adapter=tiny_adapter, quiet=True)
+    from robustvtc.campaign.report import write_report
+
+    write_report(out, n_boot=10)
+    ours = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"results.jsonl", "manifest.json", "report/report.html", "examples/examples.jsonl"} <= ours
+    assert any(n.startswith("images/") for n in ours)
+    foreign = {"examples/photo.png": b"photo", "images/holiday.png": b"holiday", "report/my_report.txt": b"mine",
+               "notes.txt": b"notes"}
+    for name, data in foreign.items():
+        (out / name).write_bytes(data)
+    run_campaign(s, output=out, adapter=tiny_adapter, quiet=True, overwrite=True)
+    for name, data in foreign.items():
+        assert (out / name).read_bytes() == data, name  # the user's files survive
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and "results.jsonl" in manifest["files"]
+    assert not any("photo" in n or "holiday" in n or "my_report" in n for n in manifest["files"])
+    assert len(read_records(out / "results.jsonl")) == manifest["records_expected"]
+
+
+def test_second_writer_is_refused_and_a_stale_lock_taken_over(tiny_adapter, tmp_path):
+    out = tmp_path / "out"
+    s = parse_scenario({**BASE, "samples": 1})
+    with FolderLock(out):
+        assert lock_holder(out) == f"pid {os.getpid()} on {__import__('socket').gethostname()}"
+        with pytest.raises(UserInputError, match=f"is being written by pid {os.getpid()}"):
+            run_campaign(s, output=out, adapter=tiny_adapter, quiet=True, allow_existing=True)
+    assert not (out / LOCK_NAME).exists() and lock_holder(out) is None
+    (out / LOCK_NAME).write_text("pid 999999 on elsewhere\n")  # its writer died: no flock held
+    messages = []
+    run_campaign(s, output=out, adapter=tiny_adapter, quiet=True, log=messages.append)
+    assert any("taking over the stale lock" in m and "pid 999999" in m for m in messages)
+    assert len(read_records(out / "results.jsonl")) == 4
+
+
+def test_two_concurrent_processes_one_refused(tiny_adapter, tmp_path):
+    """Two writers started together on one folder: one writes every record once, the other is refused."""
+    out = tmp_path / "out"
+    context = multiprocessing.get_context("fork")
+
+    def writer(i):
+        try:
+            run_campaign(parse_scenario(BASE), output=out, adapter=tiny_adapter, quiet=True, resume=True)
+            outcome = "ok"
+        except UserInputError as exc:
+            outcome = f"refused: {exc}"
+        (tmp_path / f"outcome{i}").write_text(outcome)
+        os._exit(0)
+
+    children = [context.Process(target=writer, args=(i,)) for i in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+    outcomes = sorted((tmp_path / f"outcome{i}").read_text() for i in range(2))
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len({record_key(json.loads(line)) for line in lines}) == 12  # nothing twice
+    # the second either met the held lock, or came after the first finished and found nothing left to do
+    assert outcomes[0] == "ok" and (outcomes[1] == "ok" or "is being written by pid" in outcomes[1]), outcomes
+
+
+def test_resume_names_what_changed_data_contents_included(tiny_adapter, tmp_path):
+    _mc(tmp_path)
+    data = {"source": "multiple_choice", "path": str(tmp_path / "mc.jsonl")}
+    s = parse_scenario({**BASE, "samples": 2, "data": data})
+    out = run_campaign(s, output=tmp_path / "out", adapter=tiny_adapter, quiet=True)
+    with pytest.raises(UserInputError, match=r"changed: attacks\) \(keys that do not change records and may change: "
+                                             r"name, .*examples, threads"):
+        run_campaign(parse_scenario({**BASE, "samples": 2, "data": data, "steps": 3}), output=out,
+                     adapter=tiny_adapter, quiet=True, resume=True)
+    _png(tmp_path / "b.png", colour=(10, 200, 10))  # same path, new contents
+    with pytest.raises(UserInputError, match=r"image .*b\.png changed since the campaign started"):
+        run_campaign(s, output=out, adapter=tiny_adapter, quiet=True, resume=True)
+    _png(tmp_path / "b.png")
+    rows = [json.loads(line) for line in (tmp_path / "mc.jsonl").read_text().splitlines()]
+    rows[1]["answer"] = 1
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserInputError, match=r"the rows of .*mc\.jsonl .* changed"):
+        run_campaign(s, output=out, adapter=tiny_adapter, quiet=True, resume=True)
+
+
+def test_rebuild_manifest_then_resume(tiny_adapter, tmp_path):
+    s = parse_scenario({**BASE, "samples": 2})
+    out = run_campaign(s, output=tmp_path / "out", adapter=tiny_adapter, quiet=True)
+    expected = _strip(read_records(out / "results.jsonl"))
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    (out / "manifest.json").write_text('{"cut sho')
+    with pytest.raises(UserInputError, match="rebuild-manifest"):
+        run_campaign(s, output=out, adapter=tiny_adapter, quiet=True, resume=True)
+    with pytest.raises(UserInputError, match="records this scenario does not produce"):
+        rebuild_manifest(parse_scenario({**BASE, "samples": 2, "compressors": ["visionzip"]}), output=out,
+                         adapter=tiny_adapter)
+    rebuild_manifest(s, output=out, adapter=tiny_adapter)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+    run_campaign(s, output=out, adapter=tiny_adapter, quiet=True, resume=True)
+    assert _strip(read_records(out / "results.jsonl")) == expected
+    assert (out / LEDGER_NAME).is_file()
+
+
+def test_atomic_write_leaves_the_old_file_when_killed(tmp_path):
+    from robustvtc.safe_io import atomic_write_text
+
+    target = tmp_path / "manifest.json"
+    target.write_text('{"old": true}')
+    context = multiprocessing.get_context("fork")
+
+    def write():
+        os.environ["ROBUSTVTC_TEST_CRASH"] = "atomic:1"
+        atomic_write_text(target, json.dumps({"new": "x" * 10000}))
+        os._exit(0)
+    child = context.Process(target=write)
+    child.start()
+    child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+    assert json.loads(target.read_text()) == {"old": True}
+    atomic_write_text(target, '{"new": 1}')
+    assert json.loads(target.read_text()) == {"new": 1}
+
+
+def test_csv_and_markdown_cells_are_neutralised(tiny_adapter, tmp_path):
+    assert csv_cell("=cmd|' /C calc'!A0") == "'=cmd|' /C calc'!A0" and csv_cell("@SUM(1)") == "'@SUM(1)"
+    assert csv_cell("-3.5") == "-3.5" and csv_cell(-3.5) == -3.5 and csv_cell("+x") == "'+x"
+    assert md_cell("<script>alert(1)</script>|x") == "&lt;script&gt;alert(1)&lt;/script&gt;\\|x"
+    s = parse_scenario({**BASE, "samples": 1, "attacks": [{"name": "fulltoken", "label": "<script>x</script>"},
+                                                          {"name": "fulltoken", "label": "=cmd|calc", "steps": 2}]})
+    out = run_campaign(s, output=tmp_path / "out", adapter=tiny_adapter, quiet=True)
+    from robustvtc.campaign.report import write_report
+
+    paths = write_report(out, n_boot=10)
+    summary = (out / "report" / "summary.md").read_text()
+    assert "<script>" not in summary and "&lt;script&gt;" in summary
+    cells = [c for csv in (out / "report" / "tables").glob("*.csv") for c in csv.read_text().split(",")]
+    assert not any(c.strip('"').startswith("=cmd") for c in cells)
+    assert any("'=cmd|calc" in c for c in cells)
+    assert "<script>x</script>" not in paths["html"].read_text()
