@@ -9,6 +9,8 @@ by layer with in-LLM pruning, answer scoring and greedy generation -- one code p
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import sys
 from pathlib import Path
@@ -295,6 +297,7 @@ class HFAdapter:
     def _decode(self, embeds, mask, positions, visual_index, text_index, in_llm):
         from transformers.masking_utils import create_causal_mask
 
+        no_cache = _no_cache_argument(create_causal_mask)
         lm = self.model.model.language_model
         prune_at = set(in_llm.layers) if in_llm is not None else set()
         if prune_at and visual_index is None:
@@ -314,7 +317,7 @@ class HFAdapter:
             flat = positions if positions.dim() == 2 else None  # M-RoPE ids are 3-D; masks want 1-D ones
             if causal is None:
                 causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
-                                            past_key_values=None, position_ids=flat)
+                                            position_ids=flat, **no_cache)
                 cos_sin = lm.rotary_emb(h, position_ids=positions)
             prev = (h, cos_sin, mask)
             h = layer(h, attention_mask=causal, position_ids=flat, position_embeddings=cos_sin)
@@ -485,3 +488,12 @@ def _drop_visual(h, mask, positions, visual_index, text_index, keep, gain):
         scale = torch.ones(B, new_len, 1, dtype=h.dtype, device=h.device)
         h = h * scale.scatter(1, visual_index.unsqueeze(-1), gain.unsqueeze(-1).to(h.dtype))
     return h, mask, positions, visual_index, text_index
+
+
+@functools.lru_cache(maxsize=None)
+def _no_cache_argument(create_causal_mask) -> dict:
+    """``cache=None``, or ``past_key_values=None`` for transformers releases before the argument was renamed
+    (passing the old name to a new release raises a FutureWarning on every forward)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
