@@ -201,7 +201,38 @@ def _robust_section(df: pd.DataFrame, checks: list[CheckResult]) -> str:
             + _table(rows))
 
 
-def _checks_section(checks: list[CheckResult]) -> str:
+CHECKS = ("monotone_in_eps", "large_eps", "transfer_not_stronger")
+
+
+def coverage(checks: list[CheckResult], thresholds: Thresholds = Thresholds()) -> dict[str, str]:
+    """Per check, in words, where it ran and where it did not apply (the masking verdict must say so)."""
+    why = {"large_eps": f"no ε ≥ {_eps(thresholds.large_eps)}",
+           "transfer_not_stronger": "no transferred and adaptive pair to compare",
+           "monotone_in_eps": "no attacked rows"}
+    out = {}
+    for name in CHECKS:
+        mine = [c for c in checks if c.check == name]
+        na = sum(c.status == "not applicable" for c in mine)
+        if not mine:
+            out[name] = "not run (no defenses)" if name == "transfer_not_stronger" else "not run (no attacked rows)"
+        elif na == len(mine):
+            out[name] = f"not applicable on {na} of {len(mine)} rows ({why[name]})"
+        elif na:
+            out[name] = f"ran on {len(mine) - na} of {len(mine)} rows; not applicable on {na} ({why[name]})"
+        else:
+            out[name] = f"ran on all {len(mine)} rows"
+    return out
+
+
+def violations(records: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> list[str]:
+    """One short description per violated check (``check: attack on compressor@budget, defense``)."""
+    return [f"{c.check}: {c.scope['attack']} on {_cell(c.scope)}, defense {c.scope['defense']}"
+            + (f", ε={_eps(c.scope['eps'])}" if "eps" in c.scope else "")
+            + (" (adaptive)" if c.scope.get("adaptive") else "")
+            for c in sanity_checks(records, thresholds) if c.violated]
+
+
+def _checks_section(checks: list[CheckResult], thresholds: Thresholds = Thresholds()) -> str:
     statuses = pd.DataFrame({"check": [c.check for c in checks], "status": [c.status for c in checks]})
     summary = [{"check": name, **{s: int((g["status"] == s).sum()) for s in STATUSES}}
                for name, g in statuses.groupby("check", sort=True)]
@@ -210,11 +241,20 @@ def _checks_section(checks: list[CheckResult]) -> str:
                  "figures": ", ".join(f"{k}={_eps(v) if k.startswith('eps') else _fmt(v)}"
                                       for k, v in c.figures.items())}
                 for c in checks if c.violated]
-    verdict = ("**Unreliable**: gradient masking is likely where a check is violated; do not trust those robust "
-               "accuracies before a stronger adaptive attack." if violated else "**No sign of gradient masking.**")
+    ran = coverage(checks, thresholds)
+    incomplete = {k: v for k, v in ran.items() if not v.startswith("ran on all")}
+    if violated:
+        verdict = ("**Unreliable**: gradient masking is likely where a check is violated; do not trust those robust "
+                   "accuracies before a stronger adaptive attack.")
+    elif incomplete:
+        verdict = ("**No violation among the checks that ran**; not run everywhere: "
+                   + "; ".join(f"`{k}` {v}" for k, v in incomplete.items()) + ".")
+    else:
+        verdict = "**No sign of gradient masking**: every check ran on every row it covers, none is violated."
     text = (f"{verdict} Checks: robust accuracy does not rise with ε (`monotone_in_eps`), a very large ε drives it "
             "near zero (`large_eps`), a transferred attack is not stronger than the adaptive one "
-            f"(`transfer_not_stronger`).\n\n{_table(summary)}")
+            "(`transfer_not_stronger`).\n\n"
+            + "\n".join(f"- `{k}`: {v}" for k, v in ran.items()) + f"\n\n{_table(summary)}")
     return text + ("\n\nViolated checks:\n\n" + _table(violated) if violated else "")
 
 
@@ -263,10 +303,15 @@ def report_sections(records: pd.DataFrame, thresholds: Thresholds = Thresholds()
     """(title, Markdown) sections on defenses and gradient-masking sanity, for the campaign report."""
     df = _prepare(records)
     checks = sanity_checks(df, thresholds)
-    sections = [("Defenses: clean accuracy", _clean_section(df)),
-                ("Defenses: robust accuracy, non-adaptive vs adaptive", _robust_section(df, checks)),
-                ("Sanity checks against gradient masking", _checks_section(checks)),
-                ("Defenses: cost", _cost_section(df))]
+    defended = bool((df["defense"] != NONE).any())  # defense sections only when the campaign has defenses
+    sections = []
+    if defended:
+        sections += [("Defenses: clean accuracy", _clean_section(df)),
+                     ("Defenses: robust accuracy, non-adaptive vs adaptive", _robust_section(df, checks))]
+    if checks:
+        sections.append(("Sanity checks against gradient masking", _checks_section(checks, thresholds)))
+    if defended:
+        sections.append(("Defenses: cost", _cost_section(df)))
     detectors = _detectors(df) if "flagged" in df else []
     if detectors:
         sections.append(("Defenses: detection", _detection_section(df, detectors)))

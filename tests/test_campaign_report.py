@@ -1,9 +1,9 @@
-"""Reports from a campaign folder: files, self-contained HTML, Markdown, CSV, extra sections, a real browser."""
+"""Reports from a campaign folder: files, self-contained HTML, Markdown, CSV, extra sections (the real browser:
+tests/test_report_browser.py)."""
 from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
 import types
 
@@ -28,10 +28,11 @@ def report(campaign_dir):
 
 def test_files_and_tables(report, campaign_dir):
     assert report["html"] == campaign_dir / "report" / "report.html"
-    for name in ("summary", "clean", "worst_case", "gap", "ranking", "perturbation"):
+    for name in ("summary", "clean", "worst_case", "gap", "verdict", "kept_distortion", "ranking", "perturbation"):
         assert report[name].is_file(), name
     summary = pd.read_csv(report["summary"])
-    assert {"attack", "eps", "compressor", "budget", "robust_accuracy", "ci_low", "ci_high", "csfr"} <= set(summary)
+    assert {"attack", "eps", "compressor", "budget", "robust_accuracy", "ci_low", "ci_high", "csfr", "csfr_n",
+            "compression_only_failure_rate"} <= set(summary)
     assert len(summary) == 3 * 5  # (clean, fulltoken, cage) x (none + 2 compressors x 2 budgets)
     gap = pd.read_csv(report["gap"])
     assert set(gap["compressor"]) == {"none", "fastervlm", "visionzip"}
@@ -43,15 +44,23 @@ def test_html_is_self_contained(report):
     assert not re.search(r"(?i)https?://|//cdn|<script|<link|@import|url\(", text)
     sources = re.findall(r'src="([^"]*)"', text)
     assert len(sources) >= 4 and all(s.startswith("data:image/png;base64,") for s in sources)
-    for title in ("Clean accuracy", "Robust accuracy vs budget", "Overestimation gap", "Ranking stability",
-                  "Kept tokens, clean vs adversarial", "Reproducibility"):
+    for title in ("Clean accuracy", "Robust accuracy vs budget", "Overestimation gap per cell", "Ranking stability",
+                  "Kept-token distortion", "Attack settings", "Kept tokens, clean vs adversarial", "Reproducibility",
+                  "Sanity checks against gradient masking"):
         assert f"<h2>{title}" in text, title
+    # the question first, the glossary last; no defense sections in a campaign without defenses
+    assert text.index('<h2 id="verdict">Verdict') < text.index("<h2>Clean accuracy")
+    assert text.rstrip().endswith("</dl></body></html>") and "CIRA, arXiv 2609.35002" in text.split("Glossary")[-1]
+    assert "Defenses" not in text and "_no records_" not in text and "No sign of gradient masking" not in text
+    assert re.search(r'<p class="verdict">(Full-token testing overestimates|No significant overestimation)', text)
 
 
 def test_markdown_summary(report):
     md = report["markdown"].read_text()
     assert md.startswith("# robustvtc report")
-    assert "## Overestimation gap (fulltoken − cage)" in md and "| eps | compressor | budget |" in md
+    assert "## Overestimation gap per cell (fulltoken − cage)" in md and "| eps | compressor | budget |" in md
+    assert md.index("## Verdict") < md.index("## Clean accuracy") < md.index("## Glossary")
+    assert "| ε | cell | n | clean % (CI) | baseline |" in md
     assert "8/255" in md and "data:image" not in md
 
 
@@ -86,21 +95,32 @@ def test_markdown_to_html_and_eps_format():
     assert format_eps(1.0) == "1"
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+def test_verdict_names_what_is_missing_and_schedule_differences(campaign_dir, tmp_path):
+    import json
+
+    copy = tmp_path / "only_baseline"
+    copy.mkdir()
+    lines = [line for line in (campaign_dir / "results.jsonl").read_text().splitlines()
+             if json.loads(line)["attack"] != "cage"]
+    (copy / "results.jsonl").write_text("\n".join(lines) + "\n")
+    manifest = json.loads((campaign_dir / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    text = write_report(copy)["html"].read_text()
+    assert "No verdict: this campaign has no compression-aligned attack" in text
+    # the manifest's attack options: a differing schedule is named in the verdict section
+    manifest["attacks"]["fulltoken"]["params"]["steps"] = 7
+    manifest["schedule_differences"] = ["fulltoken"]
+    (campaign_dir / "manifest.json").rename(campaign_dir / "manifest.keep")
+    try:
+        (campaign_dir / "manifest.json").write_text(json.dumps(manifest))
+        text = write_report(campaign_dir, tmp_path / "r2")["html"].read_text()
+    finally:
+        (campaign_dir / "manifest.keep").replace(campaign_dir / "manifest.json")
+    verdict = text.split('<h2 id="verdict">')[1].split("<h2>")[0]
+    assert '<p class="warn">' in verdict and "steps: fulltoken 7, cage 1" in verdict
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium here (apt-get install -y chromium)")
-def test_headless_browser_renders_the_report(report, tmp_path):
-    from PIL import Image, ImageStat
-
-    shot = tmp_path / "shot.png"
-    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--window-size=1200,3000", f"--screenshot={shot}", report["html"].as_uri()],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
-    image = Image.open(shot).convert("L")
-    assert image.size == (1200, 3000)
-    # plots and tables drew something: far from a blank page, and dark ink on most bands of the page
-    assert ImageStat.Stat(image).stddev[0] > 20
-    bands = [image.crop((0, y, 1200, y + 300)) for y in range(0, 3000, 300)]
-    assert sum(ImageStat.Stat(b).extrema[0][0] < 80 for b in bands) >= 8
+def test_tables_scroll_instead_of_overflowing(report):
+    text = report["html"].read_text()
+    assert text.count('<div class="scroll"><table') == text.count("<table")
+    assert ".scroll{overflow-x:auto" in text and "max-width:800px" in text

@@ -433,6 +433,23 @@ def test_report_sections_mark_the_masked_rows_unreliable(masked_records):
     assert "**Unreliable**" in sections["Sanity checks against gradient masking"]
 
 
+def test_undefended_report_says_which_checks_ran(masked_records):
+    from robustvtc.sanity import violations
+
+    plain = masked_records[masked_records["defense"] == "none"]
+    sections = dict(report_sections(plain))
+    assert list(sections) == ["Sanity checks against gradient masking"]  # no empty defense sections
+    text = sections["Sanity checks against gradient masking"]
+    assert "No sign of gradient masking" not in text and "**No violation among the checks that ran**" in text
+    assert "`transfer_not_stronger` not run (no defenses)" in text and "`large_eps`: ran on all 1 rows" in text
+    small = pd.DataFrame(_curve({2 / 255: 0.6, 8 / 255: 0.3}))
+    text = dict(report_sections(small))["Sanity checks against gradient masking"]
+    assert "`large_eps` not applicable on 1 of 1 rows (no ε ≥ 64/255)" in text
+    assert violations(plain) == []
+    found = violations(masked_records)
+    assert found and {v.split(":")[0] for v in found} <= {"large_eps", "transfer_not_stronger", "monotone_in_eps"}
+
+
 def _curve(accuracies: dict[float, float], n: int = 40, clean: float = 1.0, **fixed) -> list[dict]:
     rows = []
     for eps, acc in accuracies.items():

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from ..safe_io import atomic_write_text, md_cell, write_csv
+from ..safe_io import atomic_write_text, md_cell, md_text, write_csv
 from .runner import EXAMPLES, read_manifest
 
 PERCENT = ("robust_accuracy", "ci_low", "ci_high", "clean_accuracy", "full_token_accuracy", "attack_success_rate",
@@ -135,16 +135,18 @@ def plot_gap_points(table: pd.DataFrame, num_tokens: int | None) -> str | None:
     eps_values = sorted(table["eps"].unique())
     fig, axes = plt.subplots(1, len(eps_values), squeeze=False, sharey=True,
                              figsize=(4.4 * len(eps_values) + 0.6, 3.3))
-    compressors = list(dict.fromkeys(table["compressor"]))
-    budgets = sorted(table["budget"].unique())
-    span = (max(budgets) - min(budgets)) or 1
+    compressors = [c for c in dict.fromkeys(table["compressor"]) if c != "none"] + ["none"]
+    budgets = sorted(table.loc[table["compressor"] != "none", "budget"].unique())
+    full = sorted(table.loc[table["compressor"] == "none", "budget"].unique())
+    ticks = budgets + [b for b in full if b not in budgets]
     for ax, eps in zip(axes[0], eps_values):
         rows = table[table["eps"] == eps]
         for i, comp in enumerate(compressors):
             g = rows[rows["compressor"] == comp].sort_values("budget")
             if g.empty:
                 continue
-            x = g["budget"].astype(float) + (i - (len(compressors) - 1) / 2) * 0.012 * span
+            x = np.array([ticks.index(b) for b in g["budget"]], dtype=float)
+            x += 0 if comp == "none" else (i - (len(compressors) - 2) / 2) * 0.15
             y = g["gap"] * 100
             err = np.vstack([y - g["ci_low"] * 100, g["ci_high"] * 100 - y])
             colour = "black" if comp == "none" else f"C{i}"
@@ -154,8 +156,11 @@ def plot_gap_points(table: pd.DataFrame, num_tokens: int | None) -> str | None:
                 if sig:
                     ax.annotate("*", (xi, hi), ha="center", va="bottom", fontsize=12, color=colour)
         ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(ticks)), [f"all ({b})" if b in full and b not in budgets else str(b) for b in ticks],
+                      fontsize=8)
+        ax.set_xlim(-0.5, len(ticks) - 0.5)
         ax.set_title(f"ε={format_eps(eps)}", fontsize=9)
-        ax.set_xlabel("visual tokens kept" + (f" (all = {num_tokens})" if num_tokens else ""), fontsize=8)
+        ax.set_xlabel("visual tokens kept", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("gap (points): baseline − aligned")
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -180,7 +185,8 @@ def plot_gap_heatmap(table: pd.DataFrame) -> str | None:
             [c for c in order if c in set(rows["compressor"])]) * 100
         marks = rows.pivot_table(index="compressor", columns="budget", values="significant",
                                  aggfunc="max").reindex(values.index).reindex(columns=values.columns)
-        im = ax.imshow(values.values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#e6e6e6")  # grey: no such cell (none has one budget)
+        im = ax.imshow(np.ma.masked_invalid(values.values), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
         ax.set_xticks(range(len(values.columns)), [str(c) for c in values.columns], fontsize=8)
         ax.set_yticks(range(len(values.index)), list(values.index), fontsize=8)
         for (i, j), v in np.ndenumerate(values.values):
@@ -405,21 +411,30 @@ def attack_settings(manifest: dict) -> tuple[pd.DataFrame, list[str]]:
         params = dict(info.get("params") or {})
         row = {"attack": label, "name": info.get("name", label), "ε": ", ".join(format_eps(float(e)) for e in
                                                                              info.get("eps") or [])}
-        row.update({k: params.pop(k, "–") for k in SCHEDULE})
+        row.update({k: _option(params.pop(k, "–")) for k in SCHEDULE})
         row["other options"] = ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if v is not None)
         rows.append(row)
     table = pd.DataFrame(rows)
-    if "schedule_differences" in manifest:
-        return table, [str(x) for x in manifest.get("schedule_differences") or []]
     if table.empty:
         return table, []
-    differ = []
+    differ = []  # "alpha: fulltoken 1/255, cage 0.5/255"
+    labels = ([str(x) for x in manifest.get("schedule_differences") or []] if "schedule_differences" in manifest
+              else None)
     for key in SCHEDULE:
         values = table[key].astype(str)
-        if values.nunique() > 1:
-            common = values.mode().iloc[0]
-            differ += [a for a, v in zip(table["attack"], values) if v != common]
-    return table, list(dict.fromkeys(differ))
+        if values.nunique() > 1 and (labels is None or labels):
+            differ.append(f"{key}: " + ", ".join(f"{a} {_option(v)}" for a, v in zip(table["attack"], table[key])))
+    if labels and not differ:
+        differ.append(", ".join(labels))
+    return table, differ
+
+
+def _option(value) -> str:
+    """Step sizes as x/255 (0.5/255 too), other values as they are."""
+    if isinstance(value, float):
+        k = value * 255
+        return f"{round(k, 2):g}/255" if value and abs(k * 100 - round(k * 100)) < 1e-6 else f"{value:.4g}"
+    return str(value)
 
 
 def _glossary_html() -> str:
@@ -436,7 +451,7 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
     """Write report.html, summary.md and tables/*.csv for a campaign folder; returns their paths."""
     results = Path(results)
     df = M.load_records(results)
-    manifest = json.loads((results / MANIFEST).read_text()) if (results / MANIFEST).is_file() else {}
+    manifest = read_manifest(results) or {}
     out = Path(out) if out is not None else results / "report"
     (out / "tables").mkdir(parents=True, exist_ok=True)
     roles = M.attack_roles(list(df["attack"].unique()), manifest)
@@ -444,7 +459,7 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
     paths = {}
     for name, table in tables.items():
         paths[name] = out / "tables" / f"{name}.csv"
-        table.to_csv(paths[name], index=False)
+        write_csv(table, paths[name])
 
     scenario = manifest.get("scenario", {})
     title = f"robustvtc report — {scenario.get('name', results.name)}"
@@ -460,7 +475,7 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
 
     def add(name: str, intro: str, table: pd.DataFrame | None, image: str | None = None,
             shown: pd.DataFrame | None = None) -> None:
-        body = f'<p class="note">{intro}</p>'
+        body = f'<p class="note">{html.escape(intro, quote=False)}</p>'  # intros quote attack labels
         md = intro
         if image:
             body += f'<img alt="{html.escape(name)}" src="data:image/png;base64,{image}">'
@@ -487,8 +502,8 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
     body = f'<p class="verdict">{html.escape(v["sentence"])}</p><p class="note">{html.escape(verdict_note)}</p>'
     md = f"**{v['sentence']}**\n\n{verdict_note}"
     if differ:
-        warn = (f"The attacks compared do not share one schedule (steps, step size, random start): "
-                f"{', '.join(differ)} differ from the others; see Attack settings.")
+        warn = ("The attacks compared do not share one schedule, so a gap may reflect the optimiser, not the "
+                f"objective: {'; '.join(differ)} (see Attack settings).")
         body += f'<p class="warn">{html.escape(warn)}</p>'
         md += f"\n\n**Note:** {warn}"
     if not vt.empty:
@@ -552,7 +567,7 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
         "one adversarial image (per sample).", tables["perturbation"])
     if not settings.empty:
         add("Attack settings", "Each attack's resolved options as the manifest records them. "
-            + (f"Schedules differ: {', '.join(differ)}." if differ else "All attacks share one schedule (steps, "
+            + (f"Schedules differ: {'; '.join(differ)}." if differ else "All attacks share one schedule (steps, "
                "step size, random start)."), settings, shown=settings.astype(str))
     examples = _example_entries(results / EXAMPLES)
     if examples:
@@ -576,22 +591,25 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
                f"<pre>{html.escape(json.dumps(scenario, indent=2))}</pre>"
                f"<h2 id=\"glossary\">Glossary</h2>{_glossary_html()}</body></html>")
     paths["html"] = out / "report.html"
-    paths["html"].write_text("\n".join(doc), encoding="utf-8")
+    atomic_write_text(paths["html"], "\n".join(doc))
     md = [f"# {title}", "", f"{len(df)} records, {df['sample'].nunique()} samples, model `{meta['model']}`.", ""]
     md += [f"## {name}\n\n{text}\n" for name, _, text in sections]
     md += ["## Glossary\n", _glossary_md(), ""]
     paths["markdown"] = out / "summary.md"
-    paths["markdown"].write_text("\n".join(md), encoding="utf-8")
+    atomic_write_text(paths["markdown"], md_text("\n".join(md)))  # no label can inject HTML
     return paths
 
 
 def _plain_html_table(table: pd.DataFrame) -> str:
     """An already formatted (string) table, in the scrolling wrapper."""
-    return '<div class="scroll">' + table.to_html(index=False, border=0, classes="t", na_rep="–", escape=True) + "</div>"
+    table = table.map(lambda v: "–" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    return ('<div class="scroll">' + table.to_html(index=False, border=0, classes="t", na_rep="–", escape=True)
+            + "</div>")
 
 
 def _plain_markdown_table(table: pd.DataFrame) -> str:
-    shown = table.astype(str)
+    shown = table.map(lambda v: "–" if v is None or (isinstance(v, float) and np.isnan(v)) else md_cell(v))
+    shown.columns = [md_cell(c) for c in shown.columns]
     lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False)])
 
