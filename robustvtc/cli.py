@@ -175,6 +175,24 @@ FAIL_UNDER = click.option("--fail-under", type=click.FloatRange(0, 100), default
                           help="Gate: every compressor x budget x defense x eps cell's worst-case robust accuracy "
                                "must be >= PCT with confidence: exit 1 when a cell's whole interval is below, 4 when "
                                "an interval straddles PCT (INCONCLUSIVE).")
+FAIL_ON_UNRELIABLE = click.option(
+    "--fail-on-unreliable/--no-fail-on-unreliable", default=None,
+    help="Exit 1 when a gradient-masking sanity check is violated (results the report marks unreliable); "
+         "default: the scenario's fail_on_unreliable.")
+
+
+def _fail_on_unreliable(df, enabled: bool) -> None:
+    """Exit 1 with one line naming the violated sanity checks (``--fail-on-unreliable``)."""
+    if not enabled:
+        return
+    from .sanity import violations
+
+    found = violations(df)
+    if found:
+        click.echo(f"unreliable: {len(found)} gradient-masking check(s) violated: {'; '.join(found)}", err=True)
+        sys.exit(EXIT_GATE)
+
+
 SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                    help="Override any scenario key (dotted path, YAML value), e.g. --set attacks.0.steps=5.")
 
@@ -201,9 +219,11 @@ SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or tables (CI).")
 @click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
 @_gate_options
+@FAIL_ON_UNRELIABLE
 @handle_errors
 def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, save_images, output, threads, sets,
-        resume, overwrite, allow_existing_files, quiet, report, fail_under, confidence, on_inconclusive):
+        resume, overwrite, allow_existing_files, quiet, report, fail_under, confidence, on_inconclusive,
+        fail_on_unreliable):
     """Run a campaign: results.jsonl + manifest.json (+ report/) in the scenario's output folder.
 
     SCENARIO is a YAML file or the name of a shipped scenario (robustvtc list scenarios).
@@ -248,6 +268,7 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
         from .campaign.gates import robustness_gate
 
         _gate(robustness_gate(df, fail_under / 100, confidence), on_inconclusive)
+    _fail_on_unreliable(df, spec.fail_on_unreliable if fail_on_unreliable is None else fail_on_unreliable)
 
 
 def _print_summary(df) -> None:
@@ -315,8 +336,9 @@ def rebuild_manifest_cmd(scenario, output, sets):
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=1), help="Bootstrap resamples.")
 @click.option("--seed", default=0, show_default=True, help="Bootstrap seed.")
 @_gate_options
+@FAIL_ON_UNRELIABLE
 @handle_errors
-def report_cmd(results, out, bootstrap, seed, fail_under, confidence, on_inconclusive):
+def report_cmd(results, out, bootstrap, seed, fail_under, confidence, on_inconclusive, fail_on_unreliable):
     """Write report.html (self-contained), summary.md and tables/*.csv from a campaign's results.
 
     \b
@@ -334,6 +356,11 @@ def report_cmd(results, out, bootstrap, seed, fail_under, confidence, on_inconcl
         from .campaign.gates import robustness_gate
 
         _gate(robustness_gate(M.load_records(results), fail_under / 100, confidence), on_inconclusive)
+    if fail_on_unreliable is None:
+        from .campaign.runner import read_manifest
+
+        fail_on_unreliable = bool(((read_manifest(results) or {}).get("scenario") or {}).get("fail_on_unreliable"))
+    _fail_on_unreliable(M.load_records(results), fail_on_unreliable)
 
 
 @main.command()

@@ -124,3 +124,42 @@ def test_tables_scroll_instead_of_overflowing(report):
     text = report["html"].read_text()
     assert text.count('<div class="scroll"><table') == text.count("<table")
     assert ".scroll{overflow-x:auto" in text and "max-width:800px" in text
+
+
+def test_fail_on_unreliable_flag_and_scenario_key(tmp_path):
+    """cage's accuracy on visionzip@16 rises from 3/12 at 8/255 to 12/12 at 32/255: monotone_in_eps is violated."""
+    import json
+
+    from click.testing import CliRunner
+
+    from robustvtc.cli import main
+
+    rows = []
+    for s in range(12):
+        base = {"sample": s, "compressor": "visionzip", "budget": 16, "defense": "none", "adaptive": False,
+                "clean_correct": True, "full_token_correct": True, "clean_full_token_correct": True,
+                "kept_overlap": 0.5, "rank_spearman": 0.5, "rank_kendall": 0.5, "kept_disruption": 0.2, "l2": 1.0,
+                "seconds": 0.1}
+        rows += [{**base, "attack": "clean", "eps": 0.0, "correct": True, "linf": 0.0},
+                 {**base, "attack": "clean", "eps": 0.0, "compressor": "none", "budget": 144, "correct": True,
+                  "linf": 0.0},
+                 {**base, "attack": "cage", "eps": 8 / 255, "correct": s < 3, "linf": 8 / 255},
+                 {**base, "attack": "cage", "eps": 32 / 255, "correct": True, "linf": 32 / 255}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runner = CliRunner()
+    ok = runner.invoke(main, ["report", str(tmp_path), "-o", str(tmp_path / "r")])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(main, ["report", str(tmp_path), "-o", str(tmp_path / "r"), "--fail-on-unreliable"])
+    assert bad.exit_code == 1
+    assert "unreliable: 1 gradient-masking check(s) violated: monotone_in_eps: cage on visionzip@16" in bad.output
+    (tmp_path / "manifest.json").write_text(json.dumps({"scenario": {"fail_on_unreliable": True}}))
+    assert runner.invoke(main, ["report", str(tmp_path), "-o", str(tmp_path / "r")]).exit_code == 1
+    assert runner.invoke(main, ["report", str(tmp_path), "-o", str(tmp_path / "r"),
+                                "--no-fail-on-unreliable"]).exit_code == 0
+
+
+def test_fail_on_unreliable_is_a_scenario_key_outside_the_hash():
+    base = {"compressors": ["visionzip"], "budgets": [16], "attacks": ["cage"]}
+    on = parse_scenario({**base, "fail_on_unreliable": True})
+    assert on.fail_on_unreliable and not parse_scenario(base).fail_on_unreliable
+    assert on.hash() == parse_scenario(base).hash()

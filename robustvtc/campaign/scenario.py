@@ -32,6 +32,7 @@ are applied to the raw document *before* validation (black-style: the file sets 
     output: runs/quickstart          # relative to the current directory
     save_images: false               # PNG of every adversarial image under output/images/
     examples: 2                      # samples whose kept-token maps the report shows
+    fail_on_unreliable: false        # exit 1 when a gradient-masking check is violated (also --fail-on-unreliable)
 
 Relative data paths resolve against the scenario file's folder.
 
@@ -61,7 +62,7 @@ from ..errors import UserInputError
 DATA_SOURCES = ("synthetic", "vqa_jsonl", "vqa_folder", "multiple_choice")
 TOP_KEYS = ("name", "description", "model", "model_kwargs", "device", "dtype", "threads", "data", "samples",
             "compressors", "budgets", "eps", "schedule", "steps", "attacks", "defenses", "adaptive", "eot_samples",
-            "seed", "batch_size", "output", "save_images", "examples")
+            "seed", "batch_size", "output", "save_images", "examples", "fail_on_unreliable")
 REQUIRED = ("compressors", "budgets", "attacks")
 DATA_KEYS = ("source", "split", "path", "image_root", "csv_name", "max_new_tokens")
 ATTACK_KEYS = ("name", "label", "eps")
@@ -70,7 +71,8 @@ SCHEDULE_KEYS = ("steps", "alpha", "random_start")
 DEFAULT_SCHEDULE: dict[str, Any] = {"steps": 10, "alpha": None, "random_start": True}
 # keys that do not change any record: they stay out of the hash that --resume compares ("schedule" acts only
 # through each attack's resolved steps/alpha/random_start, which are hashed with the attack's options)
-NOT_HASHED = ("name", "description", "output", "save_images", "examples", "threads", "schedule")
+NOT_HASHED = ("name", "description", "output", "save_images", "examples", "threads", "schedule",
+              "fail_on_unreliable")
 EPS_FORMAT = "a float like 0.03 or a fraction like '8/255'"
 
 
@@ -128,6 +130,7 @@ class Scenario:
     output: str = "runs/scenario"
     save_images: bool = False
     examples: int = 2
+    fail_on_unreliable: bool = False  # a gate on the records, not a setting of them
 
     def to_dict(self) -> dict:
         """The resolved scenario as plain data (what the manifest stores and the hash covers)."""
@@ -294,7 +297,7 @@ def parse_scenario(raw: Any, source: str = "scenario", default_name: str = "scen
                          ("threads", 1)):
         if key in raw and not (key == "threads" and raw[key] is None):
             out[key] = c.integer(raw[key], key, minimum)
-    for key in ("adaptive", "save_images"):
+    for key in ("adaptive", "save_images", "fail_on_unreliable"):
         if key in raw:
             out[key] = c.boolean(raw[key], key)
     out["data"] = _data(c, raw.get("data", {}), base_dir)
