@@ -60,7 +60,7 @@ def test_markdown_summary(report):
     assert md.startswith("# robustvtc report")
     assert "## Overestimation gap per cell (fulltoken − cage)" in md and "| eps | compressor | budget |" in md
     assert md.index("## Verdict") < md.index("## Clean accuracy") < md.index("## Glossary")
-    assert "| ε | cell | n | clean % (CI) | baseline |" in md
+    assert "| ε | cell | n | clean % (CI) | baseline % (CI) | aligned % (CI) | gap, points (family CI) |" in md
     assert "8/255" in md and "data:image" not in md
 
 

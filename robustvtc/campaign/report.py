@@ -508,6 +508,8 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
         md += f"\n\n**Note:** {warn}"
     if not vt.empty:
         shown = verdict_display(vt)
+        # one baseline and one aligned attack: their names are in the note above, the table keeps to numbers
+        shown = shown.drop(columns=[c for c in ("baseline", "aligned") if vt[c].nunique() == 1])
         body += _plain_html_table(shown)
         md += "\n\n" + _plain_markdown_table(shown)
         for image in (plot_gap_points(vt, num_tokens), plot_gap_heatmap(vt)):
