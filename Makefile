@@ -24,8 +24,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-train-builtin: setup
-	$(BIN)/robustvtc train-builtin
+train-builtin: setup  # writes runs/builtin-<UTC time>/; OUT=dir to choose (never the shipped weights unless --replace-shipped)
+	$(BIN)/python -m tools.train_builtin $(if $(OUT),--out $(OUT),)
 
 bench: setup
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f; done

@@ -1,4 +1,4 @@
-"""Command line: ``robustvtc run | validate | report | compare | evaluate | train-builtin | list``.
+"""Command line: ``robustvtc run | validate | report | compare | evaluate | list``.
 
 Exit codes: 0 success (or a gate PASS), 1 gate FAIL, 2 usage error (bad input; one line, no traceback),
 3 runtime error, 4 gate INCONCLUSIVE (the confidence interval straddles the requirement; ``--inconclusive
@@ -89,46 +89,6 @@ def evaluate(model, compressors, budgets, samples, batch_size, seed, by_type, re
     if by_type:
         click.echo("\nPer question type:")
         click.echo(accuracy_table(df, by_type=True).to_string(na_rep="-"))
-
-
-@main.command("train-builtin")
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Output directory (default: the package's built-in model folder).")
-@click.option("--vision-steps", default=None, type=click.IntRange(min=0), help="Override stage 1 (vision tower) steps.")
-@click.option("--steps", default=None, type=click.IntRange(min=1), help="Override stage 2 (whole LLaVA) steps.")
-@click.option("--batch-size", default=None, type=click.IntRange(min=1),
-              help="Override the images per step of stage 1 and the scenes per step of stage 2.")
-@click.option("--eval-samples", default=None, type=click.IntRange(min=1), help="Validation samples per evaluation.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=None, type=click.IntRange(min=1),
-              help="Torch CPU threads of the main process (default: the recipe's 1; float results can depend on it).")
-@handle_errors
-def train_builtin_cmd(out, vision_steps, steps, batch_size, eval_samples, seed, threads):
-    """Reproduce the shipped built-in model from scratch (about 15 minutes on 2 CPU cores).
-
-    \b
-    Example (a smoke run):
-      robustvtc train-builtin --out /tmp/builtin --vision-steps 2 --steps 3 --batch-size 4 --eval-samples 10
-    """
-    from dataclasses import replace
-    from pathlib import Path
-
-    from .models.builtin import BUILTIN_DIR
-    from .training import TrainConfig, train_builtin
-
-    cfg = TrainConfig(seed=seed)
-    if steps:
-        cfg = replace(cfg, steps=steps, eval_every=min(cfg.eval_every, steps))
-    if vision_steps is not None:
-        cfg = replace(cfg, vision_steps=vision_steps)
-    if batch_size:
-        cfg = replace(cfg, batch_size=batch_size, scenes=batch_size)
-    if eval_samples:
-        cfg = replace(cfg, eval_samples=eval_samples)
-    if threads:
-        cfg = replace(cfg, threads=threads)
-    report = train_builtin(Path(out) if out else BUILTIN_DIR, cfg, log=lambda m: click.echo(m, err=True))
-    click.echo(f"trained in {report['train_seconds']} s; final val accuracy {report['history'][-1]['val_accuracy']:.3f}")
 
 
 # ---------------------------------------------------------------------------------------------- campaigns

@@ -12,7 +12,7 @@ torch.set_num_threads(1)  # tiny models: one thread is as fast and never oversub
 @pytest.fixture(scope="session")
 def tiny_adapter():
     """The built-in architecture with random weights (seed 0): fast, for plumbing tests."""
-    from robustvtc.training import new_builtin
+    from robustvtc.models.builtin import new_builtin
 
     return new_builtin(seed=0)
 

@@ -25,7 +25,7 @@ SCHEMA = {"sample", "qtype", "question", "answer", "attack", "attack_threat", "e
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The built-in architecture with random weights saved in Hugging Face format (what subprocesses load)."""
-    from robustvtc.training import new_builtin, save_builtin
+    from robustvtc.models.builtin import new_builtin, save_builtin
 
     path = tmp_path_factory.mktemp("tiny") / "model"
     save_builtin(new_builtin(seed=0), path, {})

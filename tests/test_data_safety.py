@@ -28,7 +28,7 @@ BASE = {"compressors": ["fastervlm"], "budgets": [16], "samples": 3, "batch_size
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from robustvtc.training import new_builtin, save_builtin
+    from robustvtc.models.builtin import new_builtin, save_builtin
 
     path = tmp_path_factory.mktemp("tiny") / "model"
     save_builtin(new_builtin(seed=0), path, {})

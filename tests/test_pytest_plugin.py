@@ -29,7 +29,7 @@ def model_dir(tmp_path_factory) -> str:
     from robustvtc.campaign import parse_scenario, run_campaign
     from robustvtc.campaign.report import write_report
     from robustvtc.models import load_model
-    from robustvtc.training import new_builtin, save_builtin
+    from robustvtc.models.builtin import new_builtin, save_builtin
 
     folder = tmp_path_factory.mktemp("random-builtin")
     save_builtin(new_builtin(seed=0), folder, {})

@@ -29,8 +29,7 @@ def load_model(name: str = "builtin", *, device: str = "cpu", dtype: str = "floa
     if name in BUILTIN_MODELS:
         path = BUILTIN_MODELS[name]
         if not (path / "model.safetensors").is_file():
-            raise UserInputError(f"the built-in weights are missing from {path}; reinstall robustvtc or run "
-                                 "`robustvtc train-builtin`")
+            raise UserInputError(f"the built-in weights are missing from {path}; reinstall robustvtc")
         return _loading(path, lambda: LlavaAdapter.from_pretrained(path, device=device, dtype=dtype, name=name,
                                                                    **kwargs), kwargs)
     local = Path(name).expanduser()

@@ -12,7 +12,7 @@ of the package. One main torch thread each.
 ``probe`` fits a linear classifier on the object patches of the shipped vision tower (80/20 split).
 ``vision`` trains stage 1 alone and prints the shape/colour accuracy of its per-patch heads on the object
 patches of 256 validation scenes (with ``--centre-weight``, also the recall and precision of its object-centre
-head on the centre patches). ``llava`` runs the recipe's stage 2 (``robustvtc.training``) with a fresh
+head on the centre patches). ``llava`` runs the recipe's stage 2 (``tools/builtin_recipe.py``) with a fresh
 projector and LLM on a frozen tower (the shipped model's, or one saved by ``vision --save``) and prints
 validation accuracy per question type, with every token visible, every ``--eval-every`` steps.
 ``attention`` prints, per question type on the first 250 validation samples, the accuracy and the attention
@@ -33,7 +33,7 @@ import torch
 
 from robustvtc.data import synthetic as S
 from robustvtc.models import load_model
-from robustvtc.training import (TrainConfig, _centre_patch, _collate, _loader, _optimizer, _step, _train_llava,
+from tools.builtin_recipe import (TrainConfig, _centre_patch, _collate, _loader, _optimizer, _step, _train_llava,
                                 _vision_batch, _vision_heads, _vision_losses, new_builtin)
 
 ce = torch.nn.functional.cross_entropy

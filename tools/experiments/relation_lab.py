@@ -1,6 +1,6 @@
 """Why relation questions were at chance in the built-in model, and what fixed them: stage 2 of the recipe on the
 shipped tower with one change at a time, then a look at what the hidden state after the supervised layer holds.
-Not part of the package; it patches private pieces of ``robustvtc.training`` for one run. One main torch thread.
+Not part of the package; it patches private pieces of ``tools/builtin_recipe.py`` for one run. One main torch thread.
 
     python experiments/relation_lab.py --steps 700                        # the recipe
     python experiments/relation_lab.py --steps 700 --place-weight 0 --margin-scale 0 --no-relation-word
@@ -11,7 +11,7 @@ rounded) that are right ("place"), how often the sign of the relation-margin rea
 readout are right; and a linear probe (70/30 split) of the object centre patches' grid row and column from the
 tower's features, the projected tokens, and the values of the supervised heads.
 
-Options (the recipe's value in ``robustvtc.training`` otherwise):
+Options (the recipe's value in ``tools/builtin_recipe.py`` otherwise):
 * ``--place-weight W``: weight of the object tokens' row and column words in the feature alignment;
 * ``--margin-scale S``: scale of the relation margin the readout must give (0: no margin target);
 * ``--no-relation-word``: no relation-word target;
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-import robustvtc.training as T
+import tools.builtin_recipe as T
 from robustvtc.data import synthetic as S
 from robustvtc.models import load_model
 

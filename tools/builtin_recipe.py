@@ -1,4 +1,7 @@
-"""Train the built-in LLaVA from scratch on the synthetic task (``robustvtc train-builtin``).
+"""The recipe that trains the built-in LLaVA from scratch on the synthetic task (``make train-builtin``).
+
+Not part of the installed package: the package ships the weights and loads them; this recipe, its tests
+(``tools/tests``) and the experiments behind it (``tools/experiments``) live beside it in the repository.
 
 Recipe (all choices are here and recorded in ``training_report.json``):
 
@@ -55,9 +58,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import synthetic as S
-from .models.builtin import CLIP_MEAN, CLIP_STD, PROMPT_TEMPLATE, build_tokenizer, builtin_config
-from .models.llava import LlavaAdapter
+from robustvtc.data import synthetic as S
+from robustvtc.models.builtin import new_builtin, save_builtin
+from robustvtc.models.llava import LlavaAdapter
 
 COMBOS = [(c, s) for c in S.COLOURS for s in S.SHAPES]
 
@@ -297,32 +300,6 @@ def _alignment_loss(visual: torch.Tensor, batch: dict, idx: torch.Tensor | None,
     return sum(weight * torch.nn.functional.cross_entropy(tokens @ word_embeddings[[word_id[w] for w in words]].T,
                                                           target)
                for words, target, weight in targets)
-
-
-def new_builtin(seed: int = 0) -> LlavaAdapter:
-    """A freshly initialised built-in model wrapped in its adapter."""
-    from transformers import LlavaForConditionalGeneration
-
-    tok = build_tokenizer()
-    cfg = builtin_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, tok.bos_token_id,
-                         tok.eos_token_id)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
-    return LlavaAdapter(model, tok, image_mean=CLIP_MEAN, image_std=CLIP_STD, prompt_template=PROMPT_TEMPLATE,
-                        name="builtin")
-
-
-def save_builtin(adapter: LlavaAdapter, out_dir: Path, report: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    adapter.model.save_pretrained(out_dir)
-    adapter.tokenizer.save_pretrained(out_dir)
-    size = {"height": adapter.image_size, "width": adapter.image_size}
-    pre = {"image_processor_type": "CLIPImageProcessor", "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
-           "size": {"shortest_edge": adapter.image_size}, "crop_size": size, "do_center_crop": True,
-           "do_resize": True, "do_normalize": True, "do_rescale": True, "rescale_factor": 1 / 255,
-           "robustvtc_prompt_template": PROMPT_TEMPLATE}
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-    (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
 
 
 def _optimizer(params: list, steps: int, lr: float, cfg: TrainConfig):

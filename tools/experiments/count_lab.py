@@ -1,6 +1,6 @@
 """Why the built-in model confused two with three, and what fixed it: stage 2 of the recipe on a given tower,
 with the count objectives switched off one at a time, then validation accuracy per type and the count
-confusion matrix. Not part of the package; it patches a private piece of ``robustvtc.training`` for one run.
+confusion matrix. Not part of the package; it patches a private piece of ``tools/builtin_recipe.py`` for one run.
 One main torch thread.
 
     python experiments/count_lab.py --steps 700                                       # the recipe's stage 2
@@ -24,10 +24,10 @@ import time
 
 import torch
 
-import robustvtc.training as T
+import tools.builtin_recipe as T
 from robustvtc.models import load_model
 
-from builtin_diagnostics import count_confusion, print_confusion  # a sibling script: experiments/ is on sys.path
+from tools.experiments.builtin_diagnostics import count_confusion, print_confusion
 
 
 def drop_count_readout() -> None:
