@@ -5,6 +5,7 @@ import json
 import math
 from functools import partial
 
+import pytest
 import torch
 
 from robustvtc.data import synthetic as S
