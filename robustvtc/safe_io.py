@@ -9,11 +9,16 @@
 * :func:`load_yaml` -- size limit, bounded alias expansion (no "billion laughs"), duplicate keys refused with
   their line.
 * :func:`csv_cell` / :func:`write_csv` neutralise spreadsheet formulas; :func:`md_cell` escapes Markdown/HTML.
+
+Temporary files are named ``.<name>.rvtc-XXXXXXXX.tmp`` next to ``<name>``; one a kill left behind is
+robustvtc's when ``<name>`` is in the folder's ledger, and :func:`remove_stale_temps` (run under the lock by
+every campaign, ``--overwrite`` and report) removes exactly those.
 """
 from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import tempfile
 from pathlib import Path
@@ -25,6 +30,9 @@ LOCK_NAME = ".robustvtc.lock"
 LEDGER_NAME = ".robustvtc-files"  # what campaigns wrote in a folder, one relative path a line, noted before writing
 YAML_MAX_BYTES = 1 << 20  # a scenario is a few hundred bytes; 1 MiB is generous
 YAML_MAX_NODES = 100_000  # nodes after alias expansion
+TEMP_MARK = ".rvtc-"  # in every temporary file name: .<name>.rvtc-XXXXXXXX.tmp
+_TEMP = re.compile(r"^\.(?P<target>.+)\.rvtc-[a-z0-9_]{8}\.tmp$")
+_LEGACY_TEMP = re.compile(r"^\.(?P<target>manifest\.json)\.[a-z0-9_]{8}\.tmp$")  # before TEMP_MARK (manifest only)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -63,6 +71,52 @@ def note_in_ledger(path: str | Path) -> None:
             return
 
 
+def read_ledger(folder: str | Path) -> list[str]:
+    """The relative paths ``folder``'s ledger lists (none when it has no ledger, or a symlinked one)."""
+    path = Path(folder) / LEDGER_NAME
+    if not path.is_file() or path.is_symlink():
+        return []
+    names = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return list(dict.fromkeys(n for n in names if n and not n.startswith("/") and ".." not in Path(n).parts))
+
+
+def temp_target(name: str) -> str | None:
+    """The file a temporary file of an atomic write was to become (``.x.png.rvtc-ab12cd34.tmp`` -> ``x.png``),
+    None for any other name."""
+    match = _TEMP.match(name) or _LEGACY_TEMP.match(name)
+    return match.group("target") if match else None
+
+
+def is_own_temp(root: str | Path, path: str | Path) -> bool:
+    """Whether ``path`` is a temporary file robustvtc left in ``root`` (a kill during an atomic write): its
+    name has robustvtc's pattern and the file it was to become is in ``root``'s ledger."""
+    root, path = Path(root), Path(path)
+    target = temp_target(path.name)
+    if target is None or path.is_symlink() or not path.is_file():
+        return False
+    try:
+        name = (path.parent / target).relative_to(root).as_posix()
+    except ValueError:
+        return False
+    return name in read_ledger(root) or (name == "manifest.json" and _LEGACY_TEMP.match(path.name) is not None)
+
+
+def remove_stale_temps(root: str | Path, folders=("", "examples", "images", "report", "report/tables")) -> list[Path]:
+    """Remove the temporary files robustvtc's killed atomic writes left in ``root`` and its ``folders``
+    (:func:`is_own_temp`); nothing else. Returns what it removed."""
+    root = Path(root)
+    removed = []
+    for folder in folders:
+        where = root / folder
+        if where.is_symlink() or not where.is_dir():
+            continue
+        for path in where.iterdir():
+            if is_own_temp(root, path):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 _ATOMIC_WRITES = [0]
 
 
@@ -79,13 +133,17 @@ def _test_crash_in_atomic_write(fd: int, data: bytes) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _temp_file(path: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp", dir=path.parent)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     refuse_symlink(path)
     note_in_ledger(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_file(path)
     try:
         _test_crash_in_atomic_write(fd, data)
         with os.fdopen(fd, "wb") as f:
@@ -105,14 +163,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_with(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """``write(temporary_path)`` then fsync and rename onto ``path`` (for writers that want a file name: PIL)."""
+    """``write(temporary_path)`` then fsync and rename onto ``path`` (for writers that want a file name: PIL;
+    the temporary name ends in ``.tmp``, so give the writer the format explicitly)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     refuse_symlink(path)
     note_in_ledger(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    fd, tmp = _temp_file(path)
     try:
+        _test_crash_in_atomic_write(fd, b"")  # the crash tests: killed with the temporary file on disk
+        os.close(fd)
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

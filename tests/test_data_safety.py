@@ -48,29 +48,50 @@ def _killed_run(out, env_value, adapter):
         os._exit(0)  # reached only when the crash point was never hit
 
 
+def _kill(out, crash, adapter):
+    child = multiprocessing.get_context("fork").Process(target=_killed_run, args=(out, crash, adapter))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL, (crash, child.exitcode)
+
+
+def _temps(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if ".rvtc-" in p.name)
+
+
+def _example_lines(out: Path) -> list[tuple]:
+    path = out / "examples" / "examples.jsonl"
+    return [tuple(json.loads(line)[k] for k in ("sample", "attack", "eps", "compressor", "budget"))
+            for line in path.read_text().splitlines()]
+
+
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_records(tiny_adapter, tmp_path):
-    """SIGKILL between records, halfway through writing a record, and halfway through an atomic manifest
-    write, at seeded random moments; --resume always ends with exactly the uninterrupted records."""
+    """SIGKILL between units, inside a unit (between two of its records), halfway through writing a record,
+    and halfway through an atomic write (manifest or PNG), at seeded random moments; --resume always ends
+    with exactly the uninterrupted records, one examples entry per key and no temporary file left.
+    (Supersedes the subprocess kill test of test_campaign_runner: the same kill, three process start-ups less.)"""
     reference = run_campaign(parse_scenario(BASE), output=tmp_path / "ref", adapter=tiny_adapter, quiet=True)
     expected = _strip(read_records(reference / "results.jsonl"))
-    assert len(expected) == 12
+    assert len(expected) == 12  # 6 units (3 chunks x clean, fulltoken) of 2 records: a unit ends at every even N
     rng = random.Random(int(os.environ.get("ROBUSTVTC_CRASH_SEED", "18")))
     trials = int(os.environ.get("ROBUSTVTC_CRASH_TRIALS", "6"))
     modes = ["after", "mid", "atomic"]
-    context = multiprocessing.get_context("fork")
     outcomes = []
     for trial in range(trials):
         mode = modes[trial % 3]  # every kind of moment is covered, the moment itself is random
-        n = rng.randint(1, 2) if mode == "atomic" else rng.randint(1, 11)
+        if mode == "after":  # alternately between two units (N even) and inside one (N odd)
+            n = 2 * rng.randint(1, 5) + (trial // 3) % 2
+        else:  # atomic writes: 1 the first manifest, 2-3 the example PNGs, 4 the last manifest
+            n = rng.randint(1, 4) if mode == "atomic" else rng.randint(1, 11)
         out = tmp_path / f"trial{trial}"
-        child = context.Process(target=_killed_run, args=(out, f"{mode}:{n}", tiny_adapter))
-        child.start()
-        child.join(120)
-        assert child.exitcode == -signal.SIGKILL, (mode, n, child.exitcode)
+        _kill(out, f"{mode}:{n}", tiny_adapter)
         results = out / "results.jsonl"
         partial = results.read_bytes() if results.exists() else b""
         if mode == "mid":
             assert partial and not partial.endswith(b"\n")  # really killed inside a line
+        if mode == "after":
+            assert partial.count(b"\n") == n
+            assert json.loads((out / "manifest.json").read_text())["status"] == "running"  # no chance to record
         messages = []
         run_campaign(parse_scenario(BASE), output=out, adapter=tiny_adapter, quiet=True, resume=True,
                      log=messages.append)
@@ -81,8 +102,46 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_records(t
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["records"] == 12
         assert not (out / LOCK_NAME).exists()
+        assert _example_lines(out) == _example_lines(reference), (mode, n)  # one entry per key
+        assert _temps(out) == [], (mode, n)  # a killed atomic write's temporary file is cleaned
         outcomes.append((mode, n, len(partial.splitlines())))
     assert len(outcomes) == trials
+    if trials >= 6:
+        assert {n % 2 for mode, n, _ in outcomes if mode == "after"} == {0, 1}  # between and inside units
+
+
+def test_resume_after_a_kill_inside_the_examples_unit_keeps_one_example_per_key(tiny_adapter, tmp_path):
+    """The unit that writes the report's kept-token examples is killed after writing them (and with a torn
+    examples line): the resumed unit writes them again, examples.jsonl still holds each key once."""
+    reference = run_campaign(parse_scenario(BASE), output=tmp_path / "ref", adapter=tiny_adapter, quiet=True)
+    out = tmp_path / "out"
+    _kill(out, "after:3", tiny_adapter)  # clean unit of chunk 0 (2 records), then 1 of the fulltoken unit's 2
+    assert _example_lines(out) == _example_lines(reference)
+    with open(out / "examples" / "examples.jsonl", "a") as f:
+        f.write('{"sample": 0, "attack": "fullto')  # as if killed halfway through the line
+    from robustvtc.campaign.report import _example_entries
+
+    assert len(_example_entries(out / "examples")) == 1  # a report of the killed campaign reads past it
+    run_campaign(parse_scenario(BASE), output=out, adapter=tiny_adapter, quiet=True, resume=True)
+    assert _example_lines(out) == _example_lines(reference)
+    assert (out / "examples" / "examples.jsonl").read_text().endswith("}\n")
+
+
+@pytest.mark.parametrize("how", ["resume", "overwrite"])
+def test_temporary_files_of_a_killed_write_are_removed_and_only_they(how, tiny_adapter, tmp_path):
+    out = tmp_path / "out"
+    _kill(out, "atomic:2", tiny_adapter)  # halfway through writing examples/0_clean.png
+    left = _temps(out)
+    assert len(left) == 1 and left[0].startswith("examples/.0_clean.png.rvtc-"), left
+    users = {"examples/.holiday.png.rvtc-abcd1234.tmp": b"not ours: holiday.png is in no ledger",
+             "examples/notes.tmp": b"mine", ".manifest.json.tmp": b"mine too"}
+    for name, data in users.items():
+        (out / name).write_bytes(data)
+    run_campaign(parse_scenario(BASE), output=out, adapter=tiny_adapter, quiet=True, **{how: True})
+    assert _temps(out) == ["examples/.holiday.png.rvtc-abcd1234.tmp"]
+    for name, data in users.items():
+        assert (out / name).read_bytes() == data, name
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs

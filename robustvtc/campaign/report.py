@@ -288,10 +288,12 @@ def _example_entries(folder: Path, limit: int = 6) -> list[dict]:
     if not path.is_file():
         return []
     entries = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for line in path.read_text(errors="replace").splitlines():
+        try:  # one entry per key, the last wins (a unit run again by --resume); a torn line (a kill) is skipped
             e = json.loads(line)
             entries[(e["sample"], e["attack"], e["eps"], e["compressor"], e["budget"])] = e
+        except (ValueError, KeyError, TypeError):
+            continue
     chosen = {}
     for e in sorted(entries.values(), key=lambda e: (-e["eps"], str(e["sample"]), e["compressor"], e["budget"])):
         chosen.setdefault(e["attack"], e)

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..safe_io import LEDGER_NAME, LOCK_NAME, FolderLock, atomic_write_text, atomic_write_with, refuse_symlink
+from ..safe_io import (LEDGER_NAME, LOCK_NAME, FolderLock, atomic_write_text, atomic_write_with, is_own_temp,
+                       read_ledger, refuse_symlink, remove_stale_temps)
 from ..evaluate import CellResult, evaluate_grid, make_target, parse_budgets
 from .scenario import Scenario, defense_registry
 from .tasks import Item, Task
@@ -111,6 +112,7 @@ class Campaign:
         self.crafts = {a.label: self._dry_run(a) for a in scenario.attacks}
         self._clean_cache: dict[tuple, dict[Cell, CellResult]] = {}
         self._noted: set[str] | None = None  # the output folder's ledger, loaded on first use
+        self._examples: set[tuple] | None = None  # keys already in examples.jsonl, loaded on first use
 
     # ------------------------------------------------------------------ planning
     def _applicable(self, defense: str) -> list[Cell]:
@@ -355,9 +357,15 @@ class Campaign:
                               "adv_image": f"{stem}.png",
                               "kept_clean": c.kept[b].nonzero().flatten().tolist(),
                               "kept_adv": a.kept[b].nonzero().flatten().tolist()})
-        refuse_symlink(folder / "examples.jsonl")
-        with open(folder / "examples.jsonl", "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(line) + "\n" for line in lines))
+        path = folder / "examples.jsonl"
+        refuse_symlink(path)
+        if self._examples is None:
+            self._examples = read_example_keys(path, repair=True)
+        lines = [line for line in lines if example_key(line) not in self._examples]  # a unit run again (resume)
+        if lines:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(line) + "\n" for line in lines))
+            self._examples.update(example_key(line) for line in lines)
 
     def _note(self, names: Sequence[str]) -> None:
         """Note files in the output folder's ledger before writing them (what --overwrite may remove)."""
@@ -428,6 +436,33 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
     array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     atomic_write_with(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+EXAMPLE_KEY = ("sample", "attack", "eps", "compressor", "budget")
+
+
+def example_key(entry: dict) -> tuple:
+    return tuple(entry.get(k) for k in EXAMPLE_KEY)
+
+
+def read_example_keys(path: Path, repair: bool = False) -> set[tuple]:
+    """The keys of examples.jsonl's entries; a torn last line (killed mid-write) is skipped, or cut off the
+    file with ``repair``, so entries appended after it stay one per line."""
+    if not path.is_file():
+        return set()
+    raw = path.read_bytes()
+    keys = set()
+    lines = raw.split(b"\n")
+    for line in lines[:-1]:  # complete lines (a line is complete once its newline is written)
+        try:
+            entry = json.loads(line) if line.strip() else None
+            keys.add(example_key(entry))
+        except (ValueError, UnicodeDecodeError, TypeError, AttributeError):
+            continue  # not an entry: the report skips it too
+    if repair and lines[-1]:
+        with open(path, "r+b") as f:
+            f.truncate(len(raw) - len(lines[-1]))
+    return keys
 
 
 def _slug(value) -> str:
@@ -674,7 +709,7 @@ def _check_folder(out: Path, scenario: Scenario, resume: bool, overwrite: bool, 
                              f"records; accepted: `robustvtc rebuild-manifest SCENARIO -o {out}` (then --resume), "
                              "another output folder, or move the file away")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN and p.name not in ours
-                     and not _STALE_TEMP.match(p.name))
+                     and not is_own_temp(out, p))
     if foreign and not allow_existing:
         raise UserInputError(f"{out} holds files that no robustvtc campaign wrote ({', '.join(foreign[:3])}"
                              f"{', ...' if len(foreign) > 3 else ''}); accepted: a new or empty folder, or "
@@ -688,15 +723,8 @@ def _check_folder(out: Path, scenario: Scenario, resume: bool, overwrite: bool, 
     return None
 
 
-_STALE_TEMP = re.compile(r"^\.manifest\.json\..+\.tmp$")  # an atomic write of the manifest killed halfway
-
-
 def _ledger(out: Path) -> list[str]:
-    path = out / LEDGER_NAME
-    if not path.is_file() or path.is_symlink():
-        return []
-    names = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    return list(dict.fromkeys(n for n in names if n and not n.startswith("/") and ".." not in Path(n).parts))
+    return read_ledger(out)
 
 
 def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume: bool = False,
@@ -723,6 +751,8 @@ def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume
             _check_resume(out, previous, scenario, data)
         if overwrite:
             _clear(out)
+        else:
+            remove_stale_temps(out)  # what atomic writes killed halfway left (names in the ledger only)
         _note_written(out, [RESULTS, MANIFEST])
         done = {record_key(r) for r in read_records(results_path, repair=True)}
         info = _manifest(campaign)
@@ -808,6 +838,7 @@ _LEGACY = re.compile(r"^(results\.jsonl|manifest\.json|examples/examples\.jsonl|
 def _clear(out: Path) -> None:
     """Remove exactly the files campaigns wrote in ``out`` (its ledger and manifest's list), nothing else;
     folders only when that leaves them empty."""
+    remove_stale_temps(out)
     names = set(_ledger(out))
     try:
         manifest = read_manifest(out) or {}
@@ -827,7 +858,4 @@ def _clear(out: Path) -> None:
             (out / folder).rmdir()
         except OSError:
             pass  # not empty (user files) or absent
-    for stale in out.iterdir():
-        if _STALE_TEMP.match(stale.name) and stale.is_file():
-            stale.unlink()
     (out / LEDGER_NAME).unlink(missing_ok=True)
