@@ -16,8 +16,9 @@ from robustvtc.target import Target
 
 N = 144
 BUDGET = 36
-# the tiny LLM has 3 decoder layers; SparseVLM's paper layer 2 would prune before a layer 3 it lacks
-TINY_KWARGS = {"sparsevlm": {"layer": 2}}
+# the tiny LLM has 3 decoder layers; SparseVLM's paper layer 2 would prune before a layer 3 it lacks.
+# The tiny encoder has 4 layers: VScan's shallow layer 5 and HiPrune's object layer 9 (of CLIP-L's 24) do not exist
+TINY_KWARGS = {"sparsevlm": {"layer": 2}, "vscan": {"shallow_layer": 1}, "hiprune": {"object_layer": 2}}
 CANDIDATES = ["yes", "no", "red"]
 NAMES = list_compressors()
 

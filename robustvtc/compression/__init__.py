@@ -2,6 +2,9 @@
 from . import (  # noqa: F401  (registration)
     dart, divprune, fastervlm, fastv, pdrop, pooling, prumerge, simple, sparsevlm, tome, vispruner, visionzip,
 )
+from . import flowcut  # noqa: F401  (registration)
+from . import hiprune  # noqa: F401  (registration)
+from . import vscan  # noqa: F401  (registration)
 from .base import Compressor, EncoderCompressor, InLLMCompressor, KeepPlan, PreLLMCompressor
 from .registry import COMPRESSORS
 
