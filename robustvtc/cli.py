@@ -211,17 +211,13 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
     log = None if quiet else (lambda m: click.echo(m, err=True))
     try:
         out = run_campaign(spec, resume=resume, overwrite=overwrite, quiet=quiet, log=log,
-                           allow_existing=allow_existing_files)
+                           allow_existing=allow_existing_files, report=report)  # the report under the lock
     except KeyboardInterrupt:
         click.echo(f"interrupted; continue with: robustvtc run {scenario} --resume", err=True)
         sys.exit(130)
     df = M.load_records(out)
-    if report:
-        from .campaign.report import write_report
-
-        paths = write_report(out)
-        if not quiet:
-            click.echo(f"report: {paths['html']}", err=True)
+    if report and not quiet:
+        click.echo(f"report: {out / 'report' / 'report.html'}", err=True)
     if not quiet:
         _print_summary(df)
     if fail_under is not None:

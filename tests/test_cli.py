@@ -63,11 +63,20 @@ import json  # noqa: E402
 
 import yaml  # noqa: E402
 
-from test_campaign_runner import tiny_model_dir  # noqa: E402,F401  (fixture)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The built-in architecture with random weights saved in Hugging Face format (what `run --model` loads)."""
+    from robustvtc.models.builtin import new_builtin, save_builtin
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    save_builtin(new_builtin(seed=0), path, {})
+    return path
 
 
 @pytest.fixture(scope="module")
-def scenario_file(tiny_model_dir, tmp_path_factory):  # noqa: F811
+def scenario_file(tiny_model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "s.yaml"
     path.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "compressors": ["fastervlm"], "budgets": [16],
                                     "samples": 2, "steps": 1, "attacks": ["fulltoken", "cage"]}))
@@ -122,7 +131,7 @@ def test_run_refuses_to_mix_campaigns(scenario_file, run_dir):
     assert len(res.output.strip().splitlines()) == 1
 
 
-def test_runtime_error_exits_3(tiny_model_dir, tmp_path):  # noqa: F811
+def test_runtime_error_exits_3(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")

@@ -510,3 +510,107 @@ def test_csv_and_markdown_cells_are_neutralised(tiny_adapter, tmp_path):
     assert not any(c.strip('"').startswith("=cmd") for c in cells)
     assert any("'=cmd|calc" in c for c in cells)
     assert "<script>x</script>" not in paths["html"].read_text()
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def test_run_writes_its_report_while_it_holds_the_folder_lock(model_dir, tmp_path, monkeypatch):
+    """`robustvtc run` writes report/ before it releases the lock: a second writer cannot come in between."""
+    import socket
+
+    from robustvtc.campaign import report as R
+
+    real, seen = R._write_report, []
+
+    def spy(results, out, n_boot, seed):
+        seen.append(lock_holder(results))
+        with pytest.raises(UserInputError, match="is being written by"):
+            FolderLock(results).acquire()  # a second writer, now
+        return real(results, out, 10, seed)
+    monkeypatch.setattr(R, "_write_report", spy)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(_scenario(tmp_path, model_dir, samples=1)), "-o", str(out), "-q"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert seen == [f"pid {os.getpid()} on {socket.gethostname()}"]
+    assert (out / "report" / "report.html").is_file() and lock_holder(out) is None
+    ledger = (out / LEDGER_NAME).read_text().splitlines()
+    assert "report/report.html" in ledger and "report/summary.md" in ledger
+
+
+@pytest.fixture(scope="module")
+def small_campaign(tiny_adapter, tmp_path_factory):
+    out = tmp_path_factory.mktemp("small") / "run"
+    run_campaign(parse_scenario({**BASE, "samples": 1}), output=out, adapter=tiny_adapter, quiet=True)
+    return out
+
+
+def _elsewhere(root: Path) -> Path:
+    folder = root / "elsewhere"
+    folder.mkdir(exist_ok=True)
+    (folder / "summary.md").write_text("my summary")
+    return folder
+
+
+def _linked(run: Path, name: str, target: Path) -> None:
+    (run / name).parent.mkdir(parents=True, exist_ok=True)
+    (run / name).symlink_to(target)
+
+
+def _held(run: Path):
+    _held_lock.locks.append(FolderLock(run).acquire())
+
+
+def _users_report(folder: Path, name: str) -> Path:
+    (folder / Path(name).parent).mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("my own")
+    return folder
+
+
+REPORT_BAD = {  # case -> (arrange(run, root) -> extra arguments, what the one line must name)
+    "report/ is a symlink": (lambda run, root: _linked(run, "report", _elsewhere(root)), "report is a symbolic link"),
+    "report/summary.md is a symlink": (lambda run, root: _linked(run, "report/summary.md",
+                                                                 _elsewhere(root) / "summary.md"),
+                                       "summary.md is a symbolic link"),
+    "report/tables is a symlink": (lambda run, root: _linked(run, "report/tables", _elsewhere(root)),
+                                   "tables is a symbolic link"),
+    "-o: the user's report.html": (lambda run, root: ["-o", str(_users_report(root / "mine", "report.html"))],
+                                   "report.html exists and was not written by robustvtc"),
+    "-o: the user's summary.md": (lambda run, root: ["-o", str(_users_report(root / "mine", "summary.md"))],
+                                  "summary.md exists and was not written by robustvtc"),
+    "-o: the user's tables/summary.csv": (lambda run, root: ["-o", str(_users_report(root / "mine",
+                                                                                    "tables/summary.csv"))],
+                                          "summary.csv exists and was not written by robustvtc"),
+    "a run holds the folder": (lambda run, root: _held(run), "is being written by pid"),
+}
+
+
+@pytest.mark.parametrize("case", list(REPORT_BAD))
+def test_report_refuses_links_foreign_files_and_a_held_folder(case, small_campaign, tmp_path):
+    """`robustvtc report`: exit 2, one line naming the link or file, nothing written anywhere."""
+    run = tmp_path / "run"
+    shutil.copytree(small_campaign, run, symlinks=True)
+    shutil.rmtree(run / "report", ignore_errors=True)
+    arrange, expected = REPORT_BAD[case]
+    extra = arrange(run, tmp_path) or []
+    before = _snapshot(tmp_path)
+    try:
+        result = CliRunner().invoke(main, ["report", str(run), "--bootstrap", "10", *extra])
+    finally:
+        for lock in _held_lock.locks:
+            lock.release()
+        _held_lock.locks.clear()
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert _snapshot(tmp_path) == before
+
+
+def test_report_into_a_folder_rewrites_only_its_own_files(small_campaign, tmp_path):
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for _ in range(2):  # the second time over its own files (the ledger says they are)
+        result = CliRunner().invoke(main, ["report", str(small_campaign), "-o", str(out), "--bootstrap", "10"])
+        assert result.exit_code == 0, (result.output, result.exception)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "report.html").is_file()
+    assert {"report.html", "summary.md"} <= set((out / LEDGER_NAME).read_text().splitlines())
+    assert not (out / LOCK_NAME).exists()

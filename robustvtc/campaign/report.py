@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from ..safe_io import atomic_write_text, md_cell, md_text, write_csv
-from .runner import EXAMPLES, read_manifest
+from ..safe_io import FolderLock, atomic_write_text, md_cell, md_text, write_csv
+from .runner import EXAMPLES, check_report_folder, read_manifest
 
 PERCENT = ("robust_accuracy", "ci_low", "ci_high", "clean_accuracy", "full_token_accuracy", "attack_success_rate",
            "csfr", "csfr_low", "csfr_high", "compression_only_failure_rate", "accuracy", "fulltoken_accuracy",
@@ -449,15 +449,27 @@ def _glossary_md() -> str:
 
 
 def write_report(results: str | Path, out: str | Path | None = None, n_boot: int = M.N_BOOT,
-                 seed: int = 0) -> dict[str, Path]:
-    """Write report.html, summary.md and tables/*.csv for a campaign folder; returns their paths."""
+                 seed: int = 0, *, locked: bool = False) -> dict[str, Path]:
+    """Write report.html, summary.md and tables/*.csv for a campaign folder (into ``out``, default
+    ``results/report``); returns their paths. Holds the lock of the campaign folder (of ``out`` when it lies
+    elsewhere) unless the caller does (``locked``: :func:`~robustvtc.campaign.runner.run_campaign`); refuses,
+    in one line naming it, a symlinked report folder or file and a report file robustvtc did not write."""
     results = Path(results)
+    out = Path(out) if out is not None else results / "report"
+    root = check_report_folder(results, out)  # fail fast, before the statistics
+    if locked:
+        return _write_report(results, out, n_boot, seed)
+    with FolderLock(root):
+        return _write_report(results, out, n_boot, seed)
+
+
+def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str, Path]:
     df = M.load_records(results)
     manifest = read_manifest(results) or {}
-    out = Path(out) if out is not None else results / "report"
-    (out / "tables").mkdir(parents=True, exist_ok=True)
     roles = M.attack_roles(list(df["attack"].unique()), manifest)
     tables = build_tables(df, n_boot, seed, roles)
+    check_report_folder(results, out, [*(f"tables/{name}.csv" for name in tables), "report.html", "summary.md"],
+                        prepare=True)  # under the lock, before the first file
     paths = {}
     for name, table in tables.items():
         paths[name] = out / "tables" / f"{name}.csv"

@@ -727,10 +727,57 @@ def _ledger(out: Path) -> list[str]:
     return read_ledger(out)
 
 
+REPORT_FILES = ("report.html", "summary.md")
+
+
+def report_root(results: str | Path, out: str | Path) -> Path:
+    """The folder whose lock and ledger cover a report written to ``out``: the campaign folder ``results``
+    when ``out`` lies in it (``results/report`` by default), else ``out`` itself (``robustvtc report -o``)."""
+    results, out = Path(results), Path(out)
+    a, b = os.path.normpath(results.absolute()), os.path.normpath(out.absolute())
+    return results if b == a or b.startswith(a.rstrip(os.sep) + os.sep) else out
+
+
+def check_report_folder(results: str | Path, out: str | Path, names=REPORT_FILES, prepare: bool = False) -> Path:
+    """Refuse (one line naming it) to write a report through a symlink -- a folder between the campaign
+    folder and the files, or a file -- or over a file of ``names`` (relative to ``out``) that robustvtc did
+    not write (the ledger says; a pre-ledger campaign's fixed names count as its own). With ``prepare``
+    (under the lock): create the folders and the ledger, and remove temporary files a kill left. Returns
+    the folder the report's lock and ledger belong to (:func:`report_root`)."""
+    results, out = Path(results), Path(out)
+    root = report_root(results, out)
+    inner = Path(os.path.relpath(os.path.normpath(out.absolute()), os.path.normpath(root.absolute())))
+    folder = root
+    for part in [p for p in inner.parts if p != "."]:
+        folder = folder / part
+        refuse_symlink(folder)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"report folder {out} is a file; accepted: a folder")
+    ledger, legacy = set(read_ledger(root)), (root / MANIFEST).is_file() and not (root / LEDGER_NAME).exists()
+    for name in names:
+        path = out / name
+        for parent in list(Path(name).parents)[:-1]:
+            refuse_symlink(out / parent)
+        refuse_symlink(path)
+        rel = os.path.normpath(os.path.relpath(path.absolute(), root.absolute())).replace(os.sep, "/")
+        if path.exists() and rel not in ledger and not (legacy and _LEGACY.match(rel)):
+            raise UserInputError(f"{path} exists and was not written by robustvtc; the report would overwrite it; "
+                                 "accepted: move it away, or another report folder (-o)")
+    if prepare:
+        for name in names:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+        refuse_symlink(root / LEDGER_NAME)
+        if not (root / LEDGER_NAME).exists() and not (root / MANIFEST).is_file():
+            (root / LEDGER_NAME).touch()  # a ledger, so the next report knows its own files
+        remove_stale_temps(root, sorted({(inner / Path(n).parent).as_posix() for n in names}))
+    return root
+
+
 def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume: bool = False,
                  overwrite: bool = False, quiet: bool = False, adapter=None, executor=None,
-                 log=None, allow_existing: bool = False) -> Path:
-    """Run (or resume) a campaign; returns its output folder holding results.jsonl and manifest.json.
+                 log=None, allow_existing: bool = False, report: bool = False) -> Path:
+    """Run (or resume) a campaign; returns its output folder holding results.jsonl and manifest.json
+    (and ``report/`` with ``report``, written before the folder's lock is released: no other writer between).
 
     The folder is checked before the model loads and again under its lock (one writer per folder):
     an existing campaign needs ``resume`` (same record-relevant keys and data contents) or ``overwrite``
@@ -743,15 +790,21 @@ def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume
     out = Path(output or scenario.output)
     manifest_path, results_path = out / MANIFEST, out / RESULTS
     _check_folder(out, scenario, resume, overwrite, allow_existing)  # fail fast, before loading the model
+    if report:
+        check_report_folder(out, out / "report")
     campaign = Campaign(scenario, adapter, output=out)
     data = campaign.task.fingerprint()
     with FolderLock(out, log):
         previous = _check_folder(out, scenario, resume, overwrite, allow_existing)
         if previous is not None:
             _check_resume(out, previous, scenario, data)
+        if report:
+            check_report_folder(out, out / "report")  # before anything is removed or written
         if overwrite:
             _clear(out)
         else:
+            if previous is not None and "files" not in previous and not (out / LEDGER_NAME).exists():
+                _note_written(out, _legacy_files(out))  # a campaign from before the ledger: its own files
             remove_stale_temps(out)  # what atomic writes killed halfway left (names in the ledger only)
         _note_written(out, [RESULTS, MANIFEST])
         done = {record_key(r) for r in read_records(results_path, repair=True)}
@@ -786,6 +839,10 @@ def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume
             info.update(runs=runs, records=total, status="complete" if total >= len(expected) else "interrupted",
                         files=_ledger(out))
             atomic_write_text(manifest_path, json.dumps(info, indent=2))
+        if report:
+            from .report import write_report
+
+            write_report(out, locked=True)
     return out
 
 
@@ -835,6 +892,12 @@ _LEGACY = re.compile(r"^(results\.jsonl|manifest\.json|examples/examples\.jsonl|
                      r"images/.+_eps[0-9.]+_.+_vs-.+\.png|report/(report\.html|summary\.md|tables/[a-z_]+\.csv))$")
 
 
+def _legacy_files(out: Path) -> list[str]:
+    """The files in ``out`` a campaign of robustvtc before the ledger wrote (their fixed names and patterns)."""
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.is_symlink()
+                  and _LEGACY.match(p.relative_to(out).as_posix()))
+
+
 def _clear(out: Path) -> None:
     """Remove exactly the files campaigns wrote in ``out`` (its ledger and manifest's list), nothing else;
     folders only when that leaves them empty."""
@@ -846,8 +909,7 @@ def _clear(out: Path) -> None:
         manifest = {}
     names |= {n for n in manifest.get("files", []) if isinstance(n, str) and ".." not in Path(n).parts}
     if not names and manifest:  # a campaign from before the ledger: its fixed names and patterns
-        names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
-                 and _LEGACY.match(p.relative_to(out).as_posix())}
+        names = set(_legacy_files(out))
     names.add(MANIFEST)
     for name in sorted(names, key=lambda n: -n.count("/")):
         path = out / name
