@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from robustvtc.compression import get_compressor
+from robustvtc.compression import check_compatible, get_compressor
 from robustvtc.compression.base import KeepPlan, PreLLMCompressor, topk_sorted
 from robustvtc.errors import UserInputError
 from robustvtc.models.base import VisualTokens
@@ -51,7 +51,7 @@ class Ensemble(SelectionDefense):
     def check(self, target: "Target") -> None:
         super().check(target)
         for comp in self._compressors:
-            target.adapter.check_target(comp, target.budget)
+            check_compatible(target.adapter, comp, target.budget)
 
     def plan(self, compressor: PreLLMCompressor, tokens: VisualTokens, budget: int,
              project: Callable[[torch.Tensor], torch.Tensor]) -> KeepPlan:

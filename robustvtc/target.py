@@ -14,12 +14,12 @@ from typing import Sequence
 
 import torch
 
-from .compression import Compressor, KeepPlan, get_compressor
+from .compression import Compressor, KeepPlan, check_compatible, get_compressor
 from .compression.base import EncoderCompressor, InLLMCompressor
 from .defenses.base import build_defenses
 from .defenses.pipeline import DefendedCompressor, ScoredTokens
 from .errors import UserInputError
-from .models.base import VisualEmbeds, VisualTokens
+from .models.base import VisualEmbeds, VisualTokens, split_budget
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Target:
         self.budget = n if budget is None else self.compressor.check_budget(budget, n)
         if self.compressor.name == "none" and self.budget != n:
             raise UserInputError(f"compressor 'none' keeps all {n} tokens; got budget {budget}")
-        adapter.check_target(self.compressor, self.budget)
+        check_compatible(adapter, self.compressor, self.budget)
         self.defenses = build_defenses(defenses)
         for defense in self.defenses:
             defense.check(self)
@@ -115,8 +115,15 @@ class Target:
             return Forward(tokens, self.adapter.project(tokens.features), None, hook)
         if isinstance(self.compressor, EncoderCompressor) and pixels is None:  # merges inside the encoder
             raise UserInputError(f"{self.compressor.name} merges inside the vision encoder; pass the pixels")
-        embeds, plan = self.adapter.compress(self._compress_with, tokens, self.budget, pixels)  # the layout is the model's
-        return Forward(tokens, embeds, plan)
+        return Forward(tokens, *self._compress(tokens, pixels))
+
+    def _compress(self, tokens: VisualTokens, pixels: torch.Tensor | None):
+        """The compressor on each of the model's crops with its share of the budget; the layout is the model's."""
+        compressor, adapter = self._compress_with, self.adapter
+        if isinstance(self.compressor, EncoderCompressor):
+            return adapter.lay_out([compressor.compress_pixels(adapter, pixels, self.budget)])
+        return adapter.lay_out([compressor.compress(adapter.part(tokens, c), k, adapter.project)
+                                for c, k in enumerate(split_budget(self.budget, adapter.compressed_parts))])
 
     def budget_mapping(self) -> dict:
         """How this target's budget maps onto the compressor's own knobs (recorded with results)."""
@@ -161,3 +168,4 @@ class Target:
         """The candidate with the highest log-probability, per sample."""
         scores = self.candidate_logprobs(pixels, questions, candidates, tokens)
         return [candidates[i] for i in scores.argmax(-1).tolist()]
+

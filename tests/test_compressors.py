@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from robustvtc.compression import get_compressor
 from robustvtc.compression.base import InLLMHook, soft_membership
-from robustvtc.compression.dart import share
+from robustvtc.models.base import split_budget
 from robustvtc.compression.divprune import greedy_max_min
 from robustvtc.compression.pooling import pool_shape
 from robustvtc.compression.prumerge import iqr_outlier_count, single_head_cls_attention
@@ -333,7 +333,7 @@ def test_dart_picks_least_similar_tokens_per_pivot():
     # least similar of the rest: 7 (270 deg, 175 away) and 1 (0 deg, 95 away; 2 at 10 deg is 85 away)
     assert gain is None
     assert (keep[0] + 1).tolist() == [1, 3, 6, 7, 8]
-    assert share(132 - 4, 8) == [16] * 8  # the reference's "128" setting keeps 132
+    assert split_budget(132 - 4, 8) == [16] * 8  # the reference's "128" setting keeps 132
     assert get_compressor("dart").budget_mapping(132, 576)["reference_max_num_trunction"] == 128
 
 

@@ -14,68 +14,14 @@ Score-based methods offer an opt-in differentiable relaxation of their discrete 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
 from ..errors import UserInputError
-from ..models.base import InLLMContext, VisualTokens
+from ..models.base import InLLMContext, KeepPlan, VisualTokens  # noqa: F401  (KeepPlan: re-exported)
 
 RELAXATIONS = ("none", "straight_through", "soft_topk")
-
-
-@dataclass
-class KeepPlan:
-    """Kept token k = sum_j weights[b, k, j] * source_j, sources = N patches then CLS (index N).
-
-    ``space`` says what the sources are: "vision" (feature-layer features, merged before the projector),
-    "projected" (LLM-input embeddings, merged after it) or "encoder" (the method merged inside the encoder:
-    the weights are only the provenance of each kept token over the original patches and cannot be
-    applied). Pure selection is one-hot rows. ``lengths`` (B,) is set only by adaptive methods whose
-    kept count differs per image: rows past an item's length are zero and are not fed to the LLM.
-    """
-
-    weights: torch.Tensor  # (B, K, N + 1)
-    space: str = "vision"
-    lengths: torch.Tensor | None = None
-
-    @classmethod
-    def from_indices(cls, indices: torch.Tensor, num_patches: int, space: str = "vision") -> "KeepPlan":
-        """One-hot plan selecting source ``indices`` (B, K) (index N = CLS)."""
-        w = torch.zeros(*indices.shape, num_patches + 1, device=indices.device)
-        w.scatter_(-1, indices.unsqueeze(-1), 1.0)
-        return cls(w, space)
-
-    @property
-    def budget(self) -> int:
-        return self.weights.shape[1]
-
-    @property
-    def num_patches(self) -> int:
-        return self.weights.shape[2] - 1
-
-    def primary_sources(self) -> torch.Tensor:
-        """(B, K) the source with the largest weight in each kept token."""
-        return self.weights.argmax(dim=-1)
-
-    def kept_patch_mask(self) -> torch.Tensor:
-        """(B, N) bool: patches that contribute to any kept token (for kept-token maps and overlap metrics)."""
-        return (self.weights[..., : self.num_patches] > 0).any(dim=1)
-
-    def scale_rows(self, gains: torch.Tensor | None, start: int = 0) -> "KeepPlan":
-        """The plan with rows ``start : start + gains.shape[1]`` multiplied by ``gains`` (B, G); None = unchanged."""
-        if gains is None:
-            return self
-        scale = torch.ones(self.weights.shape[:2], dtype=gains.dtype, device=gains.device)
-        scale = torch.cat([scale[:, :start], gains, scale[:, start + gains.shape[1]:]], dim=1)
-        return replace(self, weights=self.weights * scale.unsqueeze(-1))
-
-    def apply(self, sources: torch.Tensor) -> torch.Tensor:
-        """(B, N + 1, D) sources -> (B, K, D) kept tokens."""
-        if self.space == "encoder":
-            raise TypeError("an 'encoder' plan records provenance only; the merged tokens come from the encoder")
-        return torch.einsum("bkn,bnd->bkd", self.weights.to(sources.dtype), sources)
 
 
 class Compressor:
@@ -106,6 +52,10 @@ class Compressor:
         if not 1 <= budget <= num_tokens:
             raise UserInputError(f"budget {budget} out of range; accepted: 1..{num_tokens} (the model's visual token count)")
         return budget
+
+    def check_model(self, adapter) -> None:
+        """Refuse, in one line, a model whose structure the method cannot act on (beyond missing ``requires``
+        signals, which :func:`robustvtc.compression.check_compatible` checks)."""
 
     def budget_mapping(self, budget: int, num_tokens: int, num_layers: int | None = None) -> dict:
         """How ``budget`` maps onto the method's own knobs, for results. ``num_layers``: depth of the stage

@@ -22,15 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserInputError
-from ..models.base import InLLMContext
+from ..models.base import InLLMContext, split_budget
 from .base import InLLMCompressor
 from .registry import COMPRESSORS
-
-
-def share(total: int, parts: int) -> list[int]:
-    """``total`` split into ``parts`` near-equal counts, the first ones larger."""
-    base, extra = divmod(total, parts)
-    return [base + (i < extra) for i in range(parts)]
 
 
 @COMPRESSORS.register()
@@ -47,7 +41,7 @@ class DART(InLLMCompressor):
 
     def budget_mapping(self, budget: int, num_tokens: int, num_layers: int | None = None) -> dict:
         n_img = min(self.pivot_image, budget)
-        picks = share(budget - n_img, n_img + self.pivot_text)
+        picks = split_budget(budget - n_img, n_img + self.pivot_text)
         return {**super().budget_mapping(budget, num_tokens, num_layers), "image_pivots": n_img,
                 "text_pivots": self.pivot_text, "picks_per_pivot": picks,
                 "reference_max_num_trunction": 8 * picks[0] if len(set(picks)) == 1 else None}
@@ -69,7 +63,7 @@ class DART(InLLMCompressor):
         free[img_pivots] = False
         picked = [img_pivots]
         candidates = states[vis]
-        for pos, t in zip(pivots.tolist(), share(keep - n_img, pivots.numel())):
+        for pos, t in zip(pivots.tolist(), split_budget(keep - n_img, pivots.numel())):
             if t:
                 sim = (candidates @ states[pos]).masked_fill(~free, float("inf"))
                 chosen = sim.topk(t, largest=False).indices

@@ -63,12 +63,15 @@ class FlowCut(EncoderCompressor):
             out["prune_after_layers"] = [i for i in range(s) if (s - i - 1) % 2 == 0]
         return out
 
-    def compress_pixels(self, adapter, pixels: torch.Tensor, budget: int) -> tuple[torch.Tensor, KeepPlan]:
-        budget = self.check_budget(budget, adapter.num_visual_tokens)
-        select = adapter.feature_layer
-        if select < 1:
+    def check_model(self, adapter) -> None:
+        if adapter.feature_layer < 1:
             raise UserInputError("flowcut prunes after the layers before the feature layer; this encoder's feature "
                                  "layer is its first")
+
+    def compress_pixels(self, adapter, pixels: torch.Tensor, budget: int) -> tuple[torch.Tensor, KeepPlan]:
+        budget = self.check_budget(budget, adapter.num_visual_tokens)
+        self.check_model(adapter)
+        select = adapter.feature_layer
         tower = adapter.model.model.vision_tower
         vision = getattr(tower, "vision_model", tower)
         x = vision.pre_layrnorm(vision.embeddings(adapter.normalize(adapter.check_pixels(pixels))))

@@ -14,17 +14,15 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
 from ..errors import UserInputError
 from ..images import check_pixels
-from .base import CAPABILITIES, InLLMContext, VisualEmbeds, VisualTokens
+from .base import InLLMContext, InLLMHook, KeepPlan, VisualEmbeds, VisualTokens
 from .preprocess import fit_image
 
-if TYPE_CHECKING:
-    from ..compression.base import Compressor, InLLMCompressor, KeepPlan
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -194,29 +192,20 @@ class HFAdapter:
         side scaled to cover it (bicubic, antialiased, in torch), then centre-cropped."""
         return fit_image(image, self.input_size)
 
-    # ------------------------------------------------------------------ compressors
-    def compatible_compressors(self) -> list[str]:
-        """Registered compressors whose requirements this model meets."""
-        from ..compression import COMPRESSORS
+    # ------------------------------------------------------------------ compressed layouts
+    compressed_parts: int = 1  # parts compressed independently, each with its share of the budget (LLaVA-NeXT: crops)
 
-        return [name for name, cls in COMPRESSORS.items() if set(cls.requires) <= self.capabilities]
+    def part(self, tokens: VisualTokens, index: int) -> VisualTokens:
+        """The tokens of part ``index`` (the whole set for a one-part model)."""
+        return tokens if self.compressed_parts == 1 else tokens.crop(index)
 
-    def check_target(self, compressor: "Compressor", budget: int) -> None:
-        """Refuse a compressor this model cannot run, naming what is missing and what would work."""
-        missing = [c for c in compressor.requires if c not in self.capabilities]
-        if missing:
-            raise UserInputError(
-                f"compressor {compressor.name!r} needs {CAPABILITIES[missing[0]]}, which the {self.family} model "
-                f"{self.name!r} does not have; compatible compressors: {', '.join(self.compatible_compressors())}")
-
-    def compress(self, compressor: "Compressor", tokens: VisualTokens, budget: int,
-                 pixels: torch.Tensor | None = None) -> tuple[torch.Tensor | list | VisualEmbeds, "KeepPlan"]:
-        """LLM-input visual embeddings kept by a pre-LLM or in-encoder ``compressor``, and its keep plan."""
-        from ..compression.base import EncoderCompressor
-
-        if isinstance(compressor, EncoderCompressor):
-            return compressor.compress_pixels(self, pixels, budget)
-        return compressor.compress(tokens, budget, self.project)
+    def lay_out(self, parts: Sequence[tuple[torch.Tensor | list, KeepPlan]]) -> tuple[torch.Tensor | list | VisualEmbeds,
+                                                                                    KeepPlan]:
+        """The LLM-input layout of the kept tokens of every crop (``(kept, plan)`` per crop, from a compressor
+        applied by the target) and one keep plan over the model's visual tokens."""
+        if len(parts) != 1:
+            raise UserInputError(f"{self.family} has one crop; got kept tokens of {len(parts)}")
+        return parts[0]
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -285,7 +274,7 @@ class HFAdapter:
         return _contiguous(mask)
 
     def hidden_states(self, visual_embeds, questions: Sequence[str], continuations=None,
-                      in_llm: "InLLMCompressor | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      in_llm: "InLLMHook | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Final-norm hidden states (B, L, D) of the decoder and the 2-D attention mask after any in-LLM pruning."""
         rows = self._visual_rows(visual_embeds)
         if len(rows.embeds) != len(questions):
@@ -339,7 +328,7 @@ class HFAdapter:
         return self.model.lm_head(torch.gather(hidden, 1, idx)).float()
 
     def candidate_logprobs(self, visual_embeds, questions: Sequence[str], candidates: Sequence[str],
-                           in_llm: "InLLMCompressor | None" = None) -> torch.Tensor:
+                           in_llm: "InLLMHook | None" = None) -> torch.Tensor:
         """Summed log-probability of each candidate answer: (B, C). One forward when every candidate is one token."""
         cand_ids = [self.continuation_ids(questions[0], c) for c in candidates]
         if all(len(c) == 1 for c in cand_ids):
@@ -351,7 +340,7 @@ class HFAdapter:
                             for c in candidates], dim=1)
 
     def sequence_logprob(self, visual_embeds, questions: Sequence[str], answers: Sequence[str],
-                         in_llm: "InLLMCompressor | None" = None) -> torch.Tensor:
+                         in_llm: "InLLMHook | None" = None) -> torch.Tensor:
         """Teacher-forced summed log-probability of ``answers`` (one per sample): (B,)."""
         conts = [self.continuation_ids(q, a) for q, a in zip(questions, answers)]
         hidden, _ = self.hidden_states(visual_embeds, questions, conts, in_llm=in_llm)
@@ -367,7 +356,7 @@ class HFAdapter:
         return torch.stack(total)
 
     def answer_loss(self, visual_embeds, questions: Sequence[str], answers: Sequence[str],
-                    in_llm: "InLLMCompressor | None" = None) -> torch.Tensor:
+                    in_llm: "InLLMHook | None" = None) -> torch.Tensor:
         """Negative log-likelihood of the given answers, per sample (B,): the white-box attack loss."""
         return -self.sequence_logprob(visual_embeds, questions, answers, in_llm)
 
@@ -380,7 +369,7 @@ class HFAdapter:
 
     @torch.no_grad()
     def generate(self, visual_embeds, questions: Sequence[str], max_new_tokens: int = 8,
-                 in_llm: "InLLMCompressor | None" = None) -> list[str]:
+                 in_llm: "InLLMHook | None" = None) -> list[str]:
         """Greedy answers (no KV cache: the in-LLM compressor re-prunes every forward, as FastV's reference does)."""
         stops = self.stop_ids()
         generated: list[list[int]] = [[] for _ in questions]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserInputError
-from .base import VisualEmbeds, VisualTokens
+from .base import KeepPlan, VisualEmbeds, VisualTokens
 from .llava import LlavaAdapter
 
 
@@ -93,28 +93,23 @@ class LlavaNextAdapter(LlavaAdapter):
                             captured, self.num_vision_layers, self.num_crops, order)
 
     # ------------------------------------------------------------------ compression and layout
-    def check_target(self, compressor, budget: int) -> None:
-        super().check_target(compressor, budget)
-        if compressor.stage != "in_llm" and budget < self.num_crops:
-            raise UserInputError(f"budget {budget} out of range for {compressor.name!r} on {self.name!r}: the budget "
-                                 f"is split over {self.num_crops} crops; accepted: "
-                                 f"{self.num_crops}..{self.num_visual_tokens}")
+    @property
+    def compressed_parts(self) -> int:
+        return self.num_crops
 
-    def compress(self, compressor, tokens: VisualTokens, budget: int, pixels: torch.Tensor | None = None):
-        """Run ``compressor`` on every crop with its share of ``budget``; lay the kept tokens out with newlines.
-
-        The keep plan indexes tokens in LLM order (column N = the CLS of the crop a token came from)."""
-        from ..compression.base import KeepPlan, PreLLMCompressor  # compression imports models: import late
-        from ..compression.dart import share
-
-        if not isinstance(compressor, PreLLMCompressor):
-            raise UserInputError(f"{compressor.name!r} is not a pre-LLM compressor; {self.family} compresses per crop")
+    def lay_out(self, parts):
+        """Each crop's kept tokens in LLaVA-NeXT's layout (base crop, then the high-resolution tokens in raster
+        order with a newline after every row), and one keep plan indexing tokens in LLM order (column N = the
+        CLS of the crop a token came from)."""
+        if len(parts) != self.num_crops:
+            raise UserInputError(f"{self.family} compresses each of its {self.num_crops} crops; got kept tokens of "
+                                 f"{len(parts)}")
         n, N = self.grid[0] * self.grid[1], self.num_visual_tokens
         token_of = torch.argsort(self.crop_order)  # crop-major index -> token index
-        outputs = [(*compressor.compress(tokens.crop(c), k, self.project), token_of[c * n:(c + 1) * n])
-                   for c, k in enumerate(share(budget, self.num_crops))]
+        outputs = [(kept, plan, token_of[c * n:(c + 1) * n]) for c, (kept, plan) in enumerate(parts)]
+        batch_size = outputs[0][1].weights.shape[0]
         embeds, sources, weights = [], [], []
-        for b in range(tokens.batch_size):
+        for b in range(batch_size):
             e, src, key, w = [], [], [], []
             for kept, plan, where in outputs:
                 k = kept[b].shape[0]
@@ -163,7 +158,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def _plain_layout(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if visual.shape[0] != self.num_visual_tokens:
             raise UserInputError(f"{self.family} lays out all {self.num_visual_tokens} visual tokens, got "
-                                 f"{visual.shape[0]}; compressed tokens come from adapter.compress / Target.forward")
+                                 f"{visual.shape[0]}; compressed tokens come from Target.forward")
         index = torch.arange(visual.shape[0], device=visual.device)
         packed, sources, _ = self._pack(visual, index, 2 * index + 1)
         return packed, sources

@@ -100,9 +100,9 @@ class Qwen2VLAdapter(HFAdapter):
         return features
 
     # ------------------------------------------------------------------ layout and positions
-    def compress(self, compressor, tokens: VisualTokens, budget: int, pixels: torch.Tensor | None = None):
+    def lay_out(self, parts):
         """The compressor's kept tokens, each tagged with its main source so that it keeps that token's M-RoPE ids."""
-        kept, plan = super().compress(compressor, tokens, budget, pixels)
+        kept, plan = super().lay_out(parts)
         rows = batch_rows(kept)
         main = plan.primary_sources()
         return VisualEmbeds(rows, [main[b, :r.shape[0]] for b, r in enumerate(rows)]), plan
@@ -111,7 +111,7 @@ class Qwen2VLAdapter(HFAdapter):
         if visual.shape[0] != self.num_visual_tokens:
             raise UserInputError(f"{self.family} positions need to know where each token came from: a plain tensor "
                                  f"must hold all {self.num_visual_tokens} tokens, got {visual.shape[0]}; compressed "
-                                 "tokens come from adapter.compress / Target.forward")
+                                 "tokens come from Target.forward")
         return super()._plain_layout(visual)
 
     def _positions(self, mask: torch.Tensor, rows: VisualEmbeds, questions: Sequence[str]) -> torch.Tensor:
