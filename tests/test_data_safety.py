@@ -40,16 +40,16 @@ def _strip(records):
 
 
 # ---------------------------------------------------------------------------------------------- crash and resume
-def _killed_run(out, env_value, adapter):
+def _killed_run(out, env_value, adapter, spec=BASE):
     os.environ["ROBUSTVTC_TEST_CRASH"] = env_value
     try:
-        run_campaign(parse_scenario(BASE), output=out, adapter=adapter, quiet=True)
+        run_campaign(parse_scenario(spec), output=out, adapter=adapter, quiet=True)
     finally:
         os._exit(0)  # reached only when the crash point was never hit
 
 
-def _kill(out, crash, adapter):
-    child = multiprocessing.get_context("fork").Process(target=_killed_run, args=(out, crash, adapter))
+def _kill(out, crash, adapter, spec=BASE):
+    child = multiprocessing.get_context("fork").Process(target=_killed_run, args=(out, crash, adapter, spec))
     child.start()
     child.join(120)
     assert child.exitcode == -signal.SIGKILL, (crash, child.exitcode)
@@ -453,6 +453,40 @@ def test_resume_names_what_changed_data_contents_included(tiny_adapter, tmp_path
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(UserInputError, match=r"the rows of .*mc\.jsonl .* changed"):
         run_campaign(s, output=out, adapter=tiny_adapter, quiet=True, resume=True)
+
+
+def test_moved_data_folder_resumes_and_a_changed_byte_is_named(tiny_adapter, tmp_path):
+    """--resume compares the data by content, not by where it lies: the same bytes in a moved folder continue
+    a killed campaign (the manifest records each run's data path); one changed pixel is refused, naming the
+    file."""
+    from PIL import Image
+
+    first, moved = tmp_path / "data", tmp_path / "moved" / "data"
+    first.mkdir()
+    _mc(first)
+
+    def spec(folder):
+        return {**BASE, "samples": 2, "data": {"source": "multiple_choice", "path": str(folder / "mc.jsonl")}}
+    assert parse_scenario(spec(first)).hash() == parse_scenario(spec(moved)).hash()  # the path is out of the hash
+    assert parse_scenario(spec(first)).hash() != parse_scenario(spec(first)).hash(paths=True)
+    assert parse_scenario(BASE).hash() == parse_scenario(BASE).hash(paths=True)  # unchanged for synthetic data
+    out = tmp_path / "out"
+    _kill(out, "after:4", tiny_adapter, spec(first))  # sample q0 done, q1 not
+    moved.parent.mkdir()
+    shutil.move(str(first), str(moved))
+    run_campaign(parse_scenario(spec(moved)), output=out, adapter=tiny_adapter, quiet=True, resume=True)
+    reference = run_campaign(parse_scenario(spec(moved)), output=tmp_path / "ref", adapter=tiny_adapter, quiet=True)
+    assert _strip(read_records(out / "results.jsonl")) == _strip(read_records(reference / "results.jsonl"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["records"] == 8 and manifest["runs"][-1]["resumed_with"] == 4
+    assert manifest["scenario"]["data"]["path"] == str(moved / "mc.jsonl")  # reproducibility: where it was read
+    assert [r.get("data_path") for r in manifest["runs"]] == [str(first / "mc.jsonl"), str(moved / "mc.jsonl")]
+    assert manifest["data"]["image_files"]["q1"] == str(moved / "b.png")
+    image = Image.open(moved / "b.png").convert("RGB")
+    image.putpixel((0, 0), (200, 30, 31))
+    image.save(moved / "b.png")
+    with pytest.raises(UserInputError, match=r"sample q1's image .*moved/data/b\.png changed since the campaign"):
+        run_campaign(parse_scenario(spec(moved)), output=out, adapter=tiny_adapter, quiet=True, resume=True)
 
 
 def test_rebuild_manifest_then_resume(tiny_adapter, tmp_path):

@@ -652,6 +652,10 @@ def _changed_keys(old: dict, new: dict) -> list[str]:
     """Record-relevant scenario keys whose value differs between two resolved scenarios."""
     from .scenario import NOT_HASHED
 
+    def where_free(scenario: dict) -> dict:  # where the data lies is not hashed (its contents are compared)
+        data = scenario.get("data")
+        return {**scenario, "data": {**data, "path": None, "image_root": None}} if isinstance(data, dict) else scenario
+    old, new = where_free(old), where_free(new)
     keys = sorted((set(old) | set(new)) - set(NOT_HASHED))
     return [k for k in keys if json.dumps(old.get(k), sort_keys=True) != json.dumps(new.get(k), sort_keys=True)]
 
@@ -661,7 +665,7 @@ def _check_resume(out: Path, previous: dict, scenario: Scenario, data: dict | No
     from .scenario import NOT_HASHED
 
     unhashed = f"(keys that do not change records and may change: {', '.join(NOT_HASHED)})"
-    if previous.get("scenario_hash") != scenario.hash():
+    if previous.get("scenario_hash") not in (scenario.hash(), scenario.hash(paths=True)):
         changed = _changed_keys(previous.get("scenario") or {}, scenario.to_dict()) if previous.get("scenario") else []
         what = f"changed: {', '.join(changed)}" if changed else f"scenario hash {previous.get('scenario_hash')}, now " \
                                                                  f"{scenario.hash()}"
@@ -673,10 +677,14 @@ def _check_resume(out: Path, previous: dict, scenario: Scenario, data: dict | No
     if old.get("rows") != data.get("rows"):
         raise UserInputError(f"{out}: the rows of {scenario.data.path} (ids, questions, answers) changed since the "
                              "campaign started; accepted: the data it started with, a new output folder, or --overwrite")
+    files = data.get("image_files") or {}
     old_images, new_images = old.get("images") or {}, data.get("images") or {}
-    for image in sorted(set(old_images) | set(new_images)):
-        if old_images.get(image) != new_images.get(image):
-            raise UserInputError(f"{out}: image {image} changed since the campaign started; accepted: the data it "
+    if "image_files" not in old:  # robustvtc before images were keyed by sample: by path
+        new_images = {files.get(sample, sample): digest for sample, digest in new_images.items()}
+    for key in sorted(set(old_images) | set(new_images)):
+        if old_images.get(key) != new_images.get(key):
+            what = f"sample {key}'s image {files[key]}" if key in files else f"image {key}"
+            raise UserInputError(f"{out}: {what} changed since the campaign started; accepted: the data it "
                                  "started with, a new output folder, or --overwrite")
 
 
@@ -813,7 +821,8 @@ def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume
 
         info.update(data=data, unhashed_keys=list(NOT_HASHED))
         runs = (previous or {}).get("runs", [])
-        runs.append({"started": _now(), "resumed_with": len(done), "argv": sys.argv})
+        runs.append({"started": _now(), "resumed_with": len(done), "argv": sys.argv,
+                     **({"data_path": scenario.data.path} if scenario.data.path else {})})  # where the data was
         info.update(started=(previous or {}).get("started", runs[-1]["started"]), runs=runs, status="running")
         atomic_write_text(manifest_path, json.dumps(info, indent=2))
 

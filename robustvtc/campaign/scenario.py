@@ -136,9 +136,14 @@ class Scenario:
         """The resolved scenario as plain data (what the manifest stores and the hash covers)."""
         return json.loads(json.dumps(asdict(self)))
 
-    def hash(self) -> str:
-        """SHA-256 of everything that changes records; ``--resume`` refuses a scenario whose hash differs."""
+    def hash(self, paths: bool = False) -> str:
+        """SHA-256 of everything that changes records; ``--resume`` refuses a scenario whose hash differs.
+        Where the data lies (``data.path``, ``data.image_root``) is left out: its rows and images are compared
+        by content instead (:meth:`~robustvtc.campaign.tasks.Task.fingerprint`), so a moved data folder resumes;
+        the manifest still records the path. ``paths=True``: the hash with them (robustvtc before that)."""
         body = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
+        if not paths:
+            body["data"] = {**body["data"], "path": None, "image_root": None}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 

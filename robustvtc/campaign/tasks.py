@@ -67,15 +67,18 @@ class Task:
 
     def fingerprint(self) -> dict:
         """What the records depend on in the data, by content: a hash of the rows used (ids, questions,
-        answers, options) and one per image file used. The synthetic task is generated from its split."""
+        answers, options) and one per sample's image (``images``, by sample id, so the data folder may move;
+        ``image_files`` says where each was read). The synthetic task is generated from its split."""
         import hashlib
         import json
 
         if self.spec.source == "synthetic":
-            return {"rows": None, "images": {}}
+            return {"rows": None, "images": {}, "image_files": {}}
         rows = [[str(i.id), i.question, i.prompt, i.answer, list(i.answers), i.options] for i in self.items]
-        images = {str(i.source): file_sha256(i.source) for i in self.items}
-        return {"rows": hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16], "images": images}
+        images = {str(i.id): file_sha256(i.source) for i in self.items}
+        files = {str(i.id): str(i.source) for i in self.items}
+        return {"rows": hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16], "images": images,
+                "image_files": files}
 
     def _load(self, samples: int) -> list[Item]:
         from ..data import loaders
