@@ -111,8 +111,9 @@ def test_bad_pixels_are_refused(tiny_adapter, bad, match):
 def test_image_conversion_errors(tmp_path):
     from PIL import Image
 
-    with pytest.raises(UserInputError, match="mode 'L'"):
-        image_to_pixels(Image.new("L", (96, 96)), 96)
+    assert image_to_pixels(Image.new("L", (96, 96)), 96).shape == (1, 3, 96, 96)  # grey is converted (images.py)
+    with pytest.raises(UserInputError, match=r"image array is empty \(shape \(0, 96, 3\)\)"):
+        image_to_pixels(np.zeros((0, 96, 3), np.uint8), 96)
     with pytest.raises(UserInputError, match="not an image"):
         image_to_pixels(42, 96)
     with pytest.raises(UserInputError, match="not found"):

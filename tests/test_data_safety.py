@@ -648,3 +648,76 @@ def test_report_into_a_folder_rewrites_only_its_own_files(small_campaign, tmp_pa
     assert (out / "notes.txt").read_text() == "mine" and (out / "report.html").is_file()
     assert {"report.html", "summary.md"} <= set((out / LEDGER_NAME).read_text().splitlines())
     assert not (out / LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------- image modes
+def _image_inputs():
+    """(name, image as given, the RGB it must become): alpha is composited on white."""
+    import numpy as np
+    from PIL import Image
+
+    grey = np.full((6, 8), 100, np.uint8)
+    rgba = np.zeros((6, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 255  # opaque red ...
+    rgba[:, :4, 3] = 0  # ... with a transparent left half (whose hidden colour is red too)
+    opaque_red_right = np.zeros((6, 8, 3), np.float32)
+    opaque_red_right[:, 4:] = (1, 0, 0)
+    opaque_red_right[:, :4] = (1, 1, 1)  # white where transparent: not the hidden red
+    palette = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(6, 8) % 2, "L").convert("P")
+    palette.putpalette([0, 0, 255, 0, 255, 0] + [0] * 762)
+    p_rgb = np.stack([np.zeros((6, 8)), np.arange(48).reshape(6, 8) % 2, 1 - np.arange(48).reshape(6, 8) % 2], -1)
+    half = np.zeros((6, 8, 2), np.float32)
+    half[..., 0], half[..., 1] = 0.0, 0.5  # black at half opacity on white: mid grey
+    return [
+        ("(H, W) uint8 array", grey, np.repeat(grey[..., None] / 255, 3, 2)),
+        ("(H, W, 1) float array", grey[..., None] / 255.0, np.repeat(grey[..., None] / 255, 3, 2)),
+        ("(H, W, 4) uint8 array", rgba, opaque_red_right),
+        ("(H, W, 2) float array", half, np.full((6, 8, 3), 0.5)),
+        ("(H, W) uint16 array", np.full((6, 8), 65535, np.uint16), np.ones((6, 8, 3))),
+        ("PIL L", Image.fromarray(grey), np.repeat(grey[..., None] / 255, 3, 2)),
+        ("PIL P", palette, p_rgb),
+        ("PIL RGBA", Image.fromarray(rgba, "RGBA"), opaque_red_right),
+        ("PIL LA", Image.fromarray(rgba, "RGBA").convert("LA"),
+         np.repeat(np.where(np.arange(8) < 4, 1.0, 76 / 255)[None, :, None], 6, 0).repeat(3, 2)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_grey_palette_and_alpha_images_become_rgb_in_the_api_and_from_files(index, tiny_adapter, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from robustvtc.images import open_image, to_pixels
+
+    name, image, expected = _image_inputs()[index]
+    expected = torch.from_numpy(np.asarray(expected, np.float32)).permute(2, 0, 1)[None]
+    got = to_pixels(image, (6, 8))
+    assert got.shape == (1, 3, 6, 8) and torch.allclose(got, expected, atol=1.5 / 255), name
+    if name.startswith("PIL"):  # the same image as a file (the CLI's data): the same pixels
+        image.save(tmp_path / "x.png")
+        from_file = torch.from_numpy(np.asarray(open_image(tmp_path / "x.png"), np.float32) / 255).permute(2, 0, 1)
+        assert torch.allclose(from_file[None], expected, atol=1.5 / 255), name
+    assert tiny_adapter.load_image(image).shape == (1, 3, 96, 96)  # the loader the campaign uses
+
+
+def test_unusable_images_are_one_line_naming_them(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from robustvtc.images import to_pixels
+    from robustvtc.models.preprocess import fit_image
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    for bad, match in [(np.zeros((0, 5), np.uint8), r"image array is empty \(shape \(0, 5, 1\)\)"),
+                       (np.zeros((4, 0, 4), np.float32), "image array is empty"),
+                       (Image.new("RGB", (0, 3)), r"image is empty \(0x3 pixels\)"),
+                       (np.zeros((4, 4, 5), np.uint8), r"image array has shape \(4, 4, 5\)"),
+                       (np.zeros((4, 4), np.int64), "dtype int64 is not supported"),
+                       ("nope.png", "image file not found: nope.png"),
+                       (tmp_path / "empty.png", "empty.png is not an image file"),
+                       ([[1, 2]], "not an image: list")]:
+        for convert in (lambda x: to_pixels(x, 4), lambda x: fit_image(x, (4, 4))):
+            with pytest.raises(UserInputError, match=match) as info:
+                convert(bad)
+            assert "\n" not in str(info.value)

@@ -28,7 +28,7 @@ def native_size(image: Any) -> tuple[int, int]:
             return 0, 0
     if type(image).__module__.startswith("PIL."):
         return image.size[1], image.size[0]
-    if isinstance(image, np.ndarray) and image.ndim == 3:
+    if isinstance(image, np.ndarray) and image.ndim in (2, 3):
         return image.shape[0], image.shape[1]
     if isinstance(image, torch.Tensor) and image.dim() >= 2:
         return image.shape[-2], image.shape[-1]
