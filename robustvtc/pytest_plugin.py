@@ -242,7 +242,6 @@ class _Runs:
         import yaml
 
         from .campaign import parse_scenario, run_campaign
-        from .campaign.report import write_report
         from .campaign.runner import MANIFEST, RESULTS
 
         doc = {"name": self.name, **self.base, "attacks": [{"name": a, "eps": e} for a, e in self._eps.items()],
@@ -251,8 +250,8 @@ class _Runs:
         (self.folder / "scenario.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
         (self.folder / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in self.records))
         (self.folder / MANIFEST).write_text(json.dumps({"scenario_hash": scenario.hash()}))
-        run_campaign(scenario, output=self.folder, resume=True, quiet=True, adapter=self.adapter)
-        return write_report(self.folder)["html"]
+        run_campaign(scenario, output=self.folder, resume=True, quiet=True, adapter=self.adapter, report=True)
+        return self.folder / "report" / "report.html"  # written under the folder's lock
 
 
 def _ini_level(config: pytest.Config) -> float:
