@@ -112,10 +112,22 @@ class Target:
             tokens = self._scored(tokens, pixels, self.signal_layers)
         if isinstance(self.compressor, InLLMCompressor):
             hook = self.compressor.bind(self.budget, tokens.num_tokens, getattr(self.adapter, "num_llm_layers", None))
-            return Forward(tokens, self.adapter.project(tokens.features), None, hook)
+            return Forward(tokens, self._with_lead(self.adapter.project(tokens.features), tokens), None, hook)
         if isinstance(self.compressor, EncoderCompressor) and pixels is None:  # merges inside the encoder
             raise UserInputError(f"{self.compressor.name} merges inside the vision encoder; pass the pixels")
-        return Forward(tokens, *self._compress(tokens, pixels))
+        embeds, plan = self._compress(tokens, pixels)
+        return Forward(tokens, self._with_lead(embeds, tokens), plan)
+
+    def _with_lead(self, embeds, tokens: VisualTokens):
+        """``tokens.lead`` (non-patch tokens the model feeds its LLM before the patches: a DINOv2 tower's
+        registers, DeiT's distillation token), projected, in front of every image's visual embeddings as
+        structural rows (source -1: no visual token, never pruned); ``embeds`` as they are when there is none."""
+        if tokens.lead is None:
+            return embeds
+        lead = self.adapter.project(tokens.lead)
+        rows = self.adapter._visual_rows(embeds)
+        return VisualEmbeds([torch.cat([p.to(e.dtype), e]) for p, e in zip(lead, rows.embeds)],
+                            [torch.cat([s.new_full((p.shape[0],), -1), s]) for p, s in zip(lead, rows.sources)])
 
     def _compress(self, tokens: VisualTokens, pixels: torch.Tensor | None):
         """The compressor on each of the model's crops with its share of the budget; the layout is the model's."""

@@ -22,16 +22,32 @@ CAPABILITIES = {
 
 @dataclass
 class LayerSignals:
-    """Queries and keys of one vision-encoder attention layer, index 0 = CLS (B, heads, 1+N, head_dim)."""
+    """Queries and keys of one vision-encoder attention layer, index 0 = CLS (B, heads, 1+N, head_dim);
+    (B, heads, N, head_dim) of the patches only for an encoder without CLS (SigLIP).
+
+    ``extra_keys`` (B, heads, R, head_dim) are the keys of the encoder's other non-patch tokens (DINOv2's
+    registers, DeiT's distillation token): they are neither patches nor CLS, so ``queries``/``keys`` leave
+    them out, but every query also attends to them, so :meth:`attention_from` counts them in its softmax."""
 
     queries: torch.Tensor
     keys: torch.Tensor
     scale: float
+    extra_keys: torch.Tensor | None = None
 
     def attention_from(self, query_index: int = 0) -> torch.Tensor:
-        """Softmax attention row of one query token over all 1+N tokens, per head: (B, heads, 1+N)."""
-        logits = torch.einsum("bhd,bhnd->bhn", self.queries[:, :, query_index], self.keys) * self.scale
-        return logits.softmax(dim=-1)
+        """Softmax attention row of one query token over the 1+N tokens, per head: (B, heads, 1+N) -- the
+        encoder's own row, so with ``extra_keys`` it sums to less than 1 (the rest went to those tokens)."""
+        q = self.queries[:, :, query_index]
+        logits = torch.einsum("bhd,bhnd->bhn", q, self.keys) * self.scale
+        if self.extra_keys is None:
+            return logits.softmax(dim=-1)
+        extra = torch.einsum("bhd,bhnd->bhn", q, self.extra_keys) * self.scale
+        return torch.cat([logits, extra], dim=-1).softmax(dim=-1)[..., :logits.shape[-1]]
+
+    def rows(self, index) -> "LayerSignals":
+        """The signals of some batch rows (an index or a slice)."""
+        return LayerSignals(self.queries[index], self.keys[index], self.scale,
+                            None if self.extra_keys is None else self.extra_keys[index])
 
 
 @dataclass
@@ -39,8 +55,12 @@ class VisualTokens:
     """Patch features of the encoder's feature layer plus the signals compressors score tokens by.
 
     ``features`` excludes CLS (N = grid_h * grid_w tokens in raster order); ``cls`` is the CLS hidden state
-    of the same layer, None for encoders without one (Qwen2-VL). ``signals`` maps an absolute encoder layer
-    index to its :class:`LayerSignals`. Everything is differentiable w.r.t. the pixels it came from.
+    of the same layer, None for encoders without one (Qwen2-VL, SigLIP). ``signals`` maps an absolute encoder
+    layer index to its :class:`LayerSignals`. Everything is differentiable w.r.t. the pixels it came from.
+
+    ``lead`` (B, R, D_vision), when set, holds the feature-layer states of non-patch tokens the model feeds its
+    LLM before the patches (a DINOv2 tower's registers, DeiT's distillation token, CLS under LLaVA's "full"
+    strategy): no compressor sees or drops them; :class:`~robustvtc.target.Target` puts them in front.
 
     Multi-crop images (LLaVA-NeXT, ``crops`` > 1): ``features`` hold all crops' tokens in the order the LLM
     reads them, ``crop_order[i]`` being the crop-major index ``crop * grid_h * grid_w + patch`` of token i;
@@ -56,6 +76,7 @@ class VisualTokens:
     num_layers: int = 0
     crops: int = 1
     crop_order: torch.Tensor | None = None  # (N,) long, set when crops > 1
+    lead: torch.Tensor | None = None  # (B, R, D_vision) non-patch tokens fed to the LLM before the patches
 
     @property
     def batch_size(self) -> int:
@@ -82,7 +103,8 @@ class VisualTokens:
     def _require_cls(self, what: str) -> None:
         if self.cls is None:
             raise UserInputError(f"{what} needs the vision encoder's CLS token, and this model's encoder has none; "
-                                 "use a score that does not (e.g. the feature norm)")
+                                 "accepted: a score without it (score='norm', the feature norm) or a compressor "
+                                 "without it (robustvtc.compression.compatible_compressors(model))")
 
     def _join_crops(self, per_crop: torch.Tensor) -> torch.Tensor:
         """(B * crops, heads, n, ...) per-crop values -> (B, heads, N, ...) in token order."""
@@ -107,7 +129,7 @@ class VisualTokens:
 
     def keys(self, layer: int | None = None, reduce: str = "mean") -> torch.Tensor:
         """Patch keys of ``layer`` without CLS: (B, N, head_dim) averaged over heads, or (B, heads, N, head_dim)."""
-        k = self._join_crops(self.layer_signals(layer).keys[:, :, 1:])
+        k = self._join_crops(self.layer_signals(layer).keys[:, :, 0 if self.cls is None else 1:])
         return k.mean(dim=1) if reduce == "mean" else k
 
     def norms(self) -> torch.Tensor:
@@ -127,8 +149,8 @@ class VisualTokens:
             rows = (items * self.crops + torch.arange(self.crops, device=items.device)).flatten()
         return VisualTokens(
             self.features[index], None if self.cls is None else self.cls[index], self.grid, self.feature_layer,
-            {k: LayerSignals(v.queries[rows], v.keys[rows], v.scale) for k, v in self.signals.items()},
-            self.num_layers, self.crops, self.crop_order,
+            {k: v.rows(rows) for k, v in self.signals.items()},
+            self.num_layers, self.crops, self.crop_order, None if self.lead is None else self.lead[index],
         )
 
     def crop(self, c: int) -> "VisualTokens":
@@ -138,7 +160,7 @@ class VisualTokens:
         n = self.grid[0] * self.grid[1]
         where = torch.argsort(self.crop_order)[c * n:(c + 1) * n].to(self.features.device)
         step = self.crops
-        signals = {k: LayerSignals(v.queries[c::step], v.keys[c::step], v.scale) for k, v in self.signals.items()}
+        signals = {k: v.rows(slice(c, None, step)) for k, v in self.signals.items()}
         return VisualTokens(self.features[:, where], None if self.cls is None else self.cls[:, c], self.grid,
                             self.feature_layer, signals, self.num_layers)
 

@@ -34,6 +34,7 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     hf_class = "LlavaNextForConditionalGeneration"
     capabilities = frozenset({"cls_token"})
+    reads_any_tower = False  # crops are read as [CLS, patches]
 
     def _set_geometry(self, image_size) -> None:
         cfg = self.model.config
