@@ -276,14 +276,28 @@ class HFAdapter:
     def hidden_states(self, visual_embeds, questions: Sequence[str], continuations=None,
                       in_llm: "InLLMHook | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Final-norm hidden states (B, L, D) of the decoder and the 2-D attention mask after any in-LLM pruning."""
+        return self._run(visual_embeds, questions, continuations, in_llm)[:2]
+
+    def _run(self, visual_embeds, questions, continuations=None, in_llm=None, cache=None):
+        """(hidden, mask, the decoder's record): the assembled sequence through the decoder; ``cache``: a
+        transformers ``DynamicCache`` that every layer fills with its keys and values (prefill)."""
         rows = self._visual_rows(visual_embeds)
         if len(rows.embeds) != len(questions):
             raise UserInputError(f"{len(rows.embeds)} images but {len(questions)} questions")
         embeds, mask, visual_index, text_index = self._assemble(rows, questions, continuations)
         positions = self._positions(mask, rows, questions)
-        return self._decode(embeds, mask, positions, visual_index, text_index, in_llm)
+        residuals = self._layer_residuals(rows, mask)
+        return self._decode(embeds, mask, positions, visual_index, text_index, in_llm, residuals, cache)
 
-    def _decode(self, embeds, mask, positions, visual_index, text_index, in_llm):
+    def _layer_residuals(self, rows: VisualEmbeds, mask: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per decoder layer, what is added to its output (B, L, D) -- Qwen3-VL's DeepStack visual features at the
+        visual positions; None for families without it."""
+        return None
+
+    def _decode(self, embeds, mask, positions, visual_index, text_index, in_llm, residuals=None, cache=None):
+        """The decoder layer by layer, with in-LLM pruning before the hook's layers and ``residuals[i]`` added to
+        layer i's output. Returns (final-norm hidden states, mask, record); the record lists the stages (first
+        layer, 2-D mask, positions) between pruning layers, which cached decoding continues from."""
         from transformers.masking_utils import create_causal_mask
 
         no_cache = _no_cache_argument(create_causal_mask)
@@ -292,14 +306,20 @@ class HFAdapter:
         if prune_at and visual_index is None:
             raise UserInputError("in-LLM compression needs the same number of visual tokens in every sample")
         h = embeds
+        B, L = mask.shape
+        alive = torch.arange(L, device=h.device).expand(B, L) if residuals else None  # original index of each row
         prev = None  # (input of the previous layer, its cos/sin, its 2-D mask)
         causal = cos_sin = None
+        stages = []
+        layer_kwargs = {} if cache is None else {"cache": cache}
         for i, layer in enumerate(lm.layers):
             if i in prune_at:
                 ctx = self._in_llm_context(i, h, mask, visual_index, text_index, prev, embeds)
                 keep, gain = in_llm.select(ctx)  # sorted columns of visual_index, optional relaxed gains
-                h, mask, positions, visual_index, text_index = _drop_visual(
+                h, mask, positions, visual_index, text_index, idx = _drop_visual(
                     h, mask, positions, visual_index, text_index, keep, gain)
+                if alive is not None:
+                    alive = alive.gather(1, idx)
                 if in_llm.position_policy == "contiguous":
                     positions = self._renumber(mask, positions)
                 causal = None
@@ -308,9 +328,14 @@ class HFAdapter:
                 causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
                                             position_ids=flat, **no_cache)
                 cos_sin = lm.rotary_emb(h, position_ids=positions)
+                stages.append((i, mask, positions))
             prev = (h, cos_sin, mask)
-            h = layer(h, attention_mask=causal, position_ids=flat, position_embeddings=cos_sin)
-        return lm.norm(h), mask
+            h = layer(h, attention_mask=causal, position_ids=flat, position_embeddings=cos_sin, **layer_kwargs)
+            if residuals is not None and i < len(residuals):
+                add = residuals[i] if alive.shape[1] == L else residuals[i].gather(
+                    1, alive.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+                h = h + add.to(h.dtype)
+        return lm.norm(h), mask, {"stages": stages}
 
     def _in_llm_context(self, i, h, mask, visual_index, text_index, prev, embeds) -> InLLMContext:
         """Signals at the input of decoder layer ``i``; h has the layout of ``prev`` (nothing dropped between)."""
@@ -369,8 +394,78 @@ class HFAdapter:
 
     @torch.no_grad()
     def generate(self, visual_embeds, questions: Sequence[str], max_new_tokens: int = 8,
-                 in_llm: "InLLMHook | None" = None) -> list[str]:
-        """Greedy answers (no KV cache: the in-LLM compressor re-prunes every forward, as FastV's reference does)."""
+                 in_llm: "InLLMHook | None" = None, cache: bool = True) -> list[str]:
+        """Greedy answers.
+
+        ``cache=True``: the prompt runs once (prefill) and every new token is decoded against the decoder's
+        key/value cache. An in-LLM compressor then prunes once, in the prefill, and the new tokens attend to the
+        pruned cache from its pruning layers on (the KV-cache variant of FastV's lmms-eval port); pre-LLM
+        compressors and no compression give the same tokens as ``cache=False``. ``cache=False``: the whole
+        sequence re-runs for every new token and an in-LLM compressor re-prunes every forward, as FastV's
+        reference code does.
+        """
+        ids = self.generate_ids(visual_embeds, questions, max_new_tokens, in_llm, cache)
+        return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in ids]
+
+    @torch.no_grad()
+    def generate_ids(self, visual_embeds, questions: Sequence[str], max_new_tokens: int = 8,
+                     in_llm: "InLLMHook | None" = None, cache: bool = True) -> list[list[int]]:
+        """The greedy answers' token ids (stop token excluded); see :meth:`generate`."""
+        if not cache:
+            return self._generate_uncached(visual_embeds, questions, max_new_tokens, in_llm)
+        from transformers import DynamicCache
+
+        stops = self.stop_ids()
+        rows = self._visual_rows(visual_embeds)
+        kv = DynamicCache()
+        hidden, _, record = self._run(rows, questions, in_llm=in_llm, cache=kv)
+        prompt_mask = self._assemble(rows, questions, None)[1]
+        stages = [[first, m, p] for first, m, p in record["stages"]]
+        policy = in_llm.position_policy if in_llm is not None else "original"
+        generated: list[list[int]] = [[] for _ in questions]
+        done = [False] * len(questions)
+        embed = self.model.get_input_embeddings()
+        lm = self.model.model.language_model
+        for step in range(max_new_tokens):
+            nxt = self.model.lm_head(hidden[:, -1]).float().argmax(-1)
+            for b, t in enumerate(nxt.tolist()):
+                if not done[b]:
+                    if t in stops:
+                        done[b] = True
+                    else:
+                        generated[b].append(t)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            # the new token's position in the uncached layout, then per stage as the uncached path renumbers it
+            ones = prompt_mask.new_ones(prompt_mask.shape[0], step + 1)
+            original = self._positions(torch.cat([prompt_mask, ones], 1), rows, questions)[..., -1:]
+            h = embed(nxt.unsqueeze(1))
+            for s, stage in enumerate(stages):
+                mask_s = torch.cat([stage[1], ones[:, :1]], 1)
+                pos_s = torch.cat([stage[2], original], -1)
+                if s > 0 and policy == "contiguous":
+                    pos_s = self._renumber(mask_s, pos_s)
+                stage[1], stage[2] = mask_s, pos_s
+            hidden = self._decode_step(h, stages, kv, lm)
+        return generated
+
+    def _decode_step(self, h: torch.Tensor, stages: list, kv, lm) -> torch.Tensor:
+        """One new token (B, 1, D) through every layer against the cache; ``stages`` hold each stage's 2-D mask
+        and positions with the new token appended. Returns the final-norm hidden state (B, 1, D)."""
+        starts = [s[0] for s in stages]
+        for i, layer in enumerate(lm.layers):
+            if i in starts:
+                _, mask_s, pos_s = stages[starts.index(i)]
+                pos = pos_s[..., -1:]
+                cos_sin = lm.rotary_emb(h, position_ids=pos)
+                allowed = mask_s.bool()[:, None, None, :]
+                additive = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(
+                    ~allowed, torch.finfo(h.dtype).min)
+                flat = pos if pos.dim() == 2 else None
+            h = layer(h, attention_mask=additive, position_ids=flat, position_embeddings=cos_sin, cache=kv)
+        return lm.norm(h)  # DeepStack residuals are zero at text tokens
+
+    def _generate_uncached(self, visual_embeds, questions, max_new_tokens, in_llm) -> list[str]:
         stops = self.stop_ids()
         generated: list[list[int]] = [[] for _ in questions]
         done = [False] * len(questions)
@@ -386,7 +481,7 @@ class HFAdapter:
                         generated[b].append(t)
             if all(done):
                 break
-        return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
+        return generated
 
 
 def batch_rows(visual_embeds) -> list[torch.Tensor]:
@@ -476,7 +571,7 @@ def _drop_visual(h, mask, positions, visual_index, text_index, keep, gain):
     if gain is not None:
         scale = torch.ones(B, new_len, 1, dtype=h.dtype, device=h.device)
         h = h * scale.scatter(1, visual_index.unsqueeze(-1), gain.unsqueeze(-1).to(h.dtype))
-    return h, mask, positions, visual_index, text_index
+    return h, mask, positions, visual_index, text_index, idx
 
 
 @functools.lru_cache(maxsize=None)

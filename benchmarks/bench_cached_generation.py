@@ -1,0 +1,100 @@
+"""Cached vs uncached greedy generation on a tiny LLaVA with 576 image tokens (336 px, 14 px patches).
+
+Uncached, every new token re-runs the whole prompt (the pre-cache path, ``generate(..., cache=False)``);
+cached, the prompt runs once and each new token is decoded against the KV cache. Each round times both on
+the same inputs back to back (paired), for 1, 10 and 32 new tokens (stop tokens disabled, so exactly that
+many are generated); the table gives the median and the inter-quartile range of the per-round ratios
+uncached / cached, and the median seconds of each.
+
+    python benchmarks/bench_cached_generation.py                  # CPU, 7 rounds
+    python benchmarks/bench_cached_generation.py --rounds 11 --llm-layers 8 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+WORDS = ["user", ":", "assistant", "what", "color", "is", "the", "circle", "?", "red", "blue", "yes", "no"]
+
+
+def tiny_llava(path: str, llm_layers: int, width: int) -> None:
+    """A random LLaVA (CLIP 336/14, 2 layers; Llama with ``llm_layers`` layers) and a word-level tokenizer."""
+    import transformers as T
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    special = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    vocab = {w: i for i, w in enumerate(special + WORDS)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    tok.add_special_tokens(special)
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                     eos_token="</s>")
+    vision = T.CLIPVisionConfig(image_size=336, patch_size=14, num_hidden_layers=2, hidden_size=64,
+                                intermediate_size=128, num_attention_heads=4, projection_dim=64)
+    text = T.LlamaConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=llm_layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=2048, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    cfg = T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=4, image_seq_length=576,
+                        vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    T.LlavaForConditionalGeneration(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+
+
+def seconds(fn) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--llm-layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 10, 32])
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    from robustvtc.models import load_model
+    from robustvtc.target import Target
+
+    with tempfile.TemporaryDirectory() as path:
+        tiny_llava(path, args.llm_layers, args.width)
+        adapter = load_model(path, device=args.device)
+    adapter.stop_ids = lambda: set()  # exactly n new tokens
+    assert adapter.num_visual_tokens == 576
+    pixels = torch.rand(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    embeds = Target(adapter, "none").forward(pixels).embeds
+    question = ["what color is the circle ?"]
+    print(f"tiny LLaVA: 576 image tokens, Llama {args.llm_layers} x {args.width}, {args.device}, "
+          f"torch threads {torch.get_num_threads()}, {args.rounds} rounds")
+    print("| new tokens | uncached s (median) | cached s (median) | speed-up median | IQR |")
+    print("|---|---|---|---|---|")
+    for n in args.tokens:
+        run = {c: (lambda c=c: adapter.generate_ids(embeds, question, n, cache=c)) for c in (False, True)}
+        assert run[False]() == run[True]()  # warm-up, and the same tokens
+        times = {False: [], True: []}
+        ratios = []
+        for r in range(args.rounds):
+            order = (False, True) if r % 2 == 0 else (True, False)
+            t = {c: seconds(run[c]) for c in order}
+            for c in t:
+                times[c].append(t[c])
+            ratios.append(t[False] / t[True])
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        print(f"| {n} | {statistics.median(times[False]):.3f} | {statistics.median(times[True]):.3f} | "
+              f"{statistics.median(ratios):.2f}x | {q1:.2f}-{q3:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
