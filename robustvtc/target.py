@@ -112,11 +112,17 @@ class Target:
             tokens = self._scored(tokens, pixels, self.signal_layers)
         if isinstance(self.compressor, InLLMCompressor):
             hook = self.compressor.bind(self.budget, tokens.num_tokens, getattr(self.adapter, "num_llm_layers", None))
-            return Forward(tokens, self._with_lead(self.adapter.project(tokens.features), tokens), None, hook)
+            embeds = self._aux(self.adapter.project(tokens.features), tokens, None)
+            return Forward(tokens, self._with_lead(embeds, tokens), None, hook)
         if isinstance(self.compressor, EncoderCompressor) and pixels is None:  # merges inside the encoder
             raise UserInputError(f"{self.compressor.name} merges inside the vision encoder; pass the pixels")
         embeds, plan = self._compress(tokens, pixels)
-        return Forward(tokens, self._with_lead(embeds, tokens), plan)
+        return Forward(tokens, self._with_lead(self._aux(embeds, tokens, plan), tokens), plan)
+
+    def _aux(self, embeds, tokens: VisualTokens, plan):
+        """The adapter's per-patch extras (Qwen3-VL's DeepStack features) merged by ``plan`` beside the embeds."""
+        attach = getattr(self.adapter, "attach_aux", None)
+        return embeds if attach is None or tokens.aux is None else attach(embeds, tokens, plan)
 
     def _with_lead(self, embeds, tokens: VisualTokens):
         """``tokens.lead`` (non-patch tokens the model feeds its LLM before the patches: a DINOv2 tower's

@@ -1,26 +1,33 @@
-"""Model loading: ``load_model("builtin")``, a local Hugging Face directory or a hub id.
+"""Model loading: ``load_model("builtin")`` (or ``"builtin-deit"``), a local Hugging Face directory or a hub id.
 
 The adapter is chosen by the checkpoint's ``config.model_type``: llava -> :class:`LlavaAdapter`, llava_next ->
-:class:`LlavaNextAdapter`, qwen2_vl -> :class:`Qwen2VLAdapter`, qwen2_5_vl -> :class:`Qwen25VLAdapter`.
+:class:`LlavaNextAdapter`, qwen2_vl -> :class:`Qwen2VLAdapter`, qwen2_5_vl -> :class:`Qwen25VLAdapter`, qwen3_vl (and qwen3_vl_moe) ->
+:class:`Qwen3VLAdapter`, internvl -> :class:`InternVLAdapter`, llava_onevision -> :class:`LlavaOnevisionAdapter`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import UserInputError
-from .builtin import BUILTIN_DIR
+from .builtin import BUILTIN_DEIT_DIR, BUILTIN_DIR
 from .hf import HFAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .internvl import InternVLAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
+from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 
-BUILTIN_MODELS = {"builtin": BUILTIN_DIR}
+BUILTIN_MODELS = {"builtin": BUILTIN_DIR, "builtin-deit": BUILTIN_DEIT_DIR}
 ADAPTERS: dict[str, type[HFAdapter]] = {
-    cls.family: cls for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter)}
+    cls.family: cls for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter,
+                                Qwen3VLMoeAdapter, InternVLAdapter, LlavaOnevisionAdapter)}
 
 
 def load_model(name: str = "builtin", *, device: str = "cpu", dtype: str = "float32", **kwargs) -> HFAdapter:
-    """An adapter for ``name``: "builtin", a local Hugging Face directory, or a hub id (cached; offline in tests).
+    """An adapter for ``name``: "builtin" (CLIP tower trained from scratch, 96 px, 144 tokens), "builtin-deit"
+    (pretrained DeiT-tiny tower, 224 px, 196 tokens), a local Hugging Face directory, or a hub id (cached;
+    offline in tests).
 
     ``kwargs`` go to the adapter's ``from_pretrained``: ``image_size``, ``prompt_template``,
     ``attn_implementation``, ``device_map`` and other transformers loading options.
@@ -90,5 +97,6 @@ def list_models() -> list[str]:
     return sorted(BUILTIN_MODELS)
 
 
-__all__ = ["ADAPTERS", "HFAdapter", "LlavaAdapter", "LlavaNextAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter",
+__all__ = ["ADAPTERS", "HFAdapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
+           "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "Qwen3VLMoeAdapter",
            "list_models", "load_model"]

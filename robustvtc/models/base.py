@@ -77,6 +77,8 @@ class VisualTokens:
     crops: int = 1
     crop_order: torch.Tensor | None = None  # (N,) long, set when crops > 1
     lead: torch.Tensor | None = None  # (B, R, D_vision) non-patch tokens fed to the LLM before the patches
+    aux: torch.Tensor | None = None  # (B, N, ...) per-patch features a family feeds its LLM besides the tokens
+    # (Qwen3-VL's DeepStack features); a keep plan merges them like the tokens (HFAdapter.attach_aux)
 
     @property
     def batch_size(self) -> int:
@@ -151,6 +153,7 @@ class VisualTokens:
             self.features[index], None if self.cls is None else self.cls[index], self.grid, self.feature_layer,
             {k: v.rows(rows) for k, v in self.signals.items()},
             self.num_layers, self.crops, self.crop_order, None if self.lead is None else self.lead[index],
+            None if self.aux is None else self.aux[index],
         )
 
     def crop(self, c: int) -> "VisualTokens":

@@ -286,10 +286,16 @@ class HFAdapter:
             raise UserInputError(f"{len(rows.embeds)} images but {len(questions)} questions")
         embeds, mask, visual_index, text_index = self._assemble(rows, questions, continuations)
         positions = self._positions(mask, rows, questions)
-        residuals = self._layer_residuals(rows, mask)
+        residuals = self._layer_residuals(rows, mask, questions)
         return self._decode(embeds, mask, positions, visual_index, text_index, in_llm, residuals, cache)
 
-    def _layer_residuals(self, rows: VisualEmbeds, mask: torch.Tensor) -> list[torch.Tensor] | None:
+    def attach_aux(self, embeds, tokens: VisualTokens, plan: KeepPlan | None):
+        """The laid-out visual embeddings with ``tokens.aux`` (per-patch features beside the tokens) merged by
+        ``plan`` (None: every token, in order); unchanged for families without any."""
+        return embeds
+
+    def _layer_residuals(self, rows: VisualEmbeds, mask: torch.Tensor,
+                         questions: Sequence[str]) -> list[torch.Tensor] | None:
         """Per decoder layer, what is added to its output (B, L, D) -- Qwen3-VL's DeepStack visual features at the
         visual positions; None for families without it."""
         return None

@@ -1,0 +1,261 @@
+"""Qwen3-VL (+ MoE), InternVL and LLaVA-OneVision adapters on tiny random models saved with save_pretrained and
+loaded through load_model(path), offline: the model's own logits with all tokens, the pruned path equal to the
+model with dropped tokens masked, differentiable preprocessing equal to the HF processor, bf16, and every
+compressor run or refused in one line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from robustvtc.compression import compatible_compressors, list_compressors
+from robustvtc.errors import UserInputError
+from robustvtc.models import InternVLAdapter, LlavaOnevisionAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter, load_model
+from robustvtc.models.qwen2_vl import Qwen2VLAdapter
+from robustvtc.target import Target
+from test_real_adapters import CANDIDATES, LLAVA_SPECIAL, QUESTIONS, QWEN_SPECIAL, TINY_KWARGS, tiny_tokenizer
+
+FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl", "llava_onevision"]
+CLASSES = {"qwen3_vl": Qwen3VLAdapter, "qwen3_vl_moe": Qwen3VLMoeAdapter, "internvl": InternVLAdapter,
+           "llava_onevision": LlavaOnevisionAdapter}
+BUDGET = {"qwen3_vl": 8, "qwen3_vl_moe": 8, "internvl": 8, "llava_onevision": 10}
+CLS_METHODS = {"fastervlm", "visionzip", "vispruner", "prumerge", "prumerge_plus", "tome", "flowcut", "vscan", "hiprune"}
+INTERNVL_SPECIAL = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+
+
+def tiny_model(family: str):
+    import transformers as T
+
+    text = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=3, eos_token_id=3, pad_token_id=0)
+    if family.startswith("qwen3_vl"):
+        tok, vocab = tiny_tokenizer(QWEN_SPECIAL, None)
+        ids = dict(image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+                   vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
+        vision = dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0, 1])
+        text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+        if family == "qwen3_vl":
+            cfg = T.Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
+            return T.Qwen3VLForConditionalGeneration(cfg), tok
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+        cfg = T.Qwen3VLMoeConfig(vision_config=vision, text_config=text, **ids)
+        return T.Qwen3VLMoeForConditionalGeneration(cfg), tok
+    if family == "internvl":
+        tok, vocab = tiny_tokenizer(INTERNVL_SPECIAL, None)
+        vision = T.InternVLVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=128, image_size=[32, 32], patch_size=[4, 4])
+        cfg = T.InternVLConfig(vision_config=vision, text_config=T.Qwen2Config(**text),
+                               image_token_id=vocab["<IMG_CONTEXT>"], image_seq_length=16)
+        return T.InternVLForConditionalGeneration(cfg), tok
+    tok, vocab = tiny_tokenizer(LLAVA_SPECIAL + ["<|im_start|>", "<|im_end|>"], "<s>")
+    vision = T.SiglipVisionConfig(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=64,
+                                  intermediate_size=128, num_attention_heads=4)
+    text = T.Qwen2Config(**{**text, "bos_token_id": 2, "eos_token_id": 3})
+    cfg = T.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
+                                 image_grid_pinpoints=[[32, 64], [64, 32], [64, 64], [128, 128]],
+                                 vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                 vision_aspect_ratio="anyres_max_4")
+    return T.LlavaOnevisionForConditionalGeneration(cfg), tok
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = {}
+    for family in FAMILIES:
+        torch.manual_seed(0)
+        model, tok = tiny_model(family)
+        path = tmp_path_factory.mktemp(family)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        (path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.4, 0.3],
+                                                                   "image_std": [0.2, 0.25, 0.3]}))
+        out[family] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(saved):
+    return {f: load_model(str(p), image_size=32 if f.startswith("qwen") else None) for f, p in saved.items()}
+
+
+def pixels_for(adapter, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, *adapter.input_size, generator=torch.Generator().manual_seed(seed))
+
+
+def hf_inputs(a, pixels, ids):
+    if isinstance(a, LlavaOnevisionAdapter):
+        return dict(pixel_values=a.normalize(a.crops(pixels)).unsqueeze(0), image_sizes=torch.tensor([a.image_size]))
+    if isinstance(a, Qwen2VLAdapter):
+        thw = torch.tensor([[1, a.grid[0] * a.merge, a.grid[1] * a.merge]])
+        return dict(pixel_values=a.patchify(a.normalize(pixels)), image_grid_thw=thw,
+                    mm_token_type_ids=(ids == a.image_token_id).int())
+    return dict(pixel_values=a.normalize(pixels))
+
+
+def placeholder_count(a) -> int:
+    return a.num_visual_tokens + (a.tiles[0] * a.grid[0] if isinstance(a, LlavaOnevisionAdapter) else 0)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dispatch_on_model_type(adapters, family):
+    a = adapters[family]
+    assert type(a) is CLASSES[family] and a.family == family
+    assert a.pixel_space["normalization"]["mean"] == pytest.approx([0.5, 0.4, 0.3])
+    assert a.capabilities == frozenset()  # no CLS attention per LLM token in any of them
+
+
+def test_onevision_geometry(adapters, saved):
+    a = adapters["llava_onevision"]
+    assert a.input_size == (64, 64) and a.num_crops == 5  # 128x128 (4 x 4 tiles) needs interpolation: not default
+    with pytest.raises(UserInputError, match=r"more tiles than anyres_max_4"):
+        load_model(str(saved["llava_onevision"]), image_size=128)
+    with pytest.raises(UserInputError, match="reads one 32x32 tile"):
+        load_model(str(saved["internvl"]), image_size=64)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_loads_and_scores(saved, family):
+    a = load_model(str(saved[family]), dtype="bf16", image_size=32 if family.startswith("qwen") else None)
+    assert a.dtype == torch.bfloat16
+    scores = Target(a, "pooling", 4 if family != "llava_onevision" else 5).candidate_logprobs(
+        pixels_for(a), QUESTIONS, CANDIDATES)
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_tokens_give_the_models_own_logits(adapters, family):
+    a = adapters[family]
+    px = pixels_for(a)
+    ours = Target(a, "none").candidate_logprobs(px, QUESTIONS, CANDIDATES)
+    for b, q in enumerate(QUESTIONS):
+        text = a.prompt_template.format(question=q).replace(a.image_placeholder, a.image_placeholder * placeholder_count(a))
+        ids = a.tokenizer(text, return_tensors="pt").input_ids
+        ref = a.model(input_ids=ids, **hf_inputs(a, px[b:b + 1], ids)).logits[0, -1].log_softmax(-1)
+        cand = [a.continuation_ids(q, c)[0] for c in CANDIDATES]
+        torch.testing.assert_close(ours[b], ref[cand], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_path_equals_the_model_with_dropped_tokens_masked(adapters, family):
+    a = adapters[family]
+    px = pixels_for(a, batch=1)
+    fwd = Target(a, "random", BUDGET[family], seed=1).forward(px)
+    ours = a.candidate_logprobs(fwd.embeds, QUESTIONS[:1], CANDIDATES)[0]
+    full = a._visual_rows(a.project(a.encode(px).features))
+    n = placeholder_count(a)
+    text = a.prompt_template.format(question=QUESTIONS[0]).replace(a.image_placeholder, a.image_placeholder * n)
+    ids = a.tokenizer(text, return_tensors="pt").input_ids
+    start = ids[0].tolist().index(a.image_token_id)
+    keep = torch.ones(ids.shape[1], dtype=torch.bool)
+    kept = fwd.embeds.sources[0] if hasattr(fwd.embeds, "sources") else fwd.plan.primary_sources()[0]
+    keep[start:start + n] = torch.isin(full.sources[0], kept) | (full.sources[0] < 0)
+    assert int(keep.sum()) == ids.shape[1] - a.num_visual_tokens + BUDGET[family]
+    mask = keep.long().unsqueeze(0)
+    extra = hf_inputs(a, px, ids)
+    if isinstance(a, Qwen2VLAdapter):
+        positions, _ = a.model.model.get_rope_index(ids, extra["mm_token_type_ids"], extra["image_grid_thw"])
+        torch.testing.assert_close(a._positions(torch.ones_like(ids), full, QUESTIONS[:1]), positions)
+    else:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ref = a.model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).logits[0, -1].log_softmax(-1)
+    cand = [a.continuation_ids(QUESTIONS[0], c)[0] for c in CANDIDATES]
+    torch.testing.assert_close(ours, ref[cand], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_in_llm_at_full_budget_is_exact(adapters, family):
+    a = adapters[family]
+    px = pixels_for(a)
+    full = Target(a, "none").candidate_logprobs(px, QUESTIONS, CANDIDATES)
+    for name in ("fastv", "pdrop"):
+        pruned = Target(a, name, a.num_visual_tokens, **TINY_KWARGS[name]).candidate_logprobs(px, QUESTIONS, CANDIDATES)
+        torch.testing.assert_close(pruned, full, atol=1e-6, rtol=1e-6)
+
+
+def test_deepstack_follows_the_kept_tokens(adapters):
+    """Qwen3-VL: a pooled token carries the pooled DeepStack features of its sources."""
+    a = adapters["qwen3_vl"]
+    px = pixels_for(a, batch=1)
+    tokens = a.encode(px)
+    assert tokens.aux.shape == (1, 16, 2, 64)
+    fwd = Target(a, "pooling", 4).forward(px)
+    expected = torch.einsum("kn,nld->kld", fwd.plan.weights[0, :, :16], tokens.aux[0])
+    torch.testing.assert_close(fwd.embeds.deepstack[0], expected)
+    cached = a.generate_ids(fwd.embeds, QUESTIONS[:1], 4)
+    assert cached == a.generate_ids(fwd.embeds, QUESTIONS[:1], 4, cache=False)
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+def test_qwen3_patchify_matches_the_hf_processor(adapters):
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    a = adapters["qwen3_vl"]
+    image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    proc = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16,
+                                    max_pixels=4096, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
+    ref = proc(images=Image.fromarray(image), return_tensors="pt")
+    torch.testing.assert_close(a.patchify(a.normalize(a.load_image(image))), ref["pixel_values"], atol=1e-5, rtol=0)
+
+
+def test_internvl_matches_the_hf_processor(adapters):
+    from PIL import Image
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    a = adapters["internvl"]
+    image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    proc = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False,
+                                    image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
+    ref = proc(images=Image.fromarray(image), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(a.normalize(a.load_image(image)), ref, atol=1e-5, rtol=0)
+
+
+def test_onevision_crops_match_the_hf_processor(adapters):
+    from PIL import Image
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    a = adapters["llava_onevision"]
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    proc = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32},
+                                           image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+                                           image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
+    ref = proc(images=Image.fromarray(image), return_tensors="pt")["pixel_values"][0]
+    ours = a.normalize(a.crops(a.load_image(image)))
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours[1:], ref[1:], atol=1e-5, rtol=0)  # tiles: exact
+    assert (ours[0] - ref[0]).abs().mul(0.25).mean() < 0.02  # base: torch vs PIL bicubic
+
+
+# ---------------------------------------------------------------------------------------------- compressors
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", list_compressors())
+def test_every_compressor_runs_or_is_refused(adapters, family, name):
+    a = adapters[family]
+    budget = a.num_visual_tokens if name == "none" else BUDGET[family]
+    if name in CLS_METHODS:
+        with pytest.raises(UserInputError) as err:
+            Target(a, name, budget, **TINY_KWARGS.get(name, {}))
+        msg = str(err.value)
+        assert len(msg.splitlines()) == 1 and name not in compatible_compressors(a)
+        assert f"compatible compressors: {', '.join(compatible_compressors(a))}" in msg
+        pytest.skip(f"{family} refuses {name}: {msg}")
+    assert name in compatible_compressors(a)
+    target = Target(a, name, budget, **TINY_KWARGS.get(name, {}))
+    px = pixels_for(a).requires_grad_()
+    fwd = target.forward(px)
+    loss = a.answer_loss(fwd.embeds, QUESTIONS, ["yes", "red"], in_llm=fwd.in_llm)
+    assert torch.isfinite(loss).all()
+    if fwd.in_llm is not None:
+        assert fwd.in_llm.last_keep.shape == (2, budget)
+    else:
+        assert fwd.plan.weights.shape == (2, budget, a.num_visual_tokens + 1)
+    loss.sum().backward()
+    assert px.grad is not None and px.grad.abs().sum() > 0 and torch.isfinite(px.grad).all()
