@@ -18,7 +18,6 @@ $(BIN)/robustvtc: pyproject.toml
 setup: $(BIN)/robustvtc
 
 demo: setup
-	$(BIN)/robustvtc evaluate --compressors none,random,fastervlm,visionzip --budgets 16,32,48 --samples 200 --by-type
 	$(BIN)/robustvtc run quickstart --output runs/quickstart --overwrite
 
 test: setup

@@ -22,7 +22,7 @@ import torch
 
 from robustvtc.campaign import Campaign, parse_scenario
 from robustvtc.data import synthetic as S
-from robustvtc.evaluate import build_targets, evaluate_grid
+from robustvtc.campaign.grid import evaluate_grid, make_target
 
 COMPRESSORS, BUDGETS = ("fastervlm", "visionzip", "pooling"), (16, 32, 48)
 
@@ -70,7 +70,8 @@ def main() -> None:
 
     def predict(target, px, tokens):
         return target.predict(px, questions, S.ANSWERS, tokens=tokens)
-    grid = build_targets(adapter, COMPRESSORS, BUDGETS)
+    n = adapter.num_visual_tokens
+    grid = [make_target(adapter, c, n if c == "none" else b) for c in COMPRESSORS for b in ([n] if c == "none" else BUDGETS)]
     one = grid[:1]
     t = medians({"one target": lambda: evaluate_grid(one, pixels, predict, keep_maps=True),
                  "grid, shared encoder": lambda: evaluate_grid(grid, pixels, predict, keep_maps=True),

@@ -1,29 +1,38 @@
-"""Command line: ``robustvtc run | validate | report | compare | evaluate | list``.
+"""Command line: ``robustvtc run | validate | report | compare | rebuild-manifest | list``
+(also ``python -m robustvtc``).
 
 Exit codes: 0 success (or a gate PASS), 1 gate FAIL, 2 usage error (bad input; one line, no traceback),
 3 runtime error, 4 gate INCONCLUSIVE (the confidence interval straddles the requirement; ``--inconclusive
 pass`` turns it into 0), 130 interrupted.
-Scenario values are defaults; flags given on the command line override them (black-style).
+
+Scenario values are defaults; flags given on the command line override them (black-style). Messages go to
+stderr through :mod:`logging` (``-q`` warnings only, ``-v`` debug and the third-party warnings that are
+otherwise filtered); ``--json`` puts a machine-readable summary on stdout.
 """
 from __future__ import annotations
 
+import inspect
+import json
+import logging
 import os
+import shlex
 import sys
+import warnings
 from functools import wraps
 
 import click
 
 from .errors import UserInputError
 
-EXIT_GATE, EXIT_USAGE, EXIT_RUNTIME, EXIT_INCONCLUSIVE = 1, 2, 3, 4
-
-
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+EXIT_GATE, EXIT_USAGE, EXIT_RUNTIME, EXIT_INCONCLUSIVE, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+LOG = logging.getLogger("robustvtc")
+# warnings users cannot act on (deprecations inside transformers and torch): shown with -v
+THIRD_PARTY = ("transformers", "torch", "huggingface_hub", "tqdm", "matplotlib")
 
 
 def handle_errors(fn):
-    """User errors -> one line on stderr and exit 2; unexpected errors -> exit 3 (traceback only with --debug)."""
+    """User errors -> one line on stderr and exit 2; unexpected errors -> exit 3 (traceback only with
+    ROBUSTVTC_DEBUG=1)."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -41,6 +50,42 @@ def handle_errors(fn):
     return wrapper
 
 
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """robustvtc's messages on stderr: warnings only with ``quiet``, debug with ``verbose``; third-party
+    warnings filtered unless ``verbose`` (then they are logged like ours)."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(level)
+    LOG.propagate = False
+    if verbose:
+        logging.captureWarnings(True)
+        logging.getLogger("py.warnings").handlers[:] = [handler]
+    else:
+        for module in THIRD_PARTY:
+            warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
+
+
+def verbosity(fn):
+    """-v/--verbose (repeatable) and -q/--quiet on a command."""
+    @click.option("-v", "--verbose", count=True, help="More messages: debug output and third-party warnings.")
+    @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only: no progress, no tables (CI).")
+    @wraps(fn)
+    def wrapper(*args, verbose: int = 0, quiet: bool = False, **kwargs):
+        setup_logging(verbose, quiet)
+        return fn(*args, quiet=quiet, **kwargs) if takes_quiet else fn(*args, **kwargs)
+    takes_quiet = "quiet" in inspect.signature(fn).parameters
+    return wrapper
+
+
+JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary (JSON) on stdout.")
+
+
+def _emit_json(data: dict) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="robustvtc")
 def main() -> None:
@@ -48,50 +93,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@main.command()
-@click.option("--model", default="builtin", show_default=True, help="'builtin', a llava-hf directory or a hub id.")
-@click.option("--compressors", default="none,random,fastervlm", show_default=True, help="Comma-separated names.")
-@click.option("--budgets", default="16,32,48", show_default=True, help="Comma-separated token budgets ('all' = every token).")
-@click.option("--samples", default=500, show_default=True, type=click.IntRange(min=1), help="Test-split samples.")
-@click.option("--batch-size", default=50, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, help="Seed of randomised compressors.")
-@click.option("--by-type", is_flag=True, help="Also print accuracy per question type.")
-@click.option("--records", type=click.Path(dir_okay=False), help="Write the per-sample records to this CSV.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
-@handle_errors
-def evaluate(model, compressors, budgets, samples, batch_size, seed, by_type, records, device, dtype):
-    """Clean accuracy for every compressor x budget on the synthetic test split.
-
-    \b
-    Example:
-      robustvtc evaluate --compressors none,random,fastervlm --budgets 16,32,48 --by-type
-    """
-    from .compression import COMPRESSORS
-    from .evaluate import accuracy_table, evaluate as run_eval, parse_budgets
-    from .models import load_model
-
-    names = _csv(compressors)
-    for name in names:
-        COMPRESSORS.get(name)  # fail fast, before loading the model
-    adapter = load_model(model, device=device, dtype=dtype)
-    budget_list = parse_budgets(_csv(budgets), adapter.num_visual_tokens)
-    from tqdm import tqdm
-
-    with tqdm(total=samples, desc="evaluate", unit="img", disable=None, file=sys.stderr) as bar:
-        df = run_eval(adapter, names, budget_list, samples=samples, seed=seed, batch_size=batch_size,
-                      progress=bar.update)
-    if records:
-        df.to_csv(records, index=False)
-    click.echo(f"Clean accuracy (%) of {adapter.name} on {samples} test samples; columns = visual tokens kept "
-               f"(of {adapter.num_visual_tokens})")
-    click.echo(accuracy_table(df).to_string(na_rep="-"))
-    if by_type:
-        click.echo("\nPer question type:")
-        click.echo(accuracy_table(df, by_type=True).to_string(na_rep="-"))
-
-
-# ---------------------------------------------------------------------------------------------- campaigns
+# ---------------------------------------------------------------------------------------------- options
 def _overrides(options: dict, sets: tuple[str, ...]) -> dict:
     """Flags given on the command line (not None) and ``--set KEY=VALUE`` pairs, as dotted scenario keys."""
     import yaml
@@ -122,15 +124,11 @@ def _gate(result, on_inconclusive: str) -> None:
         sys.exit(EXIT_INCONCLUSIVE)
 
 
-def _gate_options(fn):
-    """--fail-under PCT, --confidence LEVEL, --inconclusive fail|pass."""
-    fn = click.option("--inconclusive", "on_inconclusive", type=click.Choice(["fail", "pass"]), default="fail",
-                      show_default=True, help="What an INCONCLUSIVE gate does: fail the job (exit 4) or pass it.")(fn)
-    fn = click.option("--confidence", type=click.FloatRange(0.5, 1, max_open=True), default=0.95, show_default=True,
-                      help="Confidence level of the gate's intervals (family-wise, Bonferroni over cells).")(fn)
-    return FAIL_UNDER(fn)
-
-
+CONFIDENCE = click.option("--confidence", type=click.FloatRange(0.5, 1, max_open=True), default=0.95,
+                          show_default=True,
+                          help="Confidence level of the gate's intervals (family-wise, Bonferroni over cells).")
+INCONCLUSIVE = click.option("--inconclusive", "on_inconclusive", type=click.Choice(["fail", "pass"]), default="fail",
+                            show_default=True, help="What an INCONCLUSIVE gate does: fail the job (exit 4) or pass it.")
 FAIL_UNDER = click.option("--fail-under", type=click.FloatRange(0, 100), default=None, metavar="PCT",
                           help="Gate: every compressor x budget x defense x eps cell's worst-case robust accuracy "
                                "must be >= PCT with confidence: exit 1 when a cell's whole interval is below, 4 when "
@@ -139,24 +137,60 @@ FAIL_ON_UNRELIABLE = click.option(
     "--fail-on-unreliable/--no-fail-on-unreliable", default=None,
     help="Exit 1 when a gradient-masking sanity check is violated (results the report marks unreliable); "
          "default: the scenario's fail_on_unreliable.")
-
-
-def _fail_on_unreliable(df, enabled: bool) -> None:
-    """Exit 1 with one line naming the violated sanity checks (``--fail-on-unreliable``)."""
-    if not enabled:
-        return
-    from .sanity import violations
-
-    found = violations(df)
-    if found:
-        click.echo(f"unreliable: {len(found)} gradient-masking check(s) violated: {'; '.join(found)}", err=True)
-        sys.exit(EXIT_GATE)
-
-
 SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                    help="Override any scenario key (dotted path, YAML value), e.g. --set attacks.0.steps=5.")
 
 
+def _gate_options(fn):
+    return FAIL_UNDER(CONFIDENCE(INCONCLUSIVE(FAIL_ON_UNRELIABLE(fn))))
+
+
+def _robustness_gate(df, fail_under, confidence):
+    if fail_under is None:
+        return None
+    from .campaign.gates import robustness_gate
+
+    return robustness_gate(df, fail_under / 100, confidence)
+
+
+def _unreliable(df, enabled: bool) -> list[str]:
+    if not enabled:
+        return []
+    from .campaign.masking import violations
+
+    return violations(df)
+
+
+def _conclude(gate, unreliable: list[str], on_inconclusive: str) -> None:
+    """Gate, then ``--fail-on-unreliable``: exit 1 with one line naming the violated sanity checks."""
+    if gate is not None:
+        _gate(gate, on_inconclusive)
+    if unreliable:
+        click.echo(f"unreliable: {len(unreliable)} gradient-masking check(s) violated: {'; '.join(unreliable)}",
+                   err=True)
+        sys.exit(EXIT_GATE)
+
+
+def _summary(df, manifest: dict | None, out, gate, unreliable: list[str]) -> dict:
+    """The machine-readable summary of a campaign: records, verdict, gate."""
+    from .campaign import metrics
+
+    verdict = metrics.verdict(df, metrics.attack_roles(list(df["attack"].unique()), manifest))
+    return {"folder": str(out), "records": len(df), "samples": int(df["sample"].nunique()),
+            "status": (manifest or {}).get("status"),
+            "verdict": {"sentence": verdict["sentence"], "level": verdict["level"], "cells": verdict["cells"],
+                        "family_level": verdict.get("family_level"),
+                        "table": verdict["table"].to_dict(orient="records")},
+            "gate": None if gate is None else gate.as_dict(), "unreliable": unreliable}
+
+
+def _resume_command() -> str:
+    """The command that was run, with --resume (and without --overwrite): what continues it after Ctrl-C."""
+    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    return shlex.join(["robustvtc", *args, *([] if "--resume" in args else ["--resume"])])
+
+
+# ---------------------------------------------------------------------------------------------- campaigns
 @main.command()
 @click.argument("scenario")
 @click.option("--model", default=None, help="Override the scenario's model.")
@@ -176,14 +210,16 @@ SET = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               "its manifest; nothing else) and start again.")
 @click.option("--allow-existing-files", is_flag=True,
               help="Write the campaign into a folder that already holds other files (they are left alone).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or tables (CI).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved scenario, the work and a time estimate from a "
+              "short timing probe; write nothing.")
 @click.option("--report/--no-report", default=True, show_default=True, help="Write the report when done.")
 @_gate_options
-@FAIL_ON_UNRELIABLE
+@JSON
+@verbosity
 @handle_errors
 def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, save_images, output, threads, sets,
-        resume, overwrite, allow_existing_files, quiet, report, fail_under, confidence, on_inconclusive,
-        fail_on_unreliable):
+        resume, overwrite, allow_existing_files, dry_run, report, fail_under, confidence, on_inconclusive,
+        fail_on_unreliable, as_json, quiet):
     """Run a campaign: results.jsonl + manifest.json (+ report/) in the scenario's output folder.
 
     SCENARIO is a YAML file or the name of a shipped scenario (robustvtc list scenarios).
@@ -192,13 +228,15 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
     Examples:
       robustvtc run quickstart
       robustvtc run my.yaml --samples 20 --device cuda --dtype bf16 -o runs/try1
+      robustvtc run my.yaml --dry-run                # what would run, and about how long
       robustvtc run my.yaml --resume                 # after a crash or Ctrl-C
-      robustvtc run my.yaml --quiet --fail-under 40  # CI gate: exit 1 below 40 %, 4 if undecided
+      robustvtc run my.yaml -q --fail-under 40       # CI gate: exit 1 below 40 %, 4 if undecided
     """
     if resume and overwrite:
         raise UserInputError("--resume and --overwrite contradict each other; accepted: one of them")
     from .campaign import load_scenario, run_campaign
     from .campaign import metrics as M
+    from .campaign.records import read_manifest
 
     flags = {"model": model, "samples": samples, "seed": seed, "device": device, "dtype": dtype,
              "batch_size": batch_size, "eot_samples": eot_samples, "save_images": save_images, "output": output,
@@ -208,41 +246,52 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
         import torch
 
         torch.set_num_threads(spec.threads)
-    log = None if quiet else (lambda m: click.echo(m, err=True))
+    if dry_run:
+        from .campaign.plan import dry_run as plan
+
+        info = plan(spec)
+        if as_json:
+            _emit_json(info)
+        else:
+            click.echo(info["text"])
+        return
     try:
-        out = run_campaign(spec, resume=resume, overwrite=overwrite, quiet=quiet, log=log,
+        out = run_campaign(spec, resume=resume, overwrite=overwrite, quiet=quiet, log=LOG.info,
                            allow_existing=allow_existing_files, report=report)  # the report under the lock
     except KeyboardInterrupt:
-        click.echo(f"interrupted; continue with: robustvtc run {scenario} --resume", err=True)
-        sys.exit(130)
+        click.echo(f"interrupted; continue with: {_resume_command()}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     df = M.load_records(out)
-    if report and not quiet:
-        click.echo(f"report: {out / 'report' / 'report.html'}", err=True)
-    if not quiet:
-        _print_summary(df)
-    if fail_under is not None:
-        from .campaign.gates import robustness_gate
+    if report:
+        LOG.info(f"report: {out / 'report' / 'report.html'}")
+    gate = _robustness_gate(df, fail_under, confidence)
+    unreliable = _unreliable(df, spec.fail_on_unreliable if fail_on_unreliable is None else fail_on_unreliable)
+    if as_json:
+        _emit_json(_summary(df, read_manifest(out), out, gate, unreliable))
+    elif not quiet:
+        _print_summary(df, read_manifest(out))
+    _conclude(gate, unreliable, on_inconclusive)
 
-        _gate(robustness_gate(df, fail_under / 100, confidence), on_inconclusive)
-    _fail_on_unreliable(df, spec.fail_on_unreliable if fail_on_unreliable is None else fail_on_unreliable)
 
+def _print_summary(df, manifest) -> None:
+    from .campaign import views
 
-def _print_summary(df) -> None:
-    from .campaign import metrics as M
-    from .campaign.report import accuracy_pivot, display_table
-
-    table = M.summary(df, n_boot=1)
-    plain = table[(table["defense"] == "none") & ~table["adaptive"]]
     click.echo("Accuracy (%) without defense; columns compressor@budget")
-    click.echo(display_table(accuracy_pivot(plain, "robust_accuracy")).drop(columns="defense").to_string(index=False))
+    click.echo(views.attacks(df, manifest).to_string(na_rep="–"))
+    if (df["attack"] != "clean").any():
+        from .campaign import metrics
+
+        click.echo("\n" + metrics.verdict(df, metrics.attack_roles(list(df["attack"].unique()), manifest))["sentence"])
 
 
 @main.command()
 @click.argument("scenarios", nargs=-1, required=True)
 @SET
+@verbosity
 @handle_errors
 def validate(scenarios, sets):
-    """Check scenario files without running them (unknown keys, bad values, unknown plugins).
+    """Check scenario files without running them: unknown keys, bad values, unknown plugins, and the budgets
+    against the model's visual token count (read from its config, no weights loaded).
 
     \b
     Examples:
@@ -250,12 +299,15 @@ def validate(scenarios, sets):
       robustvtc validate scenarios/*.yaml
     """
     from .campaign import load_scenario
+    from .campaign.plan import check_against_model_config
 
     for name in scenarios:
         s = load_scenario(name, _overrides({}, sets))
+        tokens = check_against_model_config(s)
         pairs = sum(len(a.eps) for a in s.attacks)
-        click.echo(f"{name}: ok -- {s.samples} samples, {len(s.compressors)} compressors x {len(s.budgets)} budgets, "
-                   f"{len(s.attacks)} attacks ({pairs} attack x eps), defenses: "
+        model = f"{s.model} ({tokens} visual tokens)" if tokens else f"{s.model} (token count checked when it loads)"
+        click.echo(f"{name}: ok -- {model}, {s.samples} samples, {len(s.compressors)} compressors x {len(s.budgets)} "
+                   f"budgets, {len(s.attacks)} attacks ({pairs} attack x eps), defenses: "
                    f"{', '.join(['none', *(d.label for d in s.defenses)])}; output {s.output}")
 
 
@@ -263,6 +315,7 @@ def validate(scenarios, sets):
 @click.argument("scenario")
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="The campaign folder.")
 @SET
+@verbosity
 @handle_errors
 def rebuild_manifest_cmd(scenario, output, sets):
     """Rebuild a missing or corrupt manifest.json from the scenario and the records in the folder.
@@ -282,41 +335,65 @@ def rebuild_manifest_cmd(scenario, output, sets):
         import torch
 
         torch.set_num_threads(spec.threads)
-    out = rebuild_manifest(spec, log=lambda m: click.echo(m, err=True))
+    out = rebuild_manifest(spec, log=LOG.info)
     click.echo(f"{out / 'manifest.json'} rebuilt; continue with: robustvtc run {scenario} -o {out} --resume")
 
 
 @main.command("report")
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", default=None, type=click.Path(file_okay=False), help="Default: RESULTS/report.")
-@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=1), help="Bootstrap resamples.")
+@click.option("--view", "views", multiple=True, metavar="NAME",
+              help="Print a table instead of writing the report (repeatable): accuracy, by-type, attacks, verdict.")
+@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Bootstrap resamples (continuous per-image measures: rank correlations).")
 @click.option("--seed", default=0, show_default=True, help="Bootstrap seed.")
 @_gate_options
-@FAIL_ON_UNRELIABLE
+@JSON
+@verbosity
 @handle_errors
-def report_cmd(results, out, bootstrap, seed, fail_under, confidence, on_inconclusive, fail_on_unreliable):
-    """Write report.html (self-contained), summary.md and tables/*.csv from a campaign's results.
+def report_cmd(results, out, views, bootstrap, seed, fail_under, confidence, on_inconclusive, fail_on_unreliable,
+               as_json):
+    """Write report.html (self-contained), summary.md and tables/*.csv from a campaign's results, or print
+    one of its views.
 
     \b
     Examples:
       robustvtc report runs/quickstart
-      robustvtc report runs/nightly --fail-under 40   # gate on stored results
+      robustvtc report runs/clean_grid --view accuracy --view by-type
+      robustvtc report runs/nightly --fail-under 40 --json   # gate on stored results, summary on stdout
     """
     from .campaign import metrics as M
-    from .campaign.report import write_report
+    from .campaign import views as V
+    from .campaign.records import read_manifest
 
-    paths = write_report(results, out, n_boot=bootstrap, seed=seed)
-    for key in ("html", "markdown"):
-        click.echo(paths[key])
-    if fail_under is not None:
-        from .campaign.gates import robustness_gate
+    df = M.load_records(results)
+    manifest = read_manifest(results)
+    unknown = [v for v in views if v not in V.VIEWS]
+    if unknown:
+        raise UserInputError(f"unknown view {unknown[0]!r}; accepted: {', '.join(V.VIEWS)}")
+    paths = {}
+    if views:
+        tables = {name: V.VIEWS[name](df, manifest) for name in views}
+        if not as_json:
+            for name, table in tables.items():
+                click.echo(f"{name}:\n{table.to_string(na_rep='–')}\n")
+    else:
+        from .campaign.report import write_report
 
-        _gate(robustness_gate(M.load_records(results), fail_under / 100, confidence), on_inconclusive)
+        paths = write_report(results, out, n_boot=bootstrap, seed=seed)
+        LOG.info(f"{paths['html']}\n{paths['markdown']}")
+    gate = _robustness_gate(df, fail_under, confidence)
     if fail_on_unreliable is None:
-        from .campaign.runner import read_manifest
-
-        fail_on_unreliable = bool(((read_manifest(results) or {}).get("scenario") or {}).get("fail_on_unreliable"))
-    _fail_on_unreliable(M.load_records(results), fail_on_unreliable)
+        fail_on_unreliable = bool(((manifest or {}).get("scenario") or {}).get("fail_on_unreliable"))
+    unreliable = _unreliable(df, fail_on_unreliable)
+    if as_json:
+        data = _summary(df, manifest, results, gate, unreliable)
+        data["report"] = {k: str(v) for k, v in paths.items()}
+        if views:
+            data["views"] = {name: json.loads(table.reset_index().to_json(orient="records"))
+                             for name, table in tables.items()}
+        _emit_json(data)
+    _conclude(gate, unreliable, on_inconclusive)
 
 
 @main.command()
@@ -326,13 +403,13 @@ def report_cmd(results, out, bootstrap, seed, fail_under, confidence, on_inconcl
               help="Gate: in every shared cell, robust accuracy in B may be at most POINTS below A with confidence "
                    "(paired over samples with the same id): exit 1 when a cell's whole interval drops more, 4 when "
                    "an interval straddles POINTS (INCONCLUSIVE).")
-@click.option("--confidence", type=click.FloatRange(0.5, 1, max_open=True), default=0.95, show_default=True,
-              help="Confidence level of the gate's intervals (family-wise, Bonferroni over cells).")
-@click.option("--inconclusive", "on_inconclusive", type=click.Choice(["fail", "pass"]), default="fail",
-              show_default=True, help="What an INCONCLUSIVE gate does: fail the job (exit 4) or pass it.")
+@CONFIDENCE
+@INCONCLUSIVE
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the comparison to a CSV file.")
+@JSON
+@verbosity
 @handle_errors
-def compare(a, b, fail_drop, confidence, on_inconclusive, csv_path):
+def compare(a, b, fail_drop, confidence, on_inconclusive, csv_path, as_json):
     """Robust accuracy per cell of two campaigns (e.g. before/after a defense or model change), B - A.
 
     \b
@@ -340,8 +417,9 @@ def compare(a, b, fail_drop, confidence, on_inconclusive, csv_path):
       robustvtc compare runs/baseline runs/candidate --fail-drop 5
     """
     from .campaign import metrics as M
+    from .campaign.formatting import display_table
     from .campaign.gates import comparison_gate
-    from .campaign.report import display_table
+    from .safe_io import write_csv
 
     result = comparison_gate(M.load_records(a), M.load_records(b), (fail_drop or 0) / 100, confidence)
     table = result.cells
@@ -349,36 +427,46 @@ def compare(a, b, fail_drop, confidence, on_inconclusive, csv_path):
         raise UserInputError(f"{a} and {b} share no attack x eps x compressor x budget x defense cell")
     table = table.assign(change=-table["drop"])
     if csv_path:
-        table.to_csv(csv_path, index=False)
-    shown = display_table(table[["attack", "eps", "compressor", "budget", "defense", "adaptive", "n_a", "n_b"]])
-    shown["A (%)"] = table["accuracy_a"].map(lambda v: f"{100 * v:.1f}")
-    shown["B (%)"] = table["accuracy_b"].map(lambda v: f"{100 * v:.1f}")
-    shown["B - A (points)"] = table["change"].map(lambda v: f"{100 * v:+.1f}")
-    shown[f"CI ({100 * result.cell_level:.3g} %)"] = [f"{-100 * hi:+.1f} to {-100 * lo:+.1f}" for lo, hi in
-                                                     zip(table["ci_low"], table["ci_high"])]
-    click.echo(shown.to_string(index=False))
+        write_csv(table, csv_path)
+    if as_json:
+        _emit_json({"a": a, "b": b, "cells": json.loads(table.to_json(orient="records")),
+                    "gate": result.as_dict() if fail_drop is not None else None})
+    else:
+        shown = display_table(table[["attack", "eps", "compressor", "budget", "defense", "adaptive", "n_a", "n_b"]])
+        shown["A (%)"] = table["accuracy_a"].map(lambda v: f"{100 * v:.1f}")
+        shown["B (%)"] = table["accuracy_b"].map(lambda v: f"{100 * v:.1f}")
+        shown["B - A (points)"] = table["change"].map(lambda v: f"{100 * v:+.1f}")
+        shown[f"CI ({100 * result.cell_level:.3g} %)"] = [f"{-100 * hi:+.1f} to {-100 * lo:+.1f}" for lo, hi in
+                                                         zip(table["ci_low"], table["ci_high"])]
+        click.echo(shown.to_string(index=False))
     if fail_drop is not None:
         _gate(result, on_inconclusive)
 
 
+# ---------------------------------------------------------------------------------------------- plugins
 @main.command("list")
 @click.argument("kind", type=click.Choice(["models", "compressors", "attacks", "defenses", "scenarios"]))
 @click.argument("pattern", default="*")
 @handle_errors
 def list_cmd(kind, pattern):
-    """List registered plugins and shipped scenarios (wildcards allowed).
+    """List built-in models and supported families, registered plugins and shipped scenarios (wildcards
+    allowed).
 
     \b
     Examples:
+      robustvtc list models
       robustvtc list compressors 'prune*'
-      robustvtc list attacks
       robustvtc list scenarios
     """
-    if kind == "models":
-        from .models import list_models
+    import fnmatch
 
-        for name in list_models():
-            click.echo(name)
+    if kind == "models":
+        from .models import ADAPTERS, BUILTIN_MODELS
+
+        rows = [(n, "built-in", str(BUILTIN_MODELS[n])) for n in sorted(BUILTIN_MODELS) if fnmatch.fnmatch(n, pattern)]
+        rows += [(family, "family", f"{cls.__name__}: any checkpoint whose config.model_type is {family!r}")
+                 for family, cls in sorted(ADAPTERS.items()) if fnmatch.fnmatch(family, pattern)]
+        _print_rows(("name", "kind", "what"), rows)
     elif kind == "compressors":
         from .compression import COMPRESSORS
 
@@ -388,8 +476,9 @@ def list_cmd(kind, pattern):
     elif kind == "attacks":
         from .attacks import ATTACKS
 
-        rows = [(n, c.threat.describe()) for n, c in ATTACKS.items() if n in ATTACKS.names(pattern)]
-        _print_rows(("name", "threat model"), rows)
+        rows = [(n, getattr(c, "role", ""), c.threat.describe()) for n, c in ATTACKS.items()
+                if n in ATTACKS.names(pattern)]
+        _print_rows(("name", "role", "threat model"), rows)
     elif kind == "defenses":
         from .campaign.scenario import defense_registry
 
@@ -397,8 +486,6 @@ def list_cmd(kind, pattern):
         names = registry.names(pattern) if registry is not None else []
         _print_rows(("name", "hook"), [(n, getattr(registry.get(n), "hook", "")) for n in names] or [("none", "")])
     else:
-        import fnmatch
-
         from .campaign.scenario import load_scenario, shipped_scenarios
 
         rows = []

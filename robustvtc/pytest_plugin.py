@@ -242,7 +242,7 @@ class _Runs:
         import yaml
 
         from .campaign import parse_scenario, run_campaign
-        from .campaign.runner import MANIFEST, RESULTS
+        from .campaign.records import MANIFEST, RESULTS
 
         doc = {"name": self.name, **self.base, "attacks": [{"name": a, "eps": e} for a, e in self._eps.items()],
                "output": str(self.folder)}
@@ -372,7 +372,7 @@ def _build_target(session: Session, model: str | None = None, compressor: str | 
     """A target from keywords, or from a scenario file's model, data, compressor, budget and defense (the
     keywords override the file; ``--robustvtc-model`` / ``--robustvtc-device`` override both)."""
     from .compression import COMPRESSORS
-    from .evaluate import make_target
+    from .campaign.grid import make_target
 
     if compressor is not None:
         COMPRESSORS.get(compressor)  # "unknown compressor ...; accepted: ..." in the user's terms

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from robustvtc.campaign import Campaign, parse_scenario, read_records, record_key, run_campaign
-from robustvtc.campaign.runner import REQUIRED_FIELDS
+from robustvtc.campaign.records import REQUIRED_FIELDS
 from robustvtc.errors import UserInputError
 
 SCHEMA = {"sample", "qtype", "question", "answer", "attack", "attack_threat", "eps", "steps", "compressor", "budget",

@@ -14,11 +14,13 @@ def run(*args):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["evaluate", "--compressors", "nope"], "unknown compressor 'nope'; accepted:"),
-    (["evaluate", "--model", "no-such-model"], "unknown model 'no-such-model'; accepted: builtin"),
-    (["evaluate", "--budgets", "0"], "budget 0 out of range; accepted: 1..144"),
-    (["evaluate", "--budgets", "abc"], "budget 'abc' is not an integer"),
-    (["evaluate", "--dtype", "float8"], "unknown dtype 'float8'"),
+    (["run", "quickstart", "--set", "compressors=[nope]"], "compressors[0]: 'nope' is not accepted; accepted:"),
+    (["run", "quickstart", "--model", "no-such-model", "--dry-run"], "unknown model 'no-such-model'; accepted: builtin"),
+    (["validate", "quickstart", "--set", "budgets=[0]"], "budgets[0]: 0 is not a budget"),
+    (["validate", "quickstart", "--set", "budgets=[16, 500]"],
+     "budgets[1]: 500 exceeds the 144 visual tokens of builtin (read from its config); accepted: 1..144 or 'all'"),
+    (["run", "quickstart", "--dtype", "float8"], "dtype: 'float8' is not accepted"),
+    (["report", ".", "--view", "nope"], "no campaign results at ."),
 ])
 def test_user_errors_exit_2_with_one_line(args, needle):
     res = run(*args)
@@ -27,27 +29,24 @@ def test_user_errors_exit_2_with_one_line(args, needle):
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
 
 
-def test_list_compressors_shows_metadata():
+def test_list_compressors_models_and_attacks():
     res = run("list", "compressors")
     assert res.exit_code == 0
     assert res.output.splitlines()[0].split() == ["name", "stage", "text-aware", "native", "knob"]
     assert any(line.startswith("fastervlm") and "pre_llm" in line for line in res.output.splitlines())
     assert "random" not in run("list", "compressors", "faster*").output
-
-
-def test_evaluate_prints_table():
-    res = run("evaluate", "--samples", "10", "--batch-size", "5", "--compressors", "none,fastervlm", "--budgets", "16,all")
-    assert res.exit_code == 0, res.output
-    lines = res.output.splitlines()
-    assert lines[1].split() == ["budget", "16", "144"]
-    assert any(line.startswith("fastervlm") for line in lines) and any(line.startswith("none") for line in lines)
+    models = run("list", "models").output.splitlines()
+    assert any(line.startswith("builtin ") and "built-in" in line for line in models)
+    assert any(line.startswith("llava ") and "family" in line for line in models)
+    assert any(line.startswith("cage") and "compression_aligned" in line for line in run("list", "attacks").output
+               .splitlines())
 
 
 def test_real_process_exit_code_and_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "robustvtc.cli", "evaluate", "--budgets", "999"],
+    proc = subprocess.run([sys.executable, "-m", "robustvtc", "validate", "quickstart", "--set", "budgets=[999]"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: budget 999 out of range") and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: budgets[0]: 999 exceeds") and "Traceback" not in proc.stderr
 
 
 def test_namespace_packages_resolve():
@@ -174,7 +173,56 @@ def test_compare_gate(run_dir, tmp_path):
     assert drop.exit_code == 4 and "gate INCONCLUSIVE (fail-drop): cage on" in drop.output  # tests/test_gates.py: FAIL
 
 
-@pytest.mark.parametrize("command", ["run", "validate", "report", "compare", "list", "evaluate"])
+@pytest.mark.parametrize("command", ["run", "validate", "report", "compare", "list", "rebuild-manifest"])
 def test_every_command_has_help_with_examples(command):
     res = run(command, "--help")
     assert res.exit_code == 0 and "Example" in res.output
+
+
+def test_report_json_and_views(run_dir, tmp_path):
+    res = CliRunner().invoke(main, ["report", str(run_dir), "-o", str(tmp_path / "r"), "--json", "--fail-under", "0"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["records"] > 0 and data["gate"]["outcome"] == "PASS" and "sentence" in data["verdict"]
+    assert data["report"]["html"].endswith("report.html")
+    views = CliRunner().invoke(main, ["report", str(run_dir), "--view", "attacks", "--view", "accuracy"])
+    assert views.exit_code == 0 and "attacks:" in views.output and "all tokens" in views.output
+    assert "fastervlm@16" in views.output
+    as_json = json.loads(CliRunner().invoke(main, ["report", str(run_dir), "--view", "verdict", "--json"]).stdout)
+    assert as_json["views"]["verdict"][0]["compressor"] in ("fastervlm", "none")
+
+
+def test_dry_run_writes_nothing_and_estimates(scenario_file, tmp_path):
+    out = tmp_path / "dry"
+    res = CliRunner().invoke(main, ["run", str(scenario_file), "-o", str(out), "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["units"] == 3 and data["records"] > 0 and data["estimate_seconds"] > 0
+    assert not out.exists()
+
+
+def test_progress_lines_without_a_terminal_and_quiet(scenario_file, tmp_path):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    loud = subprocess.run([sys.executable, "-m", "robustvtc", "run", str(scenario_file), "-o", str(tmp_path / "a"),
+                           "--no-report"], capture_output=True, text=True, env=env)
+    assert loud.returncode == 0, loud.stderr
+    assert "records (100.0 %)" in loud.stderr and "elapsed" in loud.stderr  # the closing progress line
+    assert "FutureWarning" not in loud.stderr and "Warning" not in loud.stderr
+    quiet = subprocess.run([sys.executable, "-m", "robustvtc", "run", str(scenario_file), "-o", str(tmp_path / "b"),
+                            "--no-report", "-q"], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == ""
+
+
+def test_interrupt_prints_the_exact_command_to_resume(scenario_file, tmp_path, monkeypatch):
+    from robustvtc import cli
+    from robustvtc.campaign import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runner, "run_campaign", interrupted)
+    monkeypatch.setattr("robustvtc.campaign.run_campaign", interrupted)
+    args = ["run", str(scenario_file), "-o", str(tmp_path / "x"), "--samples", "2", "--overwrite"]
+    monkeypatch.setattr(sys, "argv", ["robustvtc", *args])
+    res = CliRunner().invoke(cli.main, args)
+    assert res.exit_code == 130
+    assert f"continue with: robustvtc run {scenario_file} -o {tmp_path / 'x'} --samples 2 --resume" in res.output

@@ -17,7 +17,8 @@ import yaml
 from click.testing import CliRunner
 
 from robustvtc.campaign import parse_scenario, read_records, record_key, run_campaign
-from robustvtc.campaign.runner import LEDGER_NAME, rebuild_manifest
+from robustvtc.campaign.runner import rebuild_manifest
+from robustvtc.safe_io import LEDGER_NAME
 from robustvtc.cli import main
 from robustvtc.errors import UserInputError
 from robustvtc.safe_io import LOCK_NAME, FolderLock, csv_cell, lock_holder, md_cell

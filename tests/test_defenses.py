@@ -22,7 +22,7 @@ from robustvtc.defenses.ensemble import primary_votes
 from robustvtc.defenses.jpeg import jpeg_round_trip
 from robustvtc.defenses.translation_consensus import align_scores, shift_pixels
 from robustvtc.errors import UserInputError
-from robustvtc.sanity import Thresholds, report_sections, sanity_checks, unreliable
+from robustvtc.campaign.masking import Thresholds, report_sections, sanity_checks, unreliable
 from robustvtc.target import Target
 
 ALL = DEFENSES.names()
@@ -424,26 +424,33 @@ def test_sanity_checks_catch_a_gradient_masking_defense(masked_records):
     assert not unreliable(masked_records[masked_records["defense"] == "none"])
 
 
+def _sections(records) -> dict[str, str]:
+    """Each report section as the Markdown summary renders it, by title."""
+    from robustvtc.campaign.formatting import render
+
+    return {s.title: render("summary.md.j2", title="t", head="h", sections=[s]) for s in report_sections(records)}
+
+
 def test_report_sections_mark_the_masked_rows_unreliable(masked_records):
-    sections = dict(report_sections(masked_records))
+    sections = _sections(masked_records)
     assert list(sections) == ["Defenses: clean accuracy", "Defenses: robust accuracy, non-adaptive vs adaptive",
                               "Sanity checks against gradient masking", "Defenses: cost"]
     robust = sections["Defenses: robust accuracy, non-adaptive vs adaptive"].splitlines()
     assert all(("unreliable" in line) == ("zero_gradient" in line) for line in robust if "fastervlm@16" in line)
-    assert "**Unreliable**" in sections["Sanity checks against gradient masking"]
+    assert "**Unreliable: gradient masking is likely" in sections["Sanity checks against gradient masking"]
 
 
 def test_undefended_report_says_which_checks_ran(masked_records):
-    from robustvtc.sanity import violations
+    from robustvtc.campaign.masking import violations
 
     plain = masked_records[masked_records["defense"] == "none"]
-    sections = dict(report_sections(plain))
+    sections = _sections(plain)
     assert list(sections) == ["Sanity checks against gradient masking"]  # no empty defense sections
     text = sections["Sanity checks against gradient masking"]
-    assert "No sign of gradient masking" not in text and "**No violation among the checks that ran**" in text
+    assert "No sign of gradient masking" not in text and "**No violation among the checks that ran;" in text
     assert "`transfer_not_stronger` not run (no defenses)" in text and "`large_eps`: ran on all 1 rows" in text
     small = pd.DataFrame(_curve({2 / 255: 0.6, 8 / 255: 0.3}))
-    text = dict(report_sections(small))["Sanity checks against gradient masking"]
+    text = _sections(small)["Sanity checks against gradient masking"]
     assert "`large_eps` not applicable on 1 of 1 rows (no ε ≥ 64/255)" in text
     assert violations(plain) == []
     found = violations(masked_records)
@@ -487,7 +494,7 @@ def test_detection_section_reports_rates_from_records():
     base = {"compressor": "fastervlm", "budget": 16, "correct": 0.0, "clean_correct": 1.0, "seconds": 1.0}
     records = pd.DataFrame([{**base, **r, "defense": d} for d in ("ranking_instability(top=16)", "none")
                             for r in rows])
-    sections = dict(report_sections(records))
+    sections = _sections(records)
     [line] = [x for x in sections["Defenses: detection"].splitlines() if x.startswith("| ranking_instability")]
     assert line.split(" | ")[-2:] == ["66.7", "25.0 |"]
     assert "| none" not in sections["Defenses: detection"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from .. import stats
+from .formatting import format_eps
 from .metrics import CELL
 
 WORST_CASE_CELL = ["eps", "compressor", "budget", "defense"]
@@ -37,8 +38,6 @@ class GateResult:
 
 
 def _where(row: pd.Series, keys) -> str:
-    from .report import format_eps
-
     return ", ".join(f"{k}={format_eps(row[k]) if k == 'eps' else row[k]}" for k in keys)
 
 
@@ -119,8 +118,6 @@ def comparison_gate(a: pd.DataFrame, b: pd.DataFrame, max_drop: float,
     limit = f"{100 * max_drop:g} points"
 
     def shown(row) -> str:
-        from .report import format_eps
-
         kind = "paired" if row["paired"] else "unpaired"
         return (f"{row['attack']} on {row['compressor']}@{row['budget']} (ε {format_eps(row['eps'])}, defense "
                 f"{row['defense']}) dropped {100 * row['drop']:+.1f} points ({kind} CI {100 * row['ci_low']:+.1f} to "

@@ -38,7 +38,7 @@ N_BOOT = 1000
 
 def load_records(path: str | Path) -> pd.DataFrame:
     """The records of a campaign folder (or of a results.jsonl file) as a DataFrame."""
-    from .runner import RESULTS, read_records
+    from .records import RESULTS, read_records
 
     path = Path(path)
     file = path / RESULTS if path.is_dir() else path
@@ -291,7 +291,7 @@ def verdict(df: pd.DataFrame, roles: Mapping[str, str], level: float = stats.DEF
     out["detectable"] = stats.smallest_detectable_gap(int(settings["n"].min()), share, fam)
     over = settings[settings["significant"] & (settings["gap"] > 0)]
     under = settings[settings["significant"] & (settings["gap"] < 0)]
-    from .report import format_eps  # display only
+    from .formatting import format_eps
 
     if len(over):
         top = over.loc[over["gap"].idxmax()]

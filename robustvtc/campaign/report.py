@@ -2,67 +2,25 @@
 
 ``write_report`` writes ``report/report.html`` (one self-contained file: inline CSS, plots as base64 PNG,
 no external URL, so it can be mailed or attached to a CI run), ``report/summary.md`` and
-``report/tables/*.csv``. Other parts of robustvtc may add sections: if ``robustvtc.sanity`` defines
-``report_sections(records: pandas.DataFrame) -> list[(title, markdown or html)]`` they are appended.
+``report/tables/*.csv``. The verdict comes first; the gradient-masking and defense sections come from
+:mod:`.masking`. Both documents render the same :class:`~.formatting.Section` s through jinja2 templates.
 """
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
-import re
-from fractions import Fraction
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
+from ..safe_io import FolderLock, atomic_write_text, write_csv
+from . import masking
 from . import metrics as M
-from ..safe_io import FolderLock, atomic_write_text, md_cell, md_text, write_csv
-from .runner import EXAMPLES, check_report_folder, read_manifest
-
-PERCENT = ("robust_accuracy", "ci_low", "ci_high", "clean_accuracy", "full_token_accuracy", "attack_success_rate",
-           "csfr", "csfr_low", "csfr_high", "compression_only_failure_rate", "accuracy", "fulltoken_accuracy",
-           "cage_accuracy", "gap")
-
-
-def format_eps(eps: float) -> str:
-    """0.0313... -> "8/255" when ε is a multiple of 1/255 (how ε is usually quoted), else 4 significant digits."""
-    if eps == 0:
-        return "0"
-    k = eps * 255
-    if abs(k - round(k)) < 1e-6:
-        return f"{Fraction(round(k), 255)}" if round(k) % 255 == 0 else f"{round(k)}/255"
-    return f"{eps:.4g}"
-
-
-def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Percentages with one decimal, ε as x/255, other floats with 3 decimals (a copy)."""
-    out = table.copy()
-    for col in out.columns:
-        if col == "eps":
-            out[col] = out[col].map(format_eps)
-        elif col in PERCENT or col.endswith("_accuracy"):
-            out[col] = out[col].map(lambda v: "–" if pd.isna(v) else f"{100 * v:.1f}")
-        elif pd.api.types.is_float_dtype(out[col]):
-            out[col] = out[col].map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
-    return out
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    shown = display_table(table).astype(str).map(md_cell).rename(columns=md_cell)  # labels escaped (<script>, |)
-    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def html_table(table: pd.DataFrame) -> str:
-    """A table in a horizontally scrolling wrapper (readable at 700 px: the page never overflows)."""
-    return ('<div class="scroll">' + display_table(table).to_html(index=False, border=0, classes="t", na_rep="–",
-                                                                   escape=True) + "</div>")
-
+from .folder import check_report_folder
+from .formatting import Block, Section, format_eps, image_block, paragraph, render, table_block
+from .records import EXAMPLES, read_manifest
 
 # ---------------------------------------------------------------------------------------------- plots
 def _png(fig) -> str:
@@ -300,54 +258,6 @@ def _example_entries(folder: Path, limit: int = 6) -> list[dict]:
     return list(chosen.values())[:limit]
 
 
-# ---------------------------------------------------------------------------------------------- extra sections
-def extra_sections(records: pd.DataFrame) -> list[tuple[str, str]]:
-    """Sections contributed by ``robustvtc.sanity.report_sections`` when that module exists."""
-    import importlib
-
-    try:
-        sanity = importlib.import_module("robustvtc.sanity")
-    except ModuleNotFoundError as exc:
-        if exc.name != "robustvtc.sanity":
-            raise
-        return []
-    hook: Callable | None = getattr(sanity, "report_sections", None)
-    return [] if hook is None else [(str(t), str(body)) for t, body in hook(records)]
-
-
-def markdown_to_html(text: str) -> str:
-    """The Markdown that report sections use: headings, paragraphs, bullet lists, pipe tables, `code`, **bold**."""
-    if text.lstrip().startswith("<"):
-        return text
-    out = []
-    for block in re.split(r"\n\s*\n", text.strip()):
-        lines = block.splitlines()
-        if all(line.strip().startswith("|") for line in lines):
-            rows = [[_inline(c.strip()) for c in line.strip().strip("|").split("|")] for line in lines
-                    if not re.fullmatch(r"\s*\|?[\s:|-]+\|?\s*", line)]
-            head, *body = rows or [[]]
-            out.append('<div class="scroll"><table class="t"><thead><tr>' + "".join(f"<th>{c}</th>" for c in head)
-                       + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body)
-                       + "</tbody></table></div>")
-        elif all(re.match(r"\s*[-*] ", line) for line in lines):
-            items = [_inline(re.sub(r"^\s*[-*] ", "", line)) for line in lines]
-            out.append("<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>")
-        elif lines[0].startswith("#"):
-            out.append(f"<h4>{_inline(lines[0].lstrip('#').strip())}</h4>")
-            if lines[1:]:
-                out.append(f"<p>{_inline(' '.join(lines[1:]))}</p>")
-        else:
-            out.append(f"<p>{_inline(' '.join(lines))}</p>")
-    return "\n".join(out)
-
-
-def _inline(text: str) -> str:
-    text = html.escape(text)
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
-
-
 # ---------------------------------------------------------------------------------------------- the report
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#222}h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd}
@@ -439,13 +349,9 @@ def _option(value) -> str:
     return str(value)
 
 
-def _glossary_html() -> str:
-    return "<dl>" + "".join(f"<dt>{html.escape(name)}</dt><dd>{html.escape(text)} <i>Source: {html.escape(src)}."
-                            "</i></dd>" for name, text, src in M.GLOSSARY) + "</dl>"
-
-
-def _glossary_md() -> str:
-    return "\n".join(f"- **{name}**: {text} Source: {src}." for name, text, src in M.GLOSSARY)
+def _glossary() -> Section:
+    return Section("Glossary", [Block("list", items=[f"{name}: {text} Source: {source}."
+                                                      for name, text, source in M.GLOSSARY])], anchor="glossary")
 
 
 def write_report(results: str | Path, out: str | Path | None = None, n_boot: int = M.N_BOOT,
@@ -478,62 +384,23 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
     scenario = manifest.get("scenario", {})
     title = f"robustvtc report — {scenario.get('name', results.name)}"
     worst, where = M.min_robust_accuracy(df)
-    gate = (f"Lowest worst-case robust accuracy: <b>{100 * worst:.1f} %</b> at "
-            + html.escape(", ".join(f"{k}={format_eps(v) if k == 'eps' else v}" for k, v in where.items()
-                                    if k in ("eps", "compressor", "budget", "defense")))
-            + " (what <code>--fail-under</code> gates on).")
+    gate = (f"Lowest worst-case robust accuracy: {100 * worst:.1f} % at "
+            + ", ".join(f"{k}={format_eps(v) if k == 'eps' else v}" for k, v in where.items()
+                        if k in ("eps", "compressor", "budget", "defense"))
+            + " (`--fail-under PCT` gates on every cell's confidence interval, Bonferroni over cells).")
     s = tables["summary"]
     attacked = s[s["attack"] != "clean"]
     num_tokens = manifest.get("model", {}).get("num_visual_tokens")
-    sections: list[tuple[str, str, str]] = []  # (title, html, markdown)
+    sections: list[Section] = [_verdict_section(df, roles, manifest, num_tokens, gate)]
 
     def add(name: str, intro: str, table: pd.DataFrame | None, image: str | None = None,
-            shown: pd.DataFrame | None = None) -> None:
-        body = f'<p class="note">{html.escape(intro, quote=False)}</p>'  # intros quote attack labels
-        md = intro
+            formatted: bool = False) -> None:
+        blocks = [paragraph(intro)]
         if image:
-            body += f'<img alt="{html.escape(name)}" src="data:image/png;base64,{image}">'
+            blocks.append(image_block(name, image))
         if table is not None and not table.empty:
-            body += html_table(table) if shown is None else _plain_html_table(shown)
-            md += "\n\n" + (markdown_table(table) if shown is None else _plain_markdown_table(shown))
-        sections.append((name, body, md))
-
-    # ---- the verdict first
-    v = M.verdict(df, roles)
-    vt = v["table"]
-    settings, differ = attack_settings(manifest)
-    verdict_note = ("Per ε × compressor × budget, no defense: clean accuracy, robust accuracy under the strongest "
-                    "full-token baseline (" + (", ".join(v["baselines"]) or "none") + ") and under the strongest "
-                    "compression-aligned attack (" + (", ".join(v["aligned"]) or "none") + "), same samples, with "
-                    "95 % Clopper–Pearson intervals; the gap (baseline − aligned, points; positive = full-token "
-                    "testing overestimates robustness) with Newcombe's paired score interval. ")
-    if v["cells"]:
-        verdict_note += (f"The family of {v['cells']} compressed comparisons (compressor × budget × aligned attack "
-                         f"× ε) is Bonferroni-corrected: gap intervals are simultaneous {100 * v['family_level']:.2f}"
-                         f" % intervals and a gap is significant when its exact McNemar p-value is below "
-                         f"{(1 - v['level']) / v['cells']:.2g} (family-wise 5 %) and its interval excludes 0. "
-                         "The uncompressed row (none) is a reference outside the family.")
-    body = f'<p class="verdict">{html.escape(v["sentence"])}</p><p class="note">{html.escape(verdict_note)}</p>'
-    md = f"**{v['sentence']}**\n\n{verdict_note}"
-    if differ:
-        warn = ("The attacks compared do not share one schedule, so a gap may reflect the optimiser, not the "
-                f"objective: {'; '.join(differ)} (see Attack settings).")
-        body += f'<p class="warn">{html.escape(warn)}</p>'
-        md += f"\n\n**Note:** {warn}"
-    if not vt.empty:
-        shown = verdict_display(vt)
-        # one baseline and one aligned attack: their names are in the note above, the table keeps to numbers
-        shown = shown.drop(columns=[c for c in ("baseline", "aligned") if vt[c].nunique() == 1])
-        body += _plain_html_table(shown)
-        md += "\n\n" + _plain_markdown_table(shown)
-        for image in (plot_gap_points(vt, num_tokens), plot_gap_heatmap(vt)):
-            if image:
-                body += f'<img alt="overestimation gap" src="data:image/png;base64,{image}">'
-        body += ('<p class="note">Top: the gap per budget on its own scale, error bars = the family interval. '
-                 "Bottom: the same gaps on one shared symmetric colour scale; * = significant after correction.</p>")
-    body += f'<p class="gate">{gate}</p>'
-    md += "\n\n" + re.sub(r"</?(b|code)>", lambda m: "**" if m.group(1) == "b" else "`", gate)
-    sections.append(("Verdict: does full-token testing overestimate robustness?", body, md))
+            blocks.append(table_block(table, formatted))
+        sections.append(Section(name, blocks))
 
     add("Clean accuracy", "Accuracy (%) on the unattacked images per compressor x budget x defense, 95 % "
         "Clopper–Pearson interval.", tables["clean"])
@@ -541,7 +408,7 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
         "Accuracy (%) on the adversarial images, no defense; bands: 95 % Clopper–Pearson intervals. The rightmost "
         "point of each line is the full-token model (compressor none). Lines that drop as the budget shrinks mean "
         "compression makes the model easier to attack.", accuracy_pivot(attacked, "robust_accuracy"),
-        plot_budget_curves(s, num_tokens))
+        plot_budget_curves(s, num_tokens), formatted=True)
     kd = tables["kept_distortion"]
     if not kd.empty:
         shown = kd.assign(eps=kd["eps"].map(format_eps), cell=kd["compressor"] + "@" + kd["budget"].astype(str),
@@ -555,7 +422,8 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
             "Mean 1 − cos between the adversarial and clean features of the tokens the compressor keeps (what "
             "CAGE's expected feature disruption maximises), per compressor × budget, no defense, 95 % t interval. "
             "Wins: share of samples where the compression-aligned attack distorts the kept tokens more than the "
-            "baseline on the same image and cell (Clopper–Pearson).", kd, plot_kept_distortion(kd), shown=shown)
+            "baseline on the same image and cell (Clopper–Pearson).", shown, plot_kept_distortion(kd),
+            formatted=True)
     add("Worst case over attacks",
         "Per sample, correct under every attack run at that ε on that cell (adaptive attacks included): the "
         "robust accuracy against the whole suite, 95 % Clopper–Pearson interval.", tables["worst_case"])
@@ -581,53 +449,63 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
         plot_ranking(tables["ranking"]))
     add("Perturbations and cost", "Norms in [0, 1] pixel space at the model's input resolution; seconds to craft "
         "one adversarial image (per sample).", tables["perturbation"])
+    settings, differ = attack_settings(manifest)
     if not settings.empty:
         add("Attack settings", "Each attack's resolved options as the manifest records them. "
             + (f"Schedules differ: {'; '.join(differ)}." if differ else "All attacks share one schedule (steps, "
-               "step size, random start)."), settings, shown=settings.astype(str))
+               "step size, random start)."), settings.astype(str), formatted=True)
     examples = _example_entries(results / EXAMPLES)
     if examples:
         add("Kept tokens, clean vs adversarial", "The patches the compressor keeps (others dimmed) on the clean "
             "image and on the adversarial one; kept-set overlap = |kept_adv ∩ kept_clean| / K.", None,
             plot_examples(results / EXAMPLES, examples))
-    for name, text in extra_sections(df):
-        sections.append((name, markdown_to_html(text), text))
-
+    sections += masking.report_sections(df)
     meta = {k: manifest.get(k) for k in ("scenario_hash", "seed", "dtype", "device", "batch_size", "versions", "git",
                                          "started", "status", "records")}
     meta["model"] = manifest.get("model", {}).get("name")
-    head = (f"<p>{len(df)} records, {df['sample'].nunique()} samples, model <code>{html.escape(str(meta['model']))}"
-            f"</code>, status {html.escape(str(meta['status']))}.</p>")
-    doc = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-           f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}"
-           f"</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{head}"]
-    anchors = ['<h2 id="verdict">'] + ["<h2>"] * (len(sections) - 1)
-    doc += [f"{anchor}{html.escape(name)}</h2>{body}" for anchor, (name, body, _) in zip(anchors, sections)]
-    doc.append(f"<h2>Reproducibility</h2><pre>{html.escape(json.dumps(meta, indent=2, default=str))}</pre>"
-               f"<pre>{html.escape(json.dumps(scenario, indent=2))}</pre>"
-               f"<h2 id=\"glossary\">Glossary</h2>{_glossary_html()}</body></html>")
+    sections.append(Section("Reproducibility", [Block("pre", text=json.dumps(meta, indent=2, default=str)),
+                                                Block("pre", text=json.dumps(scenario, indent=2))]))
+    sections.append(_glossary())
+    head = f"{len(df)} records, {df['sample'].nunique()} samples, model {meta['model']}, status {meta['status']}."
     paths["html"] = out / "report.html"
-    atomic_write_text(paths["html"], "\n".join(doc))
-    md = [f"# {title}", "", f"{len(df)} records, {df['sample'].nunique()} samples, model `{meta['model']}`.", ""]
-    md += [f"## {name}\n\n{text}\n" for name, _, text in sections]
-    md += ["## Glossary\n", _glossary_md(), ""]
+    atomic_write_text(paths["html"], render("report.html.j2", title=title, head=head, sections=sections, css=CSS))
     paths["markdown"] = out / "summary.md"
-    atomic_write_text(paths["markdown"], md_text("\n".join(md)))  # no label can inject HTML
+    atomic_write_text(paths["markdown"], render("summary.md.j2", title=title, head=head, sections=sections))
     return paths
 
 
-def _plain_html_table(table: pd.DataFrame) -> str:
-    """An already formatted (string) table, in the scrolling wrapper."""
-    table = table.map(lambda v: "–" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-    return ('<div class="scroll">' + table.to_html(index=False, border=0, classes="t", na_rep="–", escape=True)
-            + "</div>")
-
-
-def _plain_markdown_table(table: pd.DataFrame) -> str:
-    shown = table.map(lambda v: "–" if v is None or (isinstance(v, float) and np.isnan(v)) else md_cell(v))
-    shown.columns = [md_cell(c) for c in shown.columns]
-    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False)])
+def _verdict_section(df: pd.DataFrame, roles: dict, manifest: dict, num_tokens: int | None, gate: str) -> Section:
+    """The question the report exists for, first: does full-token testing overestimate robustness here?"""
+    v = M.verdict(df, roles)
+    vt = v["table"]
+    note = ("Per ε × compressor × budget, no defense: clean accuracy, robust accuracy under the strongest "
+            "full-token baseline (" + (", ".join(v["baselines"]) or "none") + ") and under the strongest "
+            "compression-aligned attack (" + (", ".join(v["aligned"]) or "none") + "), same samples, with "
+            "95 % Clopper–Pearson intervals; the gap (baseline − aligned, points; positive = full-token "
+            "testing overestimates robustness) with Newcombe's paired score interval. ")
+    if v["cells"]:
+        note += (f"The family of {v['cells']} compressed comparisons (compressor × budget × aligned attack × ε) is "
+                 f"Bonferroni-corrected: gap intervals are simultaneous {100 * v['family_level']:.2f} % intervals "
+                 f"and a gap is significant when its exact McNemar p-value is below "
+                 f"{(1 - v['level']) / v['cells']:.2g} (family-wise 5 %) and its interval excludes 0. The "
+                 "uncompressed row (none) is a reference outside the family.")
+    blocks = [paragraph(v["sentence"], "verdict"), paragraph(note)]
+    _, differ = attack_settings(manifest)
+    if differ:
+        blocks.append(paragraph("The attacks compared do not share one schedule, so a gap may reflect the "
+                                f"optimiser, not the objective: {'; '.join(differ)} (see Attack settings).", "warn"))
+    if not vt.empty:
+        shown = verdict_display(vt)
+        # one baseline and one aligned attack: their names are in the note above, the table keeps to numbers
+        blocks.append(table_block(shown.drop(columns=[c for c in ("baseline", "aligned") if vt[c].nunique() == 1]),
+                                  formatted=True))
+        blocks += [image_block("overestimation gap", image) for image in (plot_gap_points(vt, num_tokens),
+                                                                          plot_gap_heatmap(vt)) if image]
+        blocks.append(paragraph("Top: the gap per budget on its own scale, error bars = the family interval. "
+                                "Bottom: the same gaps on one shared symmetric colour scale; * = significant after "
+                                "correction."))
+    blocks.append(paragraph(gate, "gate"))
+    return Section("Verdict: does full-token testing overestimate robustness?", blocks, anchor="verdict")
 
 
 def accuracy_pivot(summary: pd.DataFrame, value: str) -> pd.DataFrame:

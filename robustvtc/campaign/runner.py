@@ -25,9 +25,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -41,22 +39,19 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..safe_io import (LEDGER_NAME, LOCK_NAME, FolderLock, atomic_write_text, atomic_write_with, is_own_temp,
-                       read_ledger, refuse_symlink, remove_stale_temps)
-from ..evaluate import CellResult, evaluate_grid, make_target, parse_budgets
+from ..safe_io import (LEDGER_NAME, FolderLock, atomic_write_text, atomic_write_with, read_ledger, refuse_symlink,
+                       remove_stale_temps)
+from .folder import OWN, check_folder, check_report_folder, check_resume, clear, legacy_files, note_written
+from .executor import Executor, LocalExecutor
+from .progress import Progress
+from .grid import CellResult, evaluate_grid, kept_disruption, kept_overlap, make_target, parse_budgets, rank_correlations
+from .records import (CLEAN, EXAMPLES, IMAGES, KEY_FIELDS, MANIFEST, NONE, RESULTS, ResultsWriter, example_key,
+                      read_example_keys, read_records, record_key)
 from .scenario import Scenario, defense_registry
 from .tasks import Item, Task
 
-KEY_FIELDS = ("sample", "attack", "eps", "compressor", "budget", "defense", "adaptive")
-CLEAN = "clean"
-NONE = "none"
-RESULTS, MANIFEST, EXAMPLES, IMAGES = "results.jsonl", "manifest.json", "examples", "images"
 
 Cell = tuple[str, int]  # (compressor, budget)
-
-
-def record_key(record: dict) -> tuple:
-    return tuple(record[k] for k in KEY_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -370,10 +365,10 @@ class Campaign:
     def _note(self, names: Sequence[str]) -> None:
         """Note files in the output folder's ledger before writing them (what --overwrite may remove)."""
         if self._noted is None:
-            self._noted = set(_ledger(self.output))
+            self._noted = set(read_ledger(self.output))
         new = [n for n in names if n not in self._noted]
         if new:
-            _note_written(self.output, new)
+            note_written(self.output, new)
             self._noted.update(new)
 
     def _seed(self, *parts) -> int:
@@ -392,35 +387,6 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- per-sample measures
-def kept_overlap(clean: torch.Tensor | None, adv: torch.Tensor | None) -> list[float] | None:
-    """|kept_adv ∩ kept_clean| / K per sample, K = |kept_clean| (CAGE, arXiv 2601.21531: the share of the
-    clean image's kept tokens the compressor still keeps on the adversarial one); None without a keep plan."""
-    if clean is None or adv is None:
-        return None
-    inter = (clean & adv).sum(dim=1).float()
-    return (inter / clean.sum(dim=1).float().clamp_min(1)).tolist()
-
-
-def rank_correlations(clean, adv) -> tuple[list[float] | None, list[float] | None]:
-    """Spearman and Kendall correlation of the clean and adversarial CLS-attention importance, per sample."""
-    from scipy.stats import kendalltau, spearmanr
-
-    from ..attacks.base import importance
-
-    if clean.cls is None or adv.cls is None:
-        return None, None
-    x, y = importance(clean).cpu().numpy(), importance(adv).cpu().numpy()
-    return ([float(spearmanr(a, b).statistic) for a, b in zip(x, y)],
-            [float(kendalltau(a, b).statistic) for a, b in zip(x, y)])
-
-
-def kept_disruption(clean, adv, kept: torch.Tensor | None) -> list[float] | None:
-    """Mean 1 - cos(adversarial, clean) feature of the tokens the adversarial image's plan kept, per sample."""
-    if kept is None:
-        return None
-    d = 1 - torch.nn.functional.cosine_similarity(adv.features.float(), clean.features.float(), dim=-1)
-    k = kept.to(d.device).float()
-    return ((d * k).sum(dim=1) / k.sum(dim=1).clamp_min(1)).tolist()
 
 
 def _at(values: list | None, b: int):
@@ -438,132 +404,11 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     atomic_write_with(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
-EXAMPLE_KEY = ("sample", "attack", "eps", "compressor", "budget")
-
-
-def example_key(entry: dict) -> tuple:
-    return tuple(entry.get(k) for k in EXAMPLE_KEY)
-
-
-def read_example_keys(path: Path, repair: bool = False) -> set[tuple]:
-    """The keys of examples.jsonl's entries; a torn last line (killed mid-write) is skipped, or cut off the
-    file with ``repair``, so entries appended after it stay one per line."""
-    if not path.is_file():
-        return set()
-    raw = path.read_bytes()
-    keys = set()
-    lines = raw.split(b"\n")
-    for line in lines[:-1]:  # complete lines (a line is complete once its newline is written)
-        try:
-            entry = json.loads(line) if line.strip() else None
-            keys.add(example_key(entry))
-        except (ValueError, UnicodeDecodeError, TypeError, AttributeError):
-            continue  # not an entry: the report skips it too
-    if repair and lines[-1]:
-        with open(path, "r+b") as f:
-            f.truncate(len(raw) - len(lines[-1]))
-    return keys
-
-
 def _slug(value) -> str:
     return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in str(value))
 
 
 # ---------------------------------------------------------------------------------------------- results files
-class ResultsWriter:
-    """Appends records to results.jsonl, one ``write`` + flush per record (a kill loses only the one in flight).
-    Never through a symlink (O_NOFOLLOW)."""
-
-    def __init__(self, path: Path):
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError as exc:
-            if Path(path).is_symlink():
-                refuse_symlink(path)
-            raise UserInputError(f"cannot write {path}: {exc.strerror}; accepted: a writable output folder") from None
-        self.file = os.fdopen(fd, "a", encoding="utf-8")
-        self._crash = _test_crash()
-
-    def write(self, record: dict) -> None:
-        line = json.dumps(record) + "\n"
-        if self._crash is not None:
-            self._crash.record(self.file, line)
-        self.file.write(line)
-        self.file.flush()
-
-    def close(self) -> None:
-        os.fsync(self.file.fileno())
-        self.file.close()
-
-
-class _TestCrash:
-    """ROBUSTVTC_TEST_CRASH=after:N (SIGKILL once N records are written by this process) or mid:N (SIGKILL
-    halfway through writing record N): the crash tests' way of killing a campaign at a chosen moment."""
-
-    def __init__(self, mode: str, n: int):
-        self.mode, self.n, self.count = mode, n, 0
-
-    def record(self, file, line: str) -> None:
-        import signal
-
-        self.count += 1
-        if self.mode == "mid" and self.count == self.n:
-            file.write(line[:max(1, len(line) // 2)])
-            file.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self.mode == "after" and self.count == self.n + 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _test_crash() -> _TestCrash | None:
-    value = os.environ.get("ROBUSTVTC_TEST_CRASH", "")
-    mode, _, n = value.partition(":")
-    return _TestCrash(mode, int(n)) if mode in ("after", "mid") and n.isdigit() else None
-
-
-# the fields every record has (a results.jsonl whose lines lack them is not robustvtc's)
-REQUIRED_FIELDS = (*KEY_FIELDS, "correct", "clean_correct", "full_token_correct")
-
-
-def read_records(path: str | Path, repair: bool = False) -> list[dict]:
-    """Every complete record of a results.jsonl; a torn last line (killed mid-write) is ignored, or cut
-    off the file with ``repair``. Later duplicates of a key (a resumed unit) replace earlier ones. A line that
-    is not a robustvtc record (not JSON, not an object, lacking a key field) is one error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    records: dict[tuple, dict] = {}
-    good = 0
-    lines = raw.split(b"\n")
-    accepted = "a results.jsonl written by robustvtc run"
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            good += len(line) + 1
-            continue
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if number < len(lines) - 1:
-                raise UserInputError(f"{path} line {number} is not a JSON record; accepted: {accepted}") from None
-            break  # torn last line
-        if not isinstance(record, dict):
-            raise UserInputError(f"{path} line {number} is a JSON {type(record).__name__}, not a record; "
-                                 f"accepted: {accepted}")
-        missing = [k for k in REQUIRED_FIELDS if k not in record]
-        if missing:
-            raise UserInputError(f"{path} line {number} lacks the field(s) {', '.join(missing)}; accepted: {accepted}")
-        try:
-            records[record_key(record)] = record
-        except TypeError:
-            raise UserInputError(f"{path} line {number}: a key field is a list or mapping; accepted: {accepted}") \
-                from None
-        good += len(line) + 1
-    if repair and good < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(min(good, len(raw)))
-    return list(records.values())
 
 
 def _git_revision() -> dict:
@@ -628,161 +473,8 @@ def _manifest(campaign: Campaign) -> dict:
     }, default=str))
 
 
-OWN = (RESULTS, MANIFEST, LEDGER_NAME, LOCK_NAME)
-
-
-def read_manifest(out: str | Path) -> dict | None:
-    """The campaign's manifest.json, None when there is none; a corrupt one is one line naming the way out."""
-    path = Path(out) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return data
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserInputError(
-            f"{path} is not a valid manifest ({str(exc).splitlines()[0][:80]}; cut short by a crash?); accepted: "
-            f"`robustvtc rebuild-manifest SCENARIO -o {Path(out)}` rebuilds it from the scenario and the records "
-            "(then --resume), or --overwrite to start again") from None
-
-
-def _changed_keys(old: dict, new: dict) -> list[str]:
-    """Record-relevant scenario keys whose value differs between two resolved scenarios."""
-    from .scenario import NOT_HASHED
-
-    def where_free(scenario: dict) -> dict:  # where the data lies is not hashed (its contents are compared)
-        data = scenario.get("data")
-        return {**scenario, "data": {**data, "path": None, "image_root": None}} if isinstance(data, dict) else scenario
-    old, new = where_free(old), where_free(new)
-    keys = sorted((set(old) | set(new)) - set(NOT_HASHED))
-    return [k for k in keys if json.dumps(old.get(k), sort_keys=True) != json.dumps(new.get(k), sort_keys=True)]
-
-
-def _check_resume(out: Path, previous: dict, scenario: Scenario, data: dict | None) -> None:
-    """Refuse to resume a campaign whose record-relevant keys or data contents changed, naming what changed."""
-    from .scenario import NOT_HASHED
-
-    unhashed = f"(keys that do not change records and may change: {', '.join(NOT_HASHED)})"
-    if previous.get("scenario_hash") not in (scenario.hash(), scenario.hash(paths=True)):
-        changed = _changed_keys(previous.get("scenario") or {}, scenario.to_dict()) if previous.get("scenario") else []
-        what = f"changed: {', '.join(changed)}" if changed else f"scenario hash {previous.get('scenario_hash')}, now " \
-                                                                 f"{scenario.hash()}"
-        raise UserInputError(f"{out} holds a campaign of a different scenario ({what}) {unhashed}; accepted: the same "
-                             "scenario and overrides, a new output folder, or --overwrite")
-    old = previous.get("data")
-    if data is None or not isinstance(old, dict):
-        return  # a manifest without a data fingerprint (older robustvtc, the pytest plugin's)
-    if old.get("rows") != data.get("rows"):
-        raise UserInputError(f"{out}: the rows of {scenario.data.path} (ids, questions, answers) changed since the "
-                             "campaign started; accepted: the data it started with, a new output folder, or --overwrite")
-    files = data.get("image_files") or {}
-    old_images, new_images = old.get("images") or {}, data.get("images") or {}
-    if "image_files" not in old:  # robustvtc before images were keyed by sample: by path
-        new_images = {files.get(sample, sample): digest for sample, digest in new_images.items()}
-    for key in sorted(set(old_images) | set(new_images)):
-        if old_images.get(key) != new_images.get(key):
-            what = f"sample {key}'s image {files[key]}" if key in files else f"image {key}"
-            raise UserInputError(f"{out}: {what} changed since the campaign started; accepted: the data it "
-                                 "started with, a new output folder, or --overwrite")
-
-
-def _check_folder(out: Path, scenario: Scenario, resume: bool, overwrite: bool, allow_existing: bool) -> dict | None:
-    """Whether ``out`` may be written as asked (read-only); returns the previous manifest to continue, if any."""
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"output {out} is a file; accepted: a folder (new, empty, or holding a campaign)")
-    for name in (*OWN, EXAMPLES, IMAGES, "report"):
-        refuse_symlink(out / name)
-    if not out.is_dir():
-        return None
-    manifest_file = out / MANIFEST
-    if manifest_file.exists():
-        try:
-            previous = read_manifest(out)
-        except UserInputError:
-            if overwrite:
-                return None  # what it wrote is in the ledger
-            raise
-        if resume:
-            return previous
-        if overwrite:
-            return None
-        raise UserInputError(f"{out} already holds a campaign; accepted: --resume to continue it, --overwrite "
-                             "to start again, or another output folder")
-    results = out / RESULTS
-    ours = set(_ledger(out))
-    if results.is_file() and results.stat().st_size > 0 and not (overwrite and RESULTS in ours):
-        raise UserInputError(f"{out} holds {RESULTS} but no {MANIFEST}, so robustvtc cannot tell what wrote the "
-                             f"records; accepted: `robustvtc rebuild-manifest SCENARIO -o {out}` (then --resume), "
-                             "another output folder, or move the file away")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN and p.name not in ours
-                     and not is_own_temp(out, p))
-    if foreign and not allow_existing:
-        raise UserInputError(f"{out} holds files that no robustvtc campaign wrote ({', '.join(foreign[:3])}"
-                             f"{', ...' if len(foreign) > 3 else ''}); accepted: a new or empty folder, or "
-                             "--allow-existing-files to write the campaign beside them")
-    if foreign:
-        clash = [n for n in (RESULTS, f"{EXAMPLES}/examples.jsonl", "report/report.html", "report/summary.md")
-                 if (out / n).exists() and n not in ours]
-        if clash:
-            raise UserInputError(f"{out}: {clash[0]} exists and was not written by robustvtc; robustvtc would "
-                                 "overwrite it; accepted: move it away or another output folder")
-    return None
-
-
-def _ledger(out: Path) -> list[str]:
-    return read_ledger(out)
-
-
-REPORT_FILES = ("report.html", "summary.md")
-
-
-def report_root(results: str | Path, out: str | Path) -> Path:
-    """The folder whose lock and ledger cover a report written to ``out``: the campaign folder ``results``
-    when ``out`` lies in it (``results/report`` by default), else ``out`` itself (``robustvtc report -o``)."""
-    results, out = Path(results), Path(out)
-    a, b = os.path.normpath(results.absolute()), os.path.normpath(out.absolute())
-    return results if b == a or b.startswith(a.rstrip(os.sep) + os.sep) else out
-
-
-def check_report_folder(results: str | Path, out: str | Path, names=REPORT_FILES, prepare: bool = False) -> Path:
-    """Refuse (one line naming it) to write a report through a symlink -- a folder between the campaign
-    folder and the files, or a file -- or over a file of ``names`` (relative to ``out``) that robustvtc did
-    not write (the ledger says; a pre-ledger campaign's fixed names count as its own). With ``prepare``
-    (under the lock): create the folders and the ledger, and remove temporary files a kill left. Returns
-    the folder the report's lock and ledger belong to (:func:`report_root`)."""
-    results, out = Path(results), Path(out)
-    root = report_root(results, out)
-    inner = Path(os.path.relpath(os.path.normpath(out.absolute()), os.path.normpath(root.absolute())))
-    folder = root
-    for part in [p for p in inner.parts if p != "."]:
-        folder = folder / part
-        refuse_symlink(folder)
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"report folder {out} is a file; accepted: a folder")
-    ledger, legacy = set(read_ledger(root)), (root / MANIFEST).is_file() and not (root / LEDGER_NAME).exists()
-    for name in names:
-        path = out / name
-        for parent in list(Path(name).parents)[:-1]:
-            refuse_symlink(out / parent)
-        refuse_symlink(path)
-        rel = os.path.normpath(os.path.relpath(path.absolute(), root.absolute())).replace(os.sep, "/")
-        if path.exists() and rel not in ledger and not (legacy and _LEGACY.match(rel)):
-            raise UserInputError(f"{path} exists and was not written by robustvtc; the report would overwrite it; "
-                                 "accepted: move it away, or another report folder (-o)")
-    if prepare:
-        for name in names:
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-        refuse_symlink(root / LEDGER_NAME)
-        if not (root / LEDGER_NAME).exists() and not (root / MANIFEST).is_file():
-            (root / LEDGER_NAME).touch()  # a ledger, so the next report knows its own files
-        remove_stale_temps(root, sorted({(inner / Path(n).parent).as_posix() for n in names}))
-    return root
-
-
 def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume: bool = False,
-                 overwrite: bool = False, quiet: bool = False, adapter=None, executor=None,
+                 overwrite: bool = False, quiet: bool = False, adapter=None, executor: Executor | None = None,
                  log=None, allow_existing: bool = False, report: bool = False) -> Path:
     """Run (or resume) a campaign; returns its output folder holding results.jsonl and manifest.json
     (and ``report/`` with ``report``, written before the folder's lock is released: no other writer between).
@@ -791,30 +483,27 @@ def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume
     an existing campaign needs ``resume`` (same record-relevant keys and data contents) or ``overwrite``
     (removes exactly the files campaigns wrote there); a folder holding other files needs ``allow_existing``.
     Every input (model, options, data rows, images) is validated before anything is written."""
-    from tqdm import tqdm
-
-    from .executor import LocalExecutor
 
     out = Path(output or scenario.output)
     manifest_path, results_path = out / MANIFEST, out / RESULTS
-    _check_folder(out, scenario, resume, overwrite, allow_existing)  # fail fast, before loading the model
+    check_folder(out, scenario, resume, overwrite, allow_existing)  # fail fast, before loading the model
     if report:
         check_report_folder(out, out / "report")
     campaign = Campaign(scenario, adapter, output=out)
     data = campaign.task.fingerprint()
     with FolderLock(out, log):
-        previous = _check_folder(out, scenario, resume, overwrite, allow_existing)
+        previous = check_folder(out, scenario, resume, overwrite, allow_existing)
         if previous is not None:
-            _check_resume(out, previous, scenario, data)
+            check_resume(out, previous, scenario, data)
         if report:
             check_report_folder(out, out / "report")  # before anything is removed or written
         if overwrite:
-            _clear(out)
+            clear(out)
         else:
             if previous is not None and "files" not in previous and not (out / LEDGER_NAME).exists():
-                _note_written(out, _legacy_files(out))  # a campaign from before the ledger: its own files
+                note_written(out, legacy_files(out))  # a campaign from before the ledger: its own files
             remove_stale_temps(out)  # what atomic writes killed halfway left (names in the ledger only)
-        _note_written(out, [RESULTS, MANIFEST])
+        note_written(out, [RESULTS, MANIFEST])
         done = {record_key(r) for r in read_records(results_path, repair=True)}
         info = _manifest(campaign)
         from .scenario import NOT_HASHED
@@ -835,8 +524,7 @@ def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume
         writer = ResultsWriter(results_path)
         written = 0
         try:
-            with tqdm(total=len(expected), initial=len(done & expected), unit="rec", desc=scenario.name,
-                      disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True) as bar:
+            with Progress(scenario.name, len(expected), len(done & expected), quiet=quiet) as bar:
                 for record in (executor or LocalExecutor()).run(campaign, pending, done):
                     writer.write(record)
                     written += 1
@@ -846,7 +534,7 @@ def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume
             runs[-1].update(finished=_now(), records_written=written)
             total = len(done & expected) + written
             info.update(runs=runs, records=total, status="complete" if total >= len(expected) else "interrupted",
-                        files=_ledger(out))
+                        files=read_ledger(out))
             atomic_write_text(manifest_path, json.dumps(info, indent=2))
         if report:
             from .report import write_report
@@ -879,54 +567,7 @@ def rebuild_manifest(scenario: Scenario, *, output: str | Path | None = None, ad
         info.update(data=campaign.task.fingerprint(), unhashed_keys=list(NOT_HASHED), started=_now(),
                     runs=[{"rebuilt": _now(), "records": len(records), "argv": sys.argv}], records=len(records),
                     status="complete" if len(records) >= len(expected) else "interrupted")
-        _note_written(out, [RESULTS, MANIFEST])
-        info["files"] = _ledger(out)
+        note_written(out, [RESULTS, MANIFEST])
+        info["files"] = read_ledger(out)
         atomic_write_text(out / MANIFEST, json.dumps(info, indent=2))
     return out
-
-
-def _note_written(out: Path, names) -> None:
-    """Add paths (relative to ``out``) to the folder's ledger of campaign files, before they are written."""
-    known = set(_ledger(out))
-    new = [str(n) for n in names if str(n) not in known]
-    if new:
-        refuse_symlink(out / LEDGER_NAME)
-        with open(out / LEDGER_NAME, "a", encoding="utf-8") as f:
-            f.write("".join(n + "\n" for n in new))
-            f.flush()
-
-
-# what campaigns of robustvtc before the ledger wrote (a manifest without "files", no ledger)
-_LEGACY = re.compile(r"^(results\.jsonl|manifest\.json|examples/examples\.jsonl|examples/.+_(clean|eps[0-9.]+)\.png|"
-                     r"images/.+_eps[0-9.]+_.+_vs-.+\.png|report/(report\.html|summary\.md|tables/[a-z_]+\.csv))$")
-
-
-def _legacy_files(out: Path) -> list[str]:
-    """The files in ``out`` a campaign of robustvtc before the ledger wrote (their fixed names and patterns)."""
-    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.is_symlink()
-                  and _LEGACY.match(p.relative_to(out).as_posix()))
-
-
-def _clear(out: Path) -> None:
-    """Remove exactly the files campaigns wrote in ``out`` (its ledger and manifest's list), nothing else;
-    folders only when that leaves them empty."""
-    remove_stale_temps(out)
-    names = set(_ledger(out))
-    try:
-        manifest = read_manifest(out) or {}
-    except UserInputError:
-        manifest = {}
-    names |= {n for n in manifest.get("files", []) if isinstance(n, str) and ".." not in Path(n).parts}
-    if not names and manifest:  # a campaign from before the ledger: its fixed names and patterns
-        names = set(_legacy_files(out))
-    names.add(MANIFEST)
-    for name in sorted(names, key=lambda n: -n.count("/")):
-        path = out / name
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-    for folder in ("report/tables", "report", EXAMPLES, IMAGES):
-        try:
-            (out / folder).rmdir()
-        except OSError:
-            pass  # not empty (user files) or absent
-    (out / LEDGER_NAME).unlink(missing_ok=True)

@@ -20,7 +20,8 @@ are applied to the raw document *before* validation (black-style: the file sets 
       alpha: null                    # step size; null = eps/4 for each radius, or a radius like 0.5/255
       random_start: true             # uniform start in the ε-ball (seeded by seed:), false = start at δ = 0
     steps: 10                        # shorthand for schedule.steps (give one of the two)
-    attacks:                         # a name, or a mapping with name, label, eps and any attack option
+    attacks:                         # a name, or a mapping with name, label, eps and any attack option;
+                                     # [] = a clean-only campaign (accuracy per compressor x budget)
       - fulltoken
       - {name: cage, eps: [2/255, 8/255], lambda_efd: 1, lambda_rda: 200}
       - {name: cage, label: cage_official, eps: [2/255], steps: 100, alpha: 0.5/255, random_start: false}
@@ -323,7 +324,7 @@ def parse_scenario(raw: Any, source: str = "scenario", default_name: str = "scen
     default_eps = [c.eps(e, f"eps[{i}]") for i, e in enumerate(c.listing(raw.get("eps", "8/255"), "eps", "radii"))]
     out["schedule"] = schedule = _schedule(c, raw)
     attacks = [_attack(c, a, f"attacks[{i}]", ATTACKS, default_eps, schedule)
-               for i, a in enumerate(c.listing(raw["attacks"], "attacks", "attacks"))]
+               for i, a in enumerate([] if raw["attacks"] == [] else c.listing(raw["attacks"], "attacks", "attacks"))]
     _unique(c, [a.label for a in attacks], "attacks", "label", "attack labels (set label: to tell two apart)")
     out["attacks"] = tuple(attacks)
     defenses = [d for i, d in enumerate(c.listing(raw.get("defenses") or ["none"], "defenses", "defenses"))

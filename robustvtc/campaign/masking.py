@@ -25,7 +25,8 @@ from typing import Any
 
 import pandas as pd
 
-from .defenses.base import DEFENSES, detection_rates
+from ..defenses.base import DEFENSES, detection_rates
+from .formatting import Block, Section, format_eps, paragraph, percent, table_block
 
 CLEAN, NONE = "clean", "none"
 STATUSES = ("pass", "violated", "not applicable")
@@ -103,7 +104,7 @@ def _monotone(scope: dict, g: pd.DataFrame, t: Thresholds) -> CheckResult:
     return CheckResult("monotone_in_eps", scope, status, figures)
 
 
-def _large_eps(scope: dict, g: pd.DataFrame, t: Thresholds) -> CheckResult:
+def _largeformat_eps(scope: dict, g: pd.DataFrame, t: Thresholds) -> CheckResult:
     large = g[g["eps"] >= t.large_eps]
     if large.empty:
         return CheckResult("large_eps", scope, "not applicable", {"largest_eps": g["eps"].max()})
@@ -132,7 +133,7 @@ def sanity_checks(records: pd.DataFrame, thresholds: Thresholds = Thresholds()) 
     out = []
     for values, g in attacked.groupby(GROUP, sort=True):
         scope = dict(zip(GROUP, values))
-        out += [_monotone(scope, g, thresholds), _large_eps(scope, g, thresholds)]
+        out += [_monotone(scope, g, thresholds), _largeformat_eps(scope, g, thresholds)]
     keys = ["defense", "attack", "compressor", "budget", "eps"]
     defended = attacked[attacked["defense"] != NONE]
     for values, g in defended.groupby(keys, sort=True):
@@ -146,25 +147,6 @@ def unreliable(records: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> 
 
 
 # ---------------------------------------------------------------------------------------------- report sections
-def _pct(value: float) -> str:
-    return "–" if value is None or pd.isna(value) else f"{100 * value:.1f}"
-
-
-def _eps(eps: float) -> str:
-    if eps == 0:
-        return "0"
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
-
-
-def _table(rows: list[dict]) -> str:
-    if not rows:
-        return "_no records_"
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows])
-
-
 def _cell(row) -> str:
     return f"{row['compressor']}@{row['budget']}"
 
@@ -175,15 +157,16 @@ def _clean_accuracy(df: pd.DataFrame) -> pd.DataFrame:
     return per_sample.groupby(["defense", "compressor", "budget"], as_index=False)["clean_correct"].mean()
 
 
-def _clean_section(df: pd.DataFrame) -> str:
+def _clean_section(df: pd.DataFrame) -> Section:
     acc = _clean_accuracy(df)
     acc["cell"] = acc.apply(_cell, axis=1)
     wide = acc.pivot(index="defense", columns="cell", values="clean_correct")
-    rows = [{"defense": d, **{c: _pct(v) for c, v in r.items()}} for d, r in wide.iterrows()]
-    return "Accuracy (%) on the unattacked images, per defense and compressor@budget.\n\n" + _table(rows)
+    rows = [{"defense": d, **{c: percent(v) for c, v in r.items()}} for d, r in wide.iterrows()]
+    return Section("Defenses: clean accuracy", [paragraph("Accuracy (%) on the unattacked images, per defense and "
+                                                          "compressor@budget."), table_block(rows)])
 
 
-def _robust_section(df: pd.DataFrame, checks: list[CheckResult]) -> str:
+def _robust_section(df: pd.DataFrame, checks: list[CheckResult]) -> Section:
     flagged = [c.scope for c in checks if c.violated]
     keys = ["attack", "eps", "compressor", "budget", "defense"]
     acc = _attacked(df).groupby([*keys, "adaptive"])["correct"].mean()
@@ -192,13 +175,13 @@ def _robust_section(df: pd.DataFrame, checks: list[CheckResult]) -> str:
         row = dict(zip(keys, values))
         by = dict(zip(g.index.get_level_values("adaptive"), g.values))
         bad = any(all({**row, "adaptive": a}.get(k) == v for k, v in f.items()) for a in by for f in flagged)
-        rows.append({"attack": row["attack"], "ε": _eps(row["eps"]), "cell": _cell(row), "defense": row["defense"],
-                     "non-adaptive": _pct(by.get(False)), "adaptive": _pct(by.get(True)),
+        rows.append({"attack": row["attack"], "ε": format_eps(row["eps"]), "cell": _cell(row), "defense": row["defense"],
+                     "non-adaptive": percent(by.get(False)), "adaptive": percent(by.get(True)),
                      "status": "unreliable" if bad else "ok"})
-    return ("Robust accuracy (%) on the adversarial images. Non-adaptive: crafted on the undefended target and "
-            "transferred; adaptive: crafted through the defense (EOT over its randomness, BPDA through its "
-            "non-differentiable steps). \"unreliable\": a sanity check covering that row is violated.\n\n"
-            + _table(rows))
+    intro = ("Robust accuracy (%) on the adversarial images. Non-adaptive: crafted on the undefended target and "
+             "transferred; adaptive: crafted through the defense (EOT over its randomness, BPDA through its "
+             "non-differentiable steps). \"unreliable\": a sanity check covering that row is violated.")
+    return Section("Defenses: robust accuracy, non-adaptive vs adaptive", [paragraph(intro), table_block(rows)])
 
 
 CHECKS = ("monotone_in_eps", "large_eps", "transfer_not_stronger")
@@ -206,7 +189,7 @@ CHECKS = ("monotone_in_eps", "large_eps", "transfer_not_stronger")
 
 def coverage(checks: list[CheckResult], thresholds: Thresholds = Thresholds()) -> dict[str, str]:
     """Per check, in words, where it ran and where it did not apply (the masking verdict must say so)."""
-    why = {"large_eps": f"no ε ≥ {_eps(thresholds.large_eps)}",
+    why = {"large_eps": f"no ε ≥ {format_eps(thresholds.large_eps)}",
            "transfer_not_stronger": "no transferred and adaptive pair to compare",
            "monotone_in_eps": "no attacked rows"}
     out = {}
@@ -227,42 +210,45 @@ def coverage(checks: list[CheckResult], thresholds: Thresholds = Thresholds()) -
 def violations(records: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> list[str]:
     """One short description per violated check (``check: attack on compressor@budget, defense``)."""
     return [f"{c.check}: {c.scope['attack']} on {_cell(c.scope)}, defense {c.scope['defense']}"
-            + (f", ε={_eps(c.scope['eps'])}" if "eps" in c.scope else "")
+            + (f", ε={format_eps(c.scope['eps'])}" if "eps" in c.scope else "")
             + (" (adaptive)" if c.scope.get("adaptive") else "")
             for c in sanity_checks(records, thresholds) if c.violated]
 
 
-def _checks_section(checks: list[CheckResult], thresholds: Thresholds = Thresholds()) -> str:
+def _checks_section(checks: list[CheckResult], thresholds: Thresholds = Thresholds()) -> Section:
     statuses = pd.DataFrame({"check": [c.check for c in checks], "status": [c.status for c in checks]})
     summary = [{"check": name, **{s: int((g["status"] == s).sum()) for s in STATUSES}}
                for name, g in statuses.groupby("check", sort=True)]
     violated = [{"check": c.check, "defense": c.scope["defense"], "attack": c.scope["attack"], "cell": _cell(c.scope),
-                 "adaptive": c.scope["adaptive"], "ε": _eps(c.scope["eps"]) if "eps" in c.scope else "all",
-                 "figures": ", ".join(f"{k}={_eps(v) if k.startswith('eps') else _fmt(v)}"
+                 "adaptive": c.scope["adaptive"], "ε": format_eps(c.scope["eps"]) if "eps" in c.scope else "all",
+                 "figures": ", ".join(f"{k}={format_eps(v) if k.startswith('eps') else _fmt(v)}"
                                       for k, v in c.figures.items())}
                 for c in checks if c.violated]
     ran = coverage(checks, thresholds)
     incomplete = {k: v for k, v in ran.items() if not v.startswith("ran on all")}
     if violated:
-        verdict = ("**Unreliable**: gradient masking is likely where a check is violated; do not trust those robust "
+        verdict = ("Unreliable: gradient masking is likely where a check is violated; do not trust those robust "
                    "accuracies before a stronger adaptive attack.")
     elif incomplete:
-        verdict = ("**No violation among the checks that ran**; not run everywhere: "
+        verdict = ("No violation among the checks that ran; not run everywhere: "
                    + "; ".join(f"`{k}` {v}" for k, v in incomplete.items()) + ".")
     else:
-        verdict = "**No sign of gradient masking**: every check ran on every row it covers, none is violated."
-    text = (f"{verdict} Checks: robust accuracy does not rise with ε (`monotone_in_eps`), a very large ε drives it "
-            "near zero (`large_eps`), a transferred attack is not stronger than the adaptive one "
-            "(`transfer_not_stronger`).\n\n"
-            + "\n".join(f"- `{k}`: {v}" for k, v in ran.items()) + f"\n\n{_table(summary)}")
-    return text + ("\n\nViolated checks:\n\n" + _table(violated) if violated else "")
+        verdict = "No sign of gradient masking: every check ran on every row it covers, none is violated."
+    blocks = [paragraph(verdict, "warn" if violated else "verdict"),
+              paragraph("Checks: robust accuracy does not rise with ε (`monotone_in_eps`), a very large ε drives it "
+                        "near zero (`large_eps`), a transferred attack is not stronger than the adaptive one "
+                        "(`transfer_not_stronger`)."),
+              Block("list", items=[f"`{k}`: {v}" for k, v in ran.items()]), table_block(summary)]
+    if violated:
+        blocks += [paragraph("Violated checks:"), table_block(violated)]
+    return Section("Sanity checks against gradient masking", blocks)
 
 
 def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _cost_section(df: pd.DataFrame) -> str:
+def _cost_section(df: pd.DataFrame) -> Section:
     acc = _clean_accuracy(df)
     base = acc[acc["defense"] == NONE].set_index(["compressor", "budget"])["clean_correct"]
     attacked = _attacked(df)
@@ -273,12 +259,13 @@ def _cost_section(df: pd.DataFrame) -> str:
         through = attacked[(attacked["defense"] == defense) & attacked["adaptive"]]
         secs = through.groupby(["attack", "eps", "compressor", "budget"])["seconds"].mean()
         ratio = (secs / plain.reindex(secs.index)).replace([math.inf], math.nan).mean() if len(secs) else math.nan
-        rows.append({"defense": defense, "clean accuracy drop (points)": _pct(drop),
+        rows.append({"defense": defense, "clean accuracy drop (points)": percent(drop),
                      "adaptive crafting s/image": _fmt(secs.mean()) if len(secs) else "–",
                      "× undefended": "–" if pd.isna(ratio) else f"{ratio:.2f}"})
-    return ("Cost of each defense: the drop in clean accuracy against no defense (mean over compressor@budget), "
-            "and the time to craft an image through it (adaptive attacks, EOT draws included) relative to "
-            "crafting on the undefended target.\n\n" + _table(rows))
+    intro = ("Cost of each defense: the drop in clean accuracy against no defense (mean over compressor@budget), "
+             "and the time to craft an image through it (adaptive attacks, EOT draws included) relative to "
+             "crafting on the undefended target.")
+    return Section("Defenses: cost", [paragraph(intro), table_block(rows)])
 
 
 def _detectors(df: pd.DataFrame) -> list[str]:
@@ -287,32 +274,31 @@ def _detectors(df: pd.DataFrame) -> list[str]:
     return sorted(label for label, name in names.items() if name in DEFENSES and DEFENSES.get(name).hook == "detection")
 
 
-def _detection_section(df: pd.DataFrame, detectors: list[str]) -> str:
+def _detection_section(df: pd.DataFrame, detectors: list[str]) -> Section:
     rows = []
     for defense, g in df[df["defense"].isin(detectors)].groupby("defense", sort=True):
         clean = g[g["attack"] == CLEAN]["flagged"].astype(bool)
         for (attack, eps, adaptive), a in _attacked(g).groupby(["attack", "eps", "adaptive"], sort=True):
             rates = detection_rates(clean.tolist(), a["flagged"].astype(bool).tolist())
-            rows.append({"defense": defense, "attack": attack, "ε": _eps(eps), "adaptive": adaptive,
-                         "TPR": _pct(rates.tpr), "FPR": _pct(rates.fpr)})
-    return ("Detection: true-positive rate (%) on adversarial images and false-positive rate on clean ones.\n\n"
-            + _table(rows))
+            rows.append({"defense": defense, "attack": attack, "ε": format_eps(eps), "adaptive": adaptive,
+                         "TPR": percent(rates.tpr), "FPR": percent(rates.fpr)})
+    return Section("Defenses: detection", [paragraph("Detection: true-positive rate (%) on adversarial images and "
+                                                     "false-positive rate on clean ones."), table_block(rows)])
 
 
-def report_sections(records: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> list[tuple[str, str]]:
-    """(title, Markdown) sections on defenses and gradient-masking sanity, for the campaign report."""
+def report_sections(records: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> list[Section]:
+    """The report's sections on defenses and gradient-masking sanity (defense sections only with defenses)."""
     df = _prepare(records)
     checks = sanity_checks(df, thresholds)
     defended = bool((df["defense"] != NONE).any())  # defense sections only when the campaign has defenses
     sections = []
     if defended:
-        sections += [("Defenses: clean accuracy", _clean_section(df)),
-                     ("Defenses: robust accuracy, non-adaptive vs adaptive", _robust_section(df, checks))]
+        sections += [_clean_section(df), _robust_section(df, checks)]
     if checks:
-        sections.append(("Sanity checks against gradient masking", _checks_section(checks, thresholds)))
+        sections.append(_checks_section(checks, thresholds))
     if defended:
-        sections.append(("Defenses: cost", _cost_section(df)))
+        sections.append(_cost_section(df))
     detectors = _detectors(df) if "flagged" in df else []
     if detectors:
-        sections.append(("Defenses: detection", _detection_section(df, detectors)))
+        sections.append(_detection_section(df, detectors))
     return sections

@@ -1,4 +1,6 @@
-"""Clean accuracy of a model under every compressor x budget, from per-sample records.
+"""The grid a campaign evaluates: targets for every compressor x budget, one encoder pass shared across them,
+and the per-sample measures of what compression kept (kept-set overlap, rank correlation, kept-token
+distortion).
 
 Each batch of images is encoded once; the visual tokens (with every signal any compressor needs) are
 reused across the whole compressor x budget grid, and only the compression + LLM part repeats.
@@ -8,14 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-import pandas as pd
 import torch
 
-from .compression import COMPRESSORS, KeepPlan
-from .data import synthetic as S
-from .errors import UserInputError
-from .models.base import VisualTokens
-from .target import Target
+from ..compression import COMPRESSORS, KeepPlan
+from ..errors import UserInputError
+from ..models.base import VisualTokens
+from ..target import Target
 
 
 def parse_budgets(budgets: Iterable[int | str], num_tokens: int) -> list[int]:
@@ -41,14 +41,6 @@ def make_target(adapter, compressor: str, budget: int | None = None, seed: int =
     cls = COMPRESSORS.get(compressor)
     comp = cls(seed=seed) if cls.randomized else cls()
     return Target(adapter, comp, budget, **({"defenses": list(defenses)} if defenses else {}))
-
-
-def build_targets(adapter, compressors: Sequence[str], budgets: Sequence[int], seed: int = 0,
-                  defenses: Sequence = ()) -> list[Target]:
-    """One target per compressor x budget ('none' once, at all tokens); randomised compressors get ``seed``."""
-    n = adapter.num_visual_tokens
-    return [make_target(adapter, name, budget, seed, defenses)
-            for name in compressors for budget in ([n] if name == "none" else budgets)]
 
 
 @dataclass
@@ -97,33 +89,33 @@ def evaluate_grid(targets: Sequence[Target], pixels: torch.Tensor, predict: Pred
     return out
 
 
-@torch.no_grad()
-def evaluate(adapter, compressors: Sequence[str] = ("none", "random", "fastervlm"), budgets: Sequence[int] = (16, 32, 48),
-             samples: int = 500, split: str = "test", seed: int = 0, batch_size: int = 50, progress=None) -> pd.DataFrame:
-    """Per-sample records: one row per (sample, compressor, budget) with the prediction and correctness."""
-    targets = build_targets(adapter, compressors, budgets, seed)
-    data = S.generate_dataset(samples, split)
-    records = []
-    for start in range(0, samples, batch_size):
-        chunk = data[start:start + batch_size]
-        questions = [s.question for s in chunk]
-        cells = evaluate_grid(targets, S.to_pixels(chunk),
-                              lambda t, px, tok: t.predict(px, questions, S.ANSWERS, tokens=tok))
-        for target, cell in zip(targets, cells):
-            for s, p in zip(chunk, cell.predictions):
-                records.append({"sample": s.index, "qtype": s.qtype, "compressor": target.compressor.name,
-                                "budget": target.budget, "answer": s.answer, "prediction": p,
-                                "correct": p == s.answer})
-        if progress is not None:
-            progress(len(chunk))
-    return pd.DataFrame.from_records(records)
+# ---------------------------------------------------------------------------------------------- per-sample measures
+def kept_overlap(clean: torch.Tensor | None, adv: torch.Tensor | None) -> list[float] | None:
+    """|kept_adv ∩ kept_clean| / K per sample, K = |kept_clean| (CAGE, arXiv 2601.21531: the share of the
+    clean image's kept tokens the compressor still keeps on the adversarial one); None without a keep plan."""
+    if clean is None or adv is None:
+        return None
+    inter = (clean & adv).sum(dim=1).float()
+    return (inter / clean.sum(dim=1).float().clamp_min(1)).tolist()
 
 
-def accuracy_table(records: pd.DataFrame, by_type: bool = False) -> pd.DataFrame:
-    """Accuracy (%): compressors x budgets, or (compressor, budget) x question type with an "all" column."""
-    if not by_type:
-        table = records.pivot_table(index="compressor", columns="budget", values="correct", aggfunc="mean")
-    else:
-        table = records.pivot_table(index=["compressor", "budget"], columns="qtype", values="correct", aggfunc="mean")
-        table["all"] = records.groupby(["compressor", "budget"])["correct"].mean()
-    return (table * 100).round(1)
+def rank_correlations(clean, adv) -> tuple[list[float] | None, list[float] | None]:
+    """Spearman and Kendall correlation of the clean and adversarial CLS-attention importance, per sample."""
+    from scipy.stats import kendalltau, spearmanr
+
+    from ..attacks.base import importance
+
+    if clean.cls is None or adv.cls is None:
+        return None, None
+    x, y = importance(clean).cpu().numpy(), importance(adv).cpu().numpy()
+    return ([float(spearmanr(a, b).statistic) for a, b in zip(x, y)],
+            [float(kendalltau(a, b).statistic) for a, b in zip(x, y)])
+
+
+def kept_disruption(clean, adv, kept: torch.Tensor | None) -> list[float] | None:
+    """Mean 1 - cos(adversarial, clean) feature of the tokens the adversarial image's plan kept, per sample."""
+    if kept is None:
+        return None
+    d = 1 - torch.nn.functional.cosine_similarity(adv.features.float(), clean.features.float(), dim=-1)
+    k = kept.to(d.device).float()
+    return ((d * k).sum(dim=1) / k.sum(dim=1).clamp_min(1)).tolist()

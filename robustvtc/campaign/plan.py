@@ -1,0 +1,93 @@
+"""What a scenario will do before it does it: ``robustvtc validate`` (the budgets against the model's config,
+no weights loaded) and ``robustvtc run --dry-run`` (the resolved scenario, the units and records, and a time
+estimate from a short timing probe that writes nothing)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserInputError
+from .scenario import Scenario
+
+
+def visual_tokens_from_config(model: str) -> int | None:
+    """The visual token count a LLaVA-layout checkpoint gives its LLM, read from its config alone; None where
+    the count depends on the image (dynamic-resolution families) or the config cannot be read offline."""
+    from ..models import BUILTIN_MODELS
+
+    path = BUILTIN_MODELS.get(model, Path(model).expanduser())
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError):
+        return None
+    vision = getattr(config, "vision_config", None)
+    if getattr(config, "model_type", None) != "llava" or vision is None:
+        return None
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if not isinstance(size, int) or not isinstance(patch, int) or patch <= 0:
+        return None
+    extra = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
+    return (size // patch) ** 2 + extra
+
+
+def check_against_model_config(scenario: Scenario) -> int | None:
+    """Refuse budgets above the model's visual token count when its config says it (one line naming the
+    budget); returns the count, or None when only loading the model can tell."""
+    tokens = visual_tokens_from_config(scenario.model)
+    if tokens is None:
+        return None
+    for i, budget in enumerate(scenario.budgets):
+        if budget != "all" and budget > tokens:
+            raise UserInputError(f"budgets[{i}]: {budget} exceeds the {tokens} visual tokens of {scenario.model} (read "
+                                 f"from its config); accepted: 1..{tokens} or 'all'")
+    return tokens
+
+
+def dry_run(scenario: Scenario, adapter=None) -> dict:
+    """The resolved scenario, its units and records, and the time they should take, from timing one clean
+    evaluation and one attack step of each attack on the first chunk (nothing is written)."""
+    from .records import CLEAN
+    from .runner import Campaign
+
+    campaign = Campaign(scenario, adapter)
+    units = campaign.units()
+    records = sum(len(campaign.unit_keys(u)) for u in units)
+    chunk = campaign.chunks[0]
+    pixels = campaign.task.pixels(chunk, campaign.adapter)
+    start = time.perf_counter()
+    list(campaign.run_unit(units[0]))  # the first chunk's clean unit: one evaluation of the whole grid
+    evaluation = time.perf_counter() - start
+    step = {}
+    for spec in scenario.attacks:
+        attack = campaign.example_attack(spec.label)
+        state = attack.prepare(pixels, [i.prompt for i in chunk], [i.answer for i in chunk], None)
+        start = time.perf_counter()
+        attack.gradient(pixels, pixels * 0, state)
+        step[spec.label] = time.perf_counter() - start
+    estimate = 0.0
+    for unit in units:
+        if unit.attack == CLEAN:
+            estimate += evaluation
+            continue
+        groups = len(campaign._groups(unit))  # image sets: one craft per knowledge level (and defense)
+        estimate += groups * (campaign.attacks[unit.attack].options["steps"] + 1) * step[unit.attack] + evaluation
+    resolved = scenario.to_dict()
+    text = "\n".join([
+        "# resolved scenario", yaml.safe_dump(resolved, sort_keys=False).rstrip(), "",
+        f"# {len(units)} units ({len(campaign.chunks)} chunks of up to {scenario.batch_size} samples x "
+        f"{1 + sum(len(a.eps) for a in scenario.attacks)} clean/attack x eps), {records} records, "
+        f"{len(campaign.cells)} cells",
+        f"# timing probe on the first chunk: one grid evaluation {evaluation:.2f} s"
+        + "".join(f", one {label} step {t:.2f} s" for label, t in step.items()),
+        f"# estimate: about {_minutes(estimate)} (wall clock on this machine; model loading not included)"])
+    return {"scenario": resolved, "units": len(units), "records": records, "cells": len(campaign.cells),
+            "probe_seconds": {"evaluation": evaluation, **{f"step:{k}": v for k, v in step.items()}},
+            "estimate_seconds": round(estimate, 1), "text": text}
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
