@@ -5,6 +5,10 @@ attack x eps x compressor x budget x defense x adaptive); :data:`GLOSSARY` holds
 
 * robust accuracy -- share of samples answered correctly on the adversarial image (``attack == "clean"``
   rows: the clean accuracy); 95 % Clopper--Pearson interval;
+* score -- on benchmarks from Hugging Face datasets (data source hf), the mean of the benchmark's official
+  per-record metric (VQA soft accuracy, GQA exact match, POPE/MME yes/no accuracy); ``correct`` is its
+  0/1 reading (score >= 0.5) that the intervals and paired tests use. :mod:`.views` ``benchmark`` gives the
+  aggregate figures (POPE F1 and yes-ratio, MME perception / cognition);
 * attack success rate -- share of the samples answered correctly on the clean image that the attack flips;
 * CSFR (compression-specific failure rate, as CIRA, arXiv 2609.35002, defines it) -- among the samples both
   paths answered correctly before the attack (compressed and full-token, clean image), the share that the
@@ -67,7 +71,7 @@ def frame(records: Sequence[dict]) -> pd.DataFrame:
         old = df["clean_full_token_correct"] if "clean_full_token_correct" in df else pd.Series(np.nan, df.index)
         df["clean_full_token_correct"] = pd.to_numeric(old, errors="coerce").fillna(pd.Series(joined, df.index))
     df["clean_full_token_correct"] = df["clean_full_token_correct"].astype(float)
-    for col in ("kept_overlap", "rank_spearman", "rank_kendall", "kept_disruption", "linf", "l2", "seconds"):
+    for col in ("kept_overlap", "rank_spearman", "rank_kendall", "kept_disruption", "linf", "l2", "seconds", "score"):
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     df["adaptive"] = df["adaptive"].astype(bool)
@@ -108,7 +112,12 @@ def csfr(g: pd.DataFrame) -> tuple[float, int]:
 
 SUMMARY_COLUMNS = [*CELL, "n", "robust_accuracy", "ci_low", "ci_high", "clean_accuracy", "full_token_accuracy",
                    "attack_success_rate", "csfr", "csfr_n", "csfr_low", "csfr_high", "compression_only_failure_rate",
-                   "kept_overlap", "kept_disruption", "rank_spearman", "rank_kendall", "linf", "l2", "seconds"]
+                   "kept_overlap", "kept_disruption", "rank_spearman", "rank_kendall", "linf", "l2", "seconds", "score"]
+
+
+def benchmark_score(g: pd.DataFrame) -> float:
+    """Mean of the benchmark's official per-record ``score`` (hf data: VQA soft accuracy, ...); NaN without."""
+    return _mean(g["score"]) if "score" in g else float("nan")
 
 
 def summary(df: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0,
@@ -133,6 +142,7 @@ def summary(df: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0,
             "kept_overlap": _mean(g["kept_overlap"]), "kept_disruption": _mean(g["kept_disruption"]),
             "rank_spearman": _mean(g["rank_spearman"]), "rank_kendall": _mean(g["rank_kendall"]),
             "linf": _mean(g["linf"]), "l2": _mean(g["l2"]), "seconds": _mean(g["seconds"]),
+            "score": benchmark_score(g),
         })
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
@@ -145,8 +155,9 @@ def clean_accuracy(df: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0,
     for key, g in clean.groupby(["compressor", "budget", "defense"], sort=True):
         lo, hi = accuracy_ci(g["correct"], level)
         rows.append({"compressor": key[0], "budget": key[1], "defense": key[2], "n": len(g),
-                     "accuracy": g["correct"].mean(), "ci_low": lo, "ci_high": hi})
-    return pd.DataFrame(rows, columns=["compressor", "budget", "defense", "n", "accuracy", "ci_low", "ci_high"])
+                     "accuracy": g["correct"].mean(), "ci_low": lo, "ci_high": hi, "score": benchmark_score(g)})
+    return pd.DataFrame(rows, columns=["compressor", "budget", "defense", "n", "accuracy", "ci_low", "ci_high",
+                                       "score"])
 
 
 def worst_case(df: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0,
@@ -386,6 +397,11 @@ GLOSSARY = [
      "'clean'); 95 % Clopper--Pearson interval.", "Standard; Clopper & Pearson (1934)"),
     ("clean accuracy", "Share of samples answered correctly on the unattacked image, per compressor x budget.",
      "Standard"),
+    ("score (benchmark metric)", "On benchmarks read from Hugging Face datasets: the mean of the benchmark's "
+     "official per-record metric (VQA soft accuracy over leave-one-out annotator subsets, GQA exact match, POPE / "
+     "MME yes-no accuracy); a record counts as correct when its score is at least 0.5. POPE's F1 and yes-ratio "
+     "and MME's perception / cognition scores are in the Benchmark section.",
+     "VQA (Antol et al., 2015), lmms-eval, POPE (Li et al., 2023), MME (Fu et al., 2023)"),
     ("attack success rate (ASR)", "Among the samples answered correctly on the clean image (same cell), the share "
      "the attack makes wrong.", "Standard"),
     ("overestimation gap", "Robust accuracy under the full-token baseline minus under the compression-aligned "

@@ -404,6 +404,16 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
 
     add("Clean accuracy", "Accuracy (%) on the unattacked images per compressor x budget x defense, 95 % "
         "Clopper–Pearson interval.", tables["clean"])
+    from .views import benchmark
+
+    bench = benchmark(df, manifest)
+    if not bench.empty:
+        add(f"Benchmark: {scenario.get('data', {}).get('preset')}",
+            "The benchmark's official figures per attack × ε × compressor × budget, no defense "
+            "(robustvtc.data.hf.aggregate): VQA soft accuracy or exact match (%), POPE accuracy / precision / recall / "
+            "F1 / yes-ratio (%), MME perception and cognition (points).",
+            bench.reset_index().assign(eps=lambda t: t["eps"].map(format_eps)).rename(columns={"eps": "ε"}),
+            formatted=True)
     add("Robust accuracy vs budget",
         "Accuracy (%) on the adversarial images, no defense; bands: 95 % Clopper–Pearson intervals. The rightmost "
         "point of each line is the full-token model (compressor none). Lines that drop as the budget shrinks mean "

@@ -313,6 +313,7 @@ class Campaign:
                     "kept_overlap": _at(overlap, b), "rank_spearman": _at(spearman, b),
                     "rank_kendall": _at(kendall, b), "kept_disruption": _at(disruption, b),
                     "linf": linf[b], "l2": l2[b], "seconds": seconds, "budget_mapping": self.mappings[cell],
+                    **self.task.record_fields(item, pred),  # hf benchmarks: score, category, question_id
                 }
 
     # ------------------------------------------------------------------ side files

@@ -11,6 +11,7 @@ are applied to the raw document *before* validation (black-style: the file sets 
     dtype: float32                   # float32 | bfloat16 | float16 (and fp32, bf16, fp16)
     threads: null                    # torch CPU threads; null = torch's default
     data: {source: synthetic, split: test}   # or {source: vqa_jsonl | vqa_folder | multiple_choice, path: ...}
+                                     # or {source: hf, path: DIR_OR_FILES, preset: textvqa, split: validation}
     samples: 50                      # the first N items of the data
     compressors: [none, visionzip, fastervlm]   # "none" (all tokens) is always evaluated
     budgets: [16, 32, 48]            # visual tokens reaching the LLM; "all" = every token
@@ -60,12 +61,12 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import UserInputError
 
-DATA_SOURCES = ("synthetic", "vqa_jsonl", "vqa_folder", "multiple_choice")
+DATA_SOURCES = ("synthetic", "vqa_jsonl", "vqa_folder", "multiple_choice", "hf")
 TOP_KEYS = ("name", "description", "model", "model_kwargs", "device", "dtype", "threads", "data", "samples",
             "compressors", "budgets", "eps", "schedule", "steps", "attacks", "defenses", "adaptive", "eot_samples",
             "seed", "batch_size", "output", "save_images", "examples", "fail_on_unreliable")
 REQUIRED = ("compressors", "budgets", "attacks")
-DATA_KEYS = ("source", "split", "path", "image_root", "csv_name", "max_new_tokens")
+DATA_KEYS = ("source", "split", "path", "preset", "image_root", "csv_name", "max_new_tokens")
 ATTACK_KEYS = ("name", "label", "eps")
 SCHEDULE_KEYS = ("steps", "alpha", "random_start")
 # the campaign schedule when the scenario says nothing (alpha None = eps/4 for each radius)
@@ -80,8 +81,9 @@ EPS_FORMAT = "a float like 0.03 or a fraction like '8/255'"
 @dataclass(frozen=True)
 class DataSpec:
     source: str = "synthetic"
-    split: str = "test"
+    split: str | None = "test"  # synthetic: the task's split; hf: the dataset's split (None = its only one)
     path: str | None = None
+    preset: str | None = None  # hf: the benchmark preset (robustvtc.data.presets)
     image_root: str | None = None
     csv_name: str = "questions.csv"
     max_new_tokens: int = 8
@@ -145,6 +147,8 @@ class Scenario:
         body = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
         if not paths:
             body["data"] = {**body["data"], "path": None, "image_root": None}
+        if body["data"].get("preset") is None:  # scenarios from before source hf keep their hash
+            body["data"] = {k: v for k, v in body["data"].items() if k != "preset"}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -367,15 +371,30 @@ def _data(c: _Check, raw: Any, base_dir: Path | None) -> DataSpec:
     source = c.choice(raw.get("source", "synthetic"), "data.source", DATA_SOURCES)
     spec: dict[str, Any] = {"source": source}
     if source == "synthetic":
-        for key in ("path", "image_root", "csv_name", "max_new_tokens"):
+        for key in ("path", "preset", "image_root", "csv_name", "max_new_tokens"):
             if key in raw:
                 c.fail(f"data.{key}", "only for file data", "source, split for the synthetic task")
         spec["split"] = c.choice(raw.get("split", "test"), "data.split", list(SPLIT_SEEDS))
         return DataSpec(**spec)
-    if "split" in raw:
-        c.fail("data.split", "only for the synthetic task", "source, path, image_root, csv_name, max_new_tokens")
+    if source == "hf":
+        from ..data.presets import PRESETS
+
+        if "preset" not in raw:
+            c.fail("data.preset", "missing", f"one of {', '.join(PRESETS)} for source hf (see docs/data.md)")
+        spec["preset"] = c.choice(raw["preset"], "data.preset", list(PRESETS))
+        spec["split"] = c.string(raw["split"], "data.split", "a split name of the dataset, like validation") \
+            if "split" in raw else None
+    else:
+        if "split" in raw:
+            c.fail("data.split", "only for the synthetic task and source hf",
+                   "source, path, image_root, csv_name, max_new_tokens")
+        if "preset" in raw:
+            c.fail("data.preset", "only for source hf", "source, path, image_root, csv_name, max_new_tokens")
+    if "csv_name" in raw and source == "hf":
+        c.fail("data.csv_name", "only for source vqa_folder", "source, path, preset, split, image_root, max_new_tokens")
     if "path" not in raw:
-        c.fail("data.path", "missing", f"the data file or folder of source {source} (see docs/data.md)")
+        c.fail("data.path", "missing", f"the data file or folder of source {source} (see docs/data.md)"
+               + ("; a save_to_disk folder, parquet/arrow files or a glob for hf" if source == "hf" else ""))
     for key in ("path", "image_root"):
         if key in raw:
             value = Path(c.string(raw[key], f"data.{key}")).expanduser()

@@ -2,7 +2,12 @@
 
 * synthetic -- the built-in task: the prediction is the most likely of the task's closed answer set;
 * multiple_choice -- LLaVA's MMBench protocol: options listed in the prompt, scored by their letters;
-* vqa_jsonl / vqa_folder -- open-ended: greedy generation, exact match against any reference answer.
+* vqa_jsonl / vqa_folder -- open-ended: greedy generation, exact match against any reference answer;
+* hf -- a benchmark from a local Hugging Face dataset (:mod:`robustvtc.data.hf`): the prompt is the question
+  with the preset's lmms-eval suffix, greedy generation, scored by the benchmark's official metric. Records
+  then carry ``score`` in [0, 1] (VQA soft accuracy, GQA exact match, POPE/MME yes/no) and ``correct`` =
+  ``score >= 0.5`` (:data:`CORRECT_AT`), the 0/1 reading every paired statistic needs; POPE and MME records also
+  carry ``category`` (and MME its image's ``question_id``) for :func:`robustvtc.data.hf.aggregate`.
 
 Every task predicts through a :class:`~robustvtc.target.Target` with optional shared visual tokens, so the
 campaign's one-encoder-pass-per-grid reuse holds whatever the data.
@@ -29,7 +34,12 @@ class Item:
     answers: tuple[str, ...]  # every accepted reference
     source: object  # a synthetic VQASample or an image path
     options: int = 0  # multiple choice: how many options the prompt lists
+    meta: tuple[tuple[str, str], ...] = ()  # hf: the preset's extra columns (category, question_id) as pairs
 
+
+# hf benchmarks: a record is "correct" when its official score is at least this (VQA accuracy: the answer of at
+# least 2 of 10 annotators, 0.6; exact-match and yes/no metrics are 0 or 1 and unaffected)
+CORRECT_AT = 0.5
 
 _HASHES: dict[tuple, str] = {}
 
@@ -75,6 +85,8 @@ class Task:
         if self.spec.source == "synthetic":
             return {"rows": None, "images": {}, "image_files": {}}
         rows = [[str(i.id), i.question, i.prompt, i.answer, list(i.answers), i.options] for i in self.items]
+        if self.spec.source == "hf":  # the preset and its columns decide the scores as much as the answers
+            rows = [[self.spec.preset, *row, [list(m) for m in i.meta]] for row, i in zip(rows, self.items)]
         images = {str(i.id): file_sha256(i.source) for i in self.items}
         files = {str(i.id): str(i.source) for i in self.items}
         return {"rows": hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16], "images": images,
@@ -89,6 +101,16 @@ class Task:
         if s.source == "synthetic":
             return [Item(x.index, x.qtype, x.question, x.question, x.answer, (x.answer,), x)
                     for x in S.generate_dataset(samples, s.split)]
+        if s.source == "hf":
+            from ..data.hf import load_hf
+
+            out = []
+            for x in load_hf(s.path, s.preset, split=s.split, samples=samples, image_root=s.image_root):
+                meta = tuple((k, str(v)) for k, v in x.meta.items() if v is not None)
+                qtype = dict(meta).get("category", s.preset)  # POPE / MME: by-type shows each category
+                out.append(Item(x.id, qtype, x.question, x.prompt, max(set(x.answers), key=x.answers.count),
+                                x.answers, x.image, meta=meta))
+            return out
         if s.source == "multiple_choice":
             items = loaders.load_multiple_choice(s.path, s.image_root)[:samples]
             return [Item(x.id, "multiple_choice", x.question, multiple_choice_prompt(x.question, x.options), x.letter,
@@ -128,10 +150,27 @@ class Task:
         fwd = target.forward(pixels, tokens)
         return target.adapter.generate(fwd.embeds, prompts, self.spec.max_new_tokens, in_llm=fwd.in_llm)
 
+    def score(self, item: Item, prediction: str) -> float | None:
+        """The benchmark's official per-record metric in [0, 1] (source hf), else None."""
+        if self.spec.source != "hf":
+            return None
+        from ..data.presets import PRESETS
+
+        return float(PRESETS[self.spec.preset].score(prediction, item.answers))
+
+    def record_fields(self, item: Item, prediction: str) -> dict:
+        """What a record carries besides the common fields: for hf, ``score`` and the preset's columns that
+        :func:`robustvtc.data.hf.aggregate` reads (category, question_id); nothing for the other sources."""
+        if self.spec.source != "hf":
+            return {}
+        return {"score": self.score(item, prediction), **dict(item.meta)}
+
     def correct(self, item: Item, prediction: str) -> bool:
         from ..scoring import exact_match
 
         if self.spec.source in ("synthetic", "multiple_choice"):
             return prediction == item.answer
+        if self.spec.source == "hf":
+            return self.score(item, prediction) >= CORRECT_AT
         return exact_match(prediction, item.answers) > 0
 

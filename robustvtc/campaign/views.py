@@ -26,32 +26,65 @@ def _percent(table: pd.DataFrame) -> pd.DataFrame:
     return (100 * table).round(1)
 
 
+def _metric(df: pd.DataFrame) -> str:
+    """The column a view averages: the benchmark's official ``score`` where the records carry one (hf data:
+    VQA soft accuracy, ...), else ``correct``."""
+    return "score" if "score" in df and df["score"].notna().all() and len(df) else "correct"
+
+
 def accuracy(df: pd.DataFrame, manifest: Mapping | None = None) -> pd.DataFrame:
-    """Clean accuracy (%): rows compressor, columns budget (the uncompressed model at its token count)."""
+    """Clean accuracy (%): rows compressor, columns budget (the uncompressed model at its token count). On a
+    benchmark (hf data) the benchmark's own metric: the mean ``score`` (VQA soft accuracy, ...)."""
     clean = _plain(df)[_plain(df)["attack"] == CLEAN]
-    return _percent(clean.pivot_table(index="compressor", columns="budget", values="correct", aggfunc="mean"))
+    return _percent(clean.pivot_table(index="compressor", columns="budget", values=_metric(clean), aggfunc="mean"))
+
+
+def benchmark(df: pd.DataFrame, manifest: Mapping | None = None) -> pd.DataFrame:
+    """The benchmark's official figures (data source hf) per attack x ε x compressor x budget, no defense, from
+    :func:`robustvtc.data.hf.aggregate`: TextVQA / VQAv2 / GQA score (%), POPE accuracy, precision, recall, F1 and
+    yes-ratio (%), MME perception and cognition (points, sums of per-category acc + acc+). Empty without one."""
+    from ..data.hf import aggregate
+
+    preset = (((manifest or {}).get("scenario") or {}).get("data") or {}).get("preset")
+    keys = ["attack", "eps", "compressor", "budget"]
+    if not preset or "score" not in df:
+        return pd.DataFrame(columns=keys).set_index(keys)
+    rows = []
+    for key, g in _plain(df).groupby(keys, sort=True):
+        records = [{"prediction": r["prediction"], "answers": [r["answer"]], "score": r["score"],
+                    "question_id": r.get("question_id", r["sample"]), "category": r.get("category", preset)}
+                   for r in g.to_dict("records")]
+        figures = {k: v for k, v in aggregate(preset, records).items() if isinstance(v, (int, float))}
+        if preset != "mme":  # fractions -> %; MME's scores are already points
+            figures = {k: 100 * v for k, v in figures.items()}
+        rows.append({**dict(zip(keys, key)), "n": len(g), **figures})
+    table = pd.DataFrame(rows).set_index(keys)
+    table[table.columns.drop("n")] = table[table.columns.drop("n")].round(1)
+    return table.loc[sorted(table.index, key=lambda k: (k[0] != CLEAN, k))]
 
 
 def by_type(df: pd.DataFrame, manifest: Mapping | None = None) -> pd.DataFrame:
-    """Clean accuracy (%) per question type: rows compressor x budget, columns the types and "all"."""
+    """Clean accuracy (%) per question type (POPE / MME: per category; the benchmark's score on hf data): rows
+    compressor x budget, columns the types and "all"."""
     clean = _plain(df)[_plain(df)["attack"] == CLEAN]
     if "qtype" not in clean or clean["qtype"].isna().all():
         clean = clean.assign(qtype="all")
-    table = clean.pivot_table(index=["compressor", "budget"], columns="qtype", values="correct", aggfunc="mean")
-    table["all"] = clean.groupby(["compressor", "budget"])["correct"].mean()
+    value = _metric(clean)
+    table = clean.pivot_table(index=["compressor", "budget"], columns="qtype", values=value, aggfunc="mean")
+    table["all"] = clean.groupby(["compressor", "budget"])[value].mean()
     return _percent(table)
 
 
 def attacks(df: pd.DataFrame, manifest: Mapping | None = None) -> pd.DataFrame:
     """Accuracy (%) under every attack and ε, no defense: rows attack (clean first), columns compressor@budget
-    and "all tokens". A stealth attack also gets a "(full tokens)" row: its images on the uncompressed model,
+    and "all tokens" (on hf data the benchmark's mean score). A stealth attack also gets a "(full tokens)" row: its images on the uncompressed model,
     which a stealthy attack leaves high while its own row drops."""
     roles = metrics.attack_roles(list(df["attack"].unique()), manifest)
     plain = _plain(df)
     rows = []
     for (attack, eps), g in plain.groupby(["attack", "eps"], sort=False):
         label = attack if attack == CLEAN else f"{attack} {format_eps(eps)}"
-        rows.append(_row(label, g, "correct"))
+        rows.append(_row(label, g, _metric(plain)))
         if roles.get(attack) == "stealth":
             compressed = g[g["compressor"] != NONE]
             rows.append(_row(f"{label} (full tokens)", compressed, "full_token_correct", full_column=False))
@@ -83,5 +116,5 @@ def verdict(df: pd.DataFrame, manifest: Mapping | None = None) -> pd.DataFrame:
 
 
 VIEWS: dict[str, Callable[[pd.DataFrame, Mapping | None], pd.DataFrame]] = {
-    "accuracy": accuracy, "by-type": by_type, "attacks": attacks, "verdict": verdict,
+    "accuracy": accuracy, "by-type": by_type, "attacks": attacks, "verdict": verdict, "benchmark": benchmark,
 }
