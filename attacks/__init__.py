@@ -3,14 +3,16 @@
 Every attack declares its threat model on the class (``Attack.threat``) and runs the shared PGD loop of
 :class:`~robustvtc.attacks.base.Attack`; :mod:`.bridge` runs torchattacks on an LVLM target.
 """
-from . import cage, fulltoken, known_budget, stealth, whitebox  # noqa: F401  (registration)
+from . import cage, cira, fata, fulltoken, known_budget, stealth, whitebox  # noqa: F401  (registration)
 from .base import ATTACKS, Attack, AttackResult, EncoderAttack, ThreatModel, get_attack, list_attacks, parse_eps
 from .bridge import CandidateLogits, run_torchattack
 from .cage import CAGE
+from .cira import CIRA
+from .fata import FATA
 from .fulltoken import FullToken
 from .known_budget import KnownBudget
 from .stealth import Stealth
 from .whitebox import WhiteBox
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "CAGE", "CandidateLogits", "EncoderAttack", "FullToken", "KnownBudget",
+__all__ = ["ATTACKS", "Attack", "AttackResult", "CAGE", "CIRA", "CandidateLogits", "FATA", "EncoderAttack", "FullToken", "KnownBudget",
            "Stealth", "ThreatModel", "WhiteBox", "get_attack", "list_attacks", "parse_eps", "run_torchattack"]
