@@ -221,7 +221,8 @@ class Attack:
                 best = self.gradient(clean, adv - clean, state, need_grad=False)[1]
         delta = (adv - clean).flatten(1)
         meta = {"attack": self.name, "params": self.hyperparameters(), "threat_model": asdict(self.threat),
-                "targeted": target_answers is not None, "target": repr(self.target),
+                "targeted": target_answers is not None or getattr(self, "target_answer", None) is not None,
+                "target": repr(self.target),
                 "linf": delta.abs().amax(dim=1).tolist(), "l2": delta.norm(dim=1).tolist()}
         return AttackResult(adv.detach(), torch.stack(trace), best, best_step, meta)
 

@@ -27,6 +27,9 @@ class Stealth(Attack):
             each against its own clean output; label-free.
         mu: weight of the full-token penalty.
         relaxation: as in :class:`~robustvtc.attacks.whitebox.WhiteBox`, for the compressed path.
+        target_answer: targeted stealth (loss "nll" only): the compressed path is pushed towards this answer
+            (its log-likelihood is maximised) while the full-token path keeps the true answer (the same hinge
+            on its NLL). ``target_answers=`` at call time does the same per sample and wins.
     """
 
     name = "stealth"
@@ -34,8 +37,12 @@ class Stealth(Attack):
     paper = "CAA, arXiv 2601.12042 (objective in its spirit; no reference code)"
     threat = ThreatModel(gradients="model", compressor_known=True, budget_known=True, uses_question=True)
 
-    def __init__(self, model, *, loss: str = "nll", mu: float = 1.0, relaxation: str | None = "auto", **common):
+    def __init__(self, model, *, loss: str = "nll", mu: float = 1.0, relaxation: str | None = "auto",
+                 target_answer: str | None = None, **common):
         super().__init__(model, **common)
+        from .whitebox import _target_answer
+
+        self.target_answer = _target_answer(target_answer, self.name)
         if self.target.budget == self.adapter.num_visual_tokens:
             raise UserInputError("stealth needs a compressed target (a compressor and a budget below the token count)")
         self.loss = check_choice(loss, ("nll", "kl"), "stealth loss")
@@ -61,11 +68,21 @@ class Stealth(Attack):
     def prepare(self, clean, questions, answers, target_answers):
         if self.loss == "nll" and answers is None:
             raise UserInputError("stealth with loss='nll' needs the answers; use loss='kl' without labels")
+        if target_answers is None and self.target_answer is not None:
+            target_answers = [self.target_answer] * clean.shape[0]
+        if target_answers is not None and self.loss != "nll":
+            raise UserInputError("targeted stealth needs loss='nll'")
         answers = None if answers is None else list(answers)
-        return list(questions), answers, self._deviations(self._paths(clean), questions, answers)
+        targets = None if target_answers is None else list(target_answers)
+        return list(questions), answers, targets, self._deviations(self._paths(clean), questions, answers)
 
     def objective(self, pixels: torch.Tensor, state) -> torch.Tensor:
-        questions, answers, (clean_c, clean_f) = state
+        questions, answers, targets, (clean_c, clean_f) = state
+        if targets is not None:  # compressed path towards the target, full-token path kept on the true answer
+            compressed, full = self._paths(pixels)
+            toward = -self.adapter.answer_loss(compressed.embeds, questions, targets, in_llm=compressed.in_llm)
+            adv_f = self.adapter.answer_loss(full.embeds, questions, answers, in_llm=full.in_llm)
+            return toward - self.mu * (adv_f - clean_f).clamp(min=0)
         adv_c, adv_f = self._deviations(self._paths(pixels), questions, answers)
         if self.loss == "nll":
             return adv_c - self.mu * (adv_f - clean_f).clamp(min=0)

@@ -19,9 +19,12 @@ from .base import ATTACKS, Attack, ThreatModel, attack_target, check_choice, ful
 @ATTACKS.register()
 class WhiteBox(Attack):
     """Untargeted: maximise the answer's negative log-likelihood. Targeted (``target_answers=`` at call
-    time): maximise the log-likelihood of the chosen answers.
+    time, or ``target_answer=`` as an option -- what a scenario or a pytest check sets): maximise the
+    log-likelihood of the chosen answers.
 
     Args:
+        target_answer: one answer every sample is pushed towards (e.g. "no"); None = untargeted unless
+            ``target_answers`` are given at call time (those win).
         path: "compressed" = through the given target's compressor and budget; "full" = through the
             full-token model (the transfer baseline: the image is then evaluated on compressed targets).
         relaxation: "auto" (straight-through where the compressor offers it: exact forward, gradients to
@@ -35,8 +38,10 @@ class WhiteBox(Attack):
     paper = "PGD (Madry et al. 2018) on the LVLM answer loss"
     threat = ThreatModel(gradients="model", compressor_known=True, budget_known=True, uses_question=True)
 
-    def __init__(self, model, *, path: str = "compressed", relaxation: str | None = "auto", **common):
+    def __init__(self, model, *, path: str = "compressed", relaxation: str | None = "auto",
+                 target_answer: str | None = None, **common):
         super().__init__(model, **common)
+        self.target_answer = _target_answer(target_answer, self.name)
         self.path = check_choice(path, ("compressed", "full"), "path")
         self.relaxation = relaxation
         if path == "compressed":
@@ -46,6 +51,8 @@ class WhiteBox(Attack):
 
     def prepare(self, clean, questions: Sequence[str] | None, answers: Sequence[str] | None,
                 target_answers: Sequence[str] | None):
+        if target_answers is None and self.target_answer is not None:
+            target_answers = [self.target_answer] * clean.shape[0]
         if target_answers is not None:
             return list(questions), list(target_answers), -1.0
         if answers is None:
@@ -55,3 +62,9 @@ class WhiteBox(Attack):
     def objective(self, pixels: torch.Tensor, state) -> torch.Tensor:
         questions, answers, sign = state
         return sign * self.gradient_target.answer_loss(pixels, questions, answers)
+
+
+def _target_answer(value, attack: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise UserInputError(f"{attack}: target_answer must be a non-empty answer string or null, got {value!r}")
+    return value

@@ -32,7 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import pytest
 
@@ -216,7 +216,8 @@ class _Runs:
         self.name = name
         self.records: list[dict] = []
         self._done: set = set()
-        self._eps: dict[str, list[float]] = {}  # attack -> radii the checks used, for the combined scenario
+        self._eps: dict[str, list[float]] = {}  # attack label -> radii the checks used, for the combined scenario
+        self._entries: dict[str, dict] = {}  # attack label -> its scenario entry (name, label, options)
 
     def records_for(self, scenario) -> list[dict]:
         """The records of ``scenario``, running only the units not yet computed."""
@@ -228,8 +229,12 @@ class _Runs:
             if unit not in self._done:
                 self.records.extend(list(campaign.run_unit(unit)))  # a unit's records all or none
                 self._done.add(unit)
+        from .campaign.scenario import SCHEDULE_KEYS
+
         for spec in scenario.attacks:
-            known = self._eps.setdefault(spec.name, [])
+            self._entries.setdefault(spec.label, {"name": spec.name, "label": spec.label, **{
+                k: v for k, v in spec.options.items() if k not in SCHEDULE_KEYS}})
+            known = self._eps.setdefault(spec.label, [])
             known += [e for e in spec.eps if e not in known]
         wanted = {(u.attack, u.eps) for u in units}
         return [r for r in self.records if (r["attack"], r["eps"]) in wanted]
@@ -244,7 +249,7 @@ class _Runs:
         from .campaign import parse_scenario, run_campaign
         from .campaign.records import MANIFEST, RESULTS
 
-        doc = {"name": self.name, **self.base, "attacks": [{"name": a, "eps": e} for a, e in self._eps.items()],
+        doc = {"name": self.name, **self.base, "attacks": [{**self._entries[a], "eps": e} for a, e in self._eps.items()],
                "output": str(self.folder)}
         scenario = parse_scenario(doc, source=self.name)
         (self.folder / "scenario.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -410,7 +415,7 @@ def _build_target(session: Session, model: str | None = None, compressor: str | 
     doc.setdefault("dtype", spec.dtype)
     adapter = session.adapter(spec.model, doc["device"], doc["dtype"], spec.model_kwargs)
     target = make_target(adapter, compressors[0], None if budgets[0] == "all" else budgets[0], spec.seed,
-                         defenses=doc.get("defenses", ()))
+                         defenses=doc.get("defenses", ()), scenario=spec)
     label = spec.defenses[0].label if spec.defenses else "none"
     return DeploymentTarget(target, doc, eval_set, label, session)
 
@@ -421,7 +426,9 @@ def _from_scenario(path: Path, session: Session) -> tuple[dict, EvalSet]:
 
     s = load_scenario(path)
     doc = {k: getattr(s, k) for k in SCENARIO_TARGET_KEYS}
-    doc.update(compressors=list(s.compressors), budgets=list(s.budgets),
+    compressors = [{"label": c, "name": s.compressor_specs[c]["name"], **s.compressor_specs[c]["options"]}
+                   if c in s.compressor_specs else c for c in s.compressors]  # plug-ins keep their options
+    doc.update(compressors=compressors, budgets=list(s.budgets),
                defenses=[{d.name: d.options} if d.options else d.name for d in s.defenses])
     return doc, EvalSet(s.data, session.samples or s.samples)
 
@@ -570,8 +577,11 @@ def _evaluate(target: DeploymentTarget, attacks: Sequence[str], eps: str | float
     from .campaign.report import format_eps
 
     _deployment(target)
-    for name in attacks:
-        if name not in ATTACKS:
+    entries = [_attack_entry(a) for a in attacks]
+    attacks = [label for label, _ in entries]
+    for _, entry in entries:
+        name = entry["name"]
+        if name not in ATTACKS and not str(name).startswith("torchattacks."):
             raise UserInputError(f"unknown attack {name!r}; accepted: {', '.join(ATTACKS.names())}")
     radius = parse_eps(eps)
     if not 0 < radius <= 1:
@@ -589,9 +599,9 @@ def _evaluate(target: DeploymentTarget, attacks: Sequence[str], eps: str | float
     runs = session.runs(base, target.target.adapter, f"{compressor}{budget}")
     eps_text = format_eps(radius)
     name = f"{compressor}{budget}-{'-'.join(attacks)}-{eps_text.replace('/', 'x')}"
-    doc = {"name": name, **base, "attacks": [{"name": a, "eps": [eps]} for a in attacks]}
+    doc = {"name": _slug(name), **base, "attacks": [{**entry, "eps": [eps]} for _, entry in entries]}
     scenario = _parse(doc, f"check in {session.current}")
-    name = f"{name}-{scenario.hash()[:8]}"
+    name = f"{_slug(name)}-{scenario.hash()[:8]}"
     doc.update(name=name, output=f"runs/robustvtc/{name}")
     path = session.scenario_dir / f"{name}.yaml"
     path.write_text("# written by robustvtc's pytest plugin; reproduce with: robustvtc run <this file> --overwrite\n"
@@ -601,6 +611,24 @@ def _evaluate(target: DeploymentTarget, attacks: Sequence[str], eps: str | float
     command = f"robustvtc run {shlex.quote(path.as_posix() if shown.startswith('..') else shown)} --overwrite"
     setting = f"{' and '.join(attacks)} at eps {eps_text}, {steps} steps, {n} samples of the {data.describe()}"
     return _Evaluation(target, records, radius, eps_text, command, setting)
+
+
+def _attack_entry(attack: str | Mapping) -> tuple[str, dict]:
+    """(label, scenario entry) of a check's ``attack``: a name, or a mapping with ``name`` and options
+    (``{"name": "whitebox", "target_answer": "no"}``, targeted), labelled ``whitebox(target_answer=no)``."""
+    if isinstance(attack, str):
+        return attack, {"name": attack}
+    if not isinstance(attack, Mapping) or "name" not in attack:
+        raise UserInputError(f"attack {attack!r} is not an attack; accepted: a name like 'cage' or a mapping "
+                             "{'name': 'whitebox', 'target_answer': 'no', ...}")
+    options = {k: v for k, v in attack.items() if k not in ("name", "label", "eps")}
+    label = attack.get("label") or (attack["name"] + ("(" + ",".join(f"{k}={options[k]}" for k in sorted(options))
+                                                      + ")" if options else ""))
+    return label, {"name": attack["name"], "label": label, **options}
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-._" else "-" for ch in text)
 
 
 def _conclude(run: _Evaluation, check: str, attack: str, figure: Figure, kind: str, bound: float,
@@ -646,18 +674,20 @@ def _fraction(value: Any, what: str) -> float:
 
 # ---------------------------------------------------------------------------------------------- assertions
 @_one_line
-def assert_robust(target: DeploymentTarget, *, eps: str | float, min_accuracy: float, attack: str = "cage",
+def assert_robust(target: DeploymentTarget, *, eps: str | float, min_accuracy: float, attack: str | Mapping = "cage",
                   samples: int | None = None, steps: int = DEFAULT_STEPS, data: EvalSet | None = None) -> Figure:
     """Robust accuracy of the deployed target under ``attack`` at ``eps`` must be >= ``min_accuracy``.
 
     Decided on the exact (Clopper–Pearson) interval at the session's confidence level: passes when the whole
     interval is at or above the bound, fails when it is entirely below, and is INCONCLUSIVE otherwise.
-    Returns the measured figure."""
+    ``attack``: a name, or a mapping with options, e.g. ``{"name": "whitebox", "target_answer": "no"}``
+    (targeted) or ``{"name": "torchattacks.APGD", "loss": "dlr"}``. Returns the measured figure."""
     __tracebackhide__ = True
     from . import stats
 
     bound = _fraction(min_accuracy, "min_accuracy")
     run = _evaluate(target, [attack], eps, steps, samples, data)
+    attack = _attack_entry(attack)[0]
     level = target.session.confidence
     robust, (k, n) = _accuracy(run.correct(attack), level)
     clean, _ = _accuracy(run.correct("clean"), level)
@@ -693,7 +723,8 @@ def assert_no_overestimation(target: DeploymentTarget, *, eps: str | float, max_
 
 @_one_line
 def assert_compression_not_weaker(target: DeploymentTarget, *, eps: str | float, max_drop: float = 0.05,
-                                  attack: str = "cage", samples: int | None = None, steps: int = DEFAULT_STEPS,
+                                  attack: str | Mapping = "cage", samples: int | None = None,
+                                  steps: int = DEFAULT_STEPS,
                                   data: EvalSet | None = None) -> Figure:
     """Robust accuracy of the same model with all visual tokens minus with the target's compression, paired
     over samples, must be <= ``max_drop``: compressing must not make the model much easier to attack.
@@ -707,6 +738,7 @@ def assert_compression_not_weaker(target: DeploymentTarget, *, eps: str | float,
         raise UserInputError("the target keeps every visual token (compressor 'none'), so there is nothing to "
                              "compare; accepted: a target with a compressor and a budget")
     run = _evaluate(target, [attack], eps, steps, samples, data)
+    attack = _attack_entry(attack)[0]
     level = target.session.confidence
     full = run.correct(attack, ("none", target.target.adapter.num_visual_tokens))
     compressed = run.correct(attack)
