@@ -19,6 +19,7 @@ import torch
 from ..errors import UserInputError
 from .base import VisualTokens
 from .hf import CLIP_MEAN, CLIP_STD, HFAdapter
+from .towers import output_of
 
 INTERNVL_PROMPT = "<|im_start|>user\n<img><IMG_CONTEXT></img>\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -70,9 +71,11 @@ class InternVLAdapter(HFAdapter):
                                  "pixel-shuffled groups of 4 patches); accepted: signal_layers=()")
         if validate:
             pixels = self.check_pixels(pixels)
-        out = self.model.model.vision_tower(pixel_values=self.normalize(pixels), output_hidden_states=True)
-        layer = self.model.config.vision_feature_layer  # -1: the tower's last_hidden_state, as transformers reads it
-        hidden = (out.last_hidden_state if layer == -1 else out.hidden_states[self.feature_layer + 1])[:, 1:]
+        tower, inputs = self.model.model.vision_tower, {"pixel_values": self.normalize(pixels)}
+        if self.model.config.vision_feature_layer == -1:  # the tower's last_hidden_state, as transformers reads it
+            hidden = tower(**inputs).last_hidden_state[:, 1:]
+        else:  # an earlier layer's output: the tower stops there
+            hidden = output_of(tower, tower.encoder.layer[self.feature_layer], inputs)[:, 1:]
         b, n, d = hidden.shape
         side = int(n ** 0.5)
         shuffled = self.model.model.pixel_shuffle(hidden.reshape(b, side, side, d), scale_factor=self.ratio)

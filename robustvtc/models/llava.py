@@ -97,9 +97,8 @@ class LlavaAdapter(HFAdapter):
 
     def _encode_crops(self, crops: torch.Tensor, signal_layers: Sequence[int]) -> tuple[torch.Tensor, dict]:
         """Normalised (B', 3, s, s) crops -> feature-layer hidden states (B', prefix + n, D), CLS first, and the
-        captured queries/keys of the feature layer and ``signal_layers``."""
-        hidden, captured = self.reader.run(crops, (self.feature_layer, *signal_layers))
-        return hidden[self.feature_layer + 1], captured
+        captured queries/keys of the feature layer and ``signal_layers``; the tower stops at the deepest layer read."""
+        return self.reader.features(crops, self.feature_layer, (self.feature_layer, *signal_layers))
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Multi-modal projector: (B, K, D_vision) -> (B, K, D_llm)."""

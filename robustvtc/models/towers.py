@@ -116,17 +116,10 @@ class TowerReader:
         return LayerSignals(pick(q), pick(k), float(scale), k[:, :, 1:p] if p > 1 else None)
 
     def run(self, pixel_values: torch.Tensor, signal_layers: Sequence[int]) -> tuple[tuple, dict[int, LayerSignals]]:
-        """Normalised pixels -> (hidden states of the embeddings and every layer, {layer: signals})."""
+        """Normalised pixels -> (hidden states of the embeddings and every layer, {layer: signals}): the whole
+        tower (:meth:`features` stops where nothing more is read)."""
         captured: dict[int, LayerSignals] = {}
-
-        def make_hook(idx):
-            def hook(module, args, kwargs):
-                h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                captured[idx] = self._signals(module, h)
-            return hook
-
-        wanted = sorted({self.layer_index(i) for i in signal_layers})
-        handles = [self.attention[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in wanted]
+        handles = self._capture(signal_layers, captured)
         try:
             out = self.tower(pixel_values=pixel_values, output_hidden_states=True)
         finally:
@@ -134,10 +127,69 @@ class TowerReader:
                 hd.remove()
         return out.hidden_states, captured
 
+    def features(self, pixel_values: torch.Tensor, feature_layer: int,
+                 signal_layers: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, LayerSignals]]:
+        """Normalised pixels -> (the output of encoder layer ``feature_layer``, {layer: signals}); the tower runs
+        only up to the deepest layer read -- the feature layer, or the attention input of a deeper signal layer."""
+        captured: dict[int, LayerSignals] = {}
+        feature = self.layer_index(feature_layer)
+        deepest = max((self.layer_index(i) for i in signal_layers), default=feature)
+        handles = self._capture(signal_layers, captured)
+        try:
+            hidden = output_of(self.tower, self.layers[feature], {"pixel_values": pixel_values},
+                               self.attention[deepest] if deepest > feature else None)
+        finally:
+            for hd in handles:
+                hd.remove()
+        return hidden, captured
+
+    def _capture(self, signal_layers: Sequence[int], captured: dict) -> list:
+        """Hooks that put the queries/keys of ``signal_layers`` into ``captured`` (remove the returned handles)."""
+        def make_hook(idx):
+            def hook(module, args, kwargs):
+                h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                captured[idx] = self._signals(module, h)
+            return hook
+
+        wanted = sorted({self.layer_index(i) for i in signal_layers})
+        return [self.attention[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in wanted]
+
     def split(self, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(B, prefix + N, D) states of one layer -> (CLS or None, the other non-patch tokens, the patches)."""
         cls = hidden[:, 0] if self.has_cls else None
         return cls, hidden[:, int(self.has_cls):self.num_prefix], hidden[:, self.num_prefix:]
+
+
+class _Reached(Exception):
+    """Raised by a hook once a tower has computed everything that is read: the rest of its forward is skipped."""
+
+
+def output_of(tower: torch.nn.Module, layer: torch.nn.Module, inputs: dict,
+              stop: torch.nn.Module | None = None) -> torch.Tensor:
+    """The output of ``layer`` (a module inside ``tower``) when ``tower(**inputs)`` runs, the forward cut short
+    right after it -- or, with ``stop`` (a deeper module whose input hooks still read), as ``stop`` is entered.
+    Nothing after the cut runs; what ran is the tower's own code (weights, SDPA, autograd graph unchanged)."""
+    got: dict = {}
+
+    def read(module, args, output):
+        got["out"] = output[0] if isinstance(output, (tuple, list)) else output
+        if stop is None:
+            raise _Reached
+
+    def cut(module, args, kwargs):
+        raise _Reached
+
+    handles = [layer.register_forward_hook(read)]
+    if stop is not None:  # registered after the capture hooks on ``stop``, so it runs after them
+        handles.append(stop.register_forward_pre_hook(cut, with_kwargs=True))
+    try:
+        tower(**inputs)
+    except _Reached:
+        pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    return got["out"]
 
 
 class VisionEncoder:
@@ -184,8 +236,9 @@ class VisionEncoder:
     def encode(self, pixels: torch.Tensor, signal_layers: Sequence[int] = (), validate: bool = True) -> VisualTokens:
         if validate:
             pixels = self.check_pixels(pixels)
-        hidden, captured = self.reader.run(self.normalize(pixels), (self.feature_layer, *signal_layers))
-        cls, _, patches = self.reader.split(hidden[self.feature_layer + 1])
+        hidden, captured = self.reader.features(self.normalize(pixels), self.feature_layer,
+                                                (self.feature_layer, *signal_layers))
+        cls, _, patches = self.reader.split(hidden)
         return VisualTokens(patches, cls, self.grid, self.feature_layer, captured, self.reader.num_layers)
 
 
