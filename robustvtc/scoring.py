@@ -102,6 +102,18 @@ def multiple_choice_prompt(question: str, options: Sequence[str]) -> str:
 
 
 @torch.no_grad()
+def letter_logprobs(target: "Target", pixels: torch.Tensor, prompts: Sequence[str], widths: Sequence[int],
+                    tokens=None) -> torch.Tensor:
+    """(B, max width) log-probability of each option letter after lettered prompts (LLaVA's MMBench protocol),
+    one batched forward; -inf past an item's last option."""
+    letters = option_letters(max(widths))
+    scores = target.candidate_logprobs(pixels, list(prompts), letters, tokens=tokens).float().cpu()
+    for b, width in enumerate(widths):
+        scores[b, width:] = float("-inf")
+    return scores
+
+
+@torch.no_grad()
 def option_logprobs(target: "Target", pixels: torch.Tensor, questions: Sequence[str],
                     options: Sequence[Sequence[str]], by: str = "letter") -> torch.Tensor:
     """(B, max options) log-probability of every option of every item; -inf past an item's last option.
@@ -112,13 +124,11 @@ def option_logprobs(target: "Target", pixels: torch.Tensor, questions: Sequence[
         raise UserInputError(f"unknown option scoring {by!r}; accepted: letter, text")
     if not len(questions) == len(options) == pixels.shape[0]:
         raise UserInputError(f"{pixels.shape[0]} images, {len(questions)} questions and {len(options)} option lists")
+    if by == "letter":
+        prompts = [multiple_choice_prompt(q, opts) for q, opts in zip(questions, options)]
+        return letter_logprobs(target, pixels, prompts, [len(o) for o in options])
     width = max(len(o) for o in options)
     out = torch.full((len(questions), width), float("-inf"))
     for b, (question, opts) in enumerate(zip(questions, options)):
-        letters = option_letters(len(opts))
-        if by == "letter":
-            scores = target.candidate_logprobs(pixels[b:b + 1], [multiple_choice_prompt(question, opts)], letters)
-        else:
-            scores = target.candidate_logprobs(pixels[b:b + 1], [question], list(opts))
-        out[b, :len(opts)] = scores[0].float().cpu()
+        out[b, :len(opts)] = target.candidate_logprobs(pixels[b:b + 1], [question], list(opts))[0].float().cpu()
     return out

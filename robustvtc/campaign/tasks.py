@@ -139,14 +139,10 @@ class Task:
 
             return target.predict(pixels, prompts, ANSWERS, tokens=tokens)
         if self.spec.source == "multiple_choice":
-            from ..scoring import option_letters
+            from ..scoring import letter_logprobs, option_letters
 
-            widths = [i.options for i in items]
-            letters = option_letters(max(widths))
-            scores = target.candidate_logprobs(pixels, prompts, letters, tokens=tokens).float()
-            for b, width in enumerate(widths):
-                scores[b, width:] = float("-inf")  # letters past an item's last option
-            return [letters[j] for j in scores.argmax(-1).tolist()]
+            scores = letter_logprobs(target, pixels, prompts, [i.options for i in items], tokens=tokens)
+            return [option_letters(scores.shape[1])[j] for j in scores.argmax(-1).tolist()]
         fwd = target.forward(pixels, tokens)
         return target.adapter.generate(fwd.embeds, prompts, self.spec.max_new_tokens, in_llm=fwd.in_llm)
 
