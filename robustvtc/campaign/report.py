@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..safe_io import FolderLock, atomic_write_text, write_csv
 from . import masking
-from . import metrics as M
+from . import metrics
 from .folder import check_report_folder
 from .formatting import Block, Section, format_eps, image_block, paragraph, render, table_block
 from .records import EXAMPLES, read_manifest
@@ -274,17 +274,17 @@ dd{margin-left:1.2em}@media (max-width:800px){body{margin:1em auto}table.t{font-
 table.t th,table.t td{padding:.15em .35em}}"""
 
 
-def build_tables(df: pd.DataFrame, n_boot: int = M.N_BOOT, seed: int = 0,
+def build_tables(df: pd.DataFrame, n_boot: int = metrics.N_BOOT, seed: int = 0,
                  roles: dict | None = None) -> dict[str, pd.DataFrame]:
-    roles = roles if roles is not None else M.attack_roles(list(df["attack"].unique()))
-    baselines = [a for a, r in roles.items() if r == M.BASELINE]
-    aligned = [a for a, r in roles.items() if r == M.ALIGNED]
-    gap = (M.overestimation_gap(df, baselines[0], aligned[0], n_boot=n_boot, seed=seed) if baselines and aligned
-           else M.overestimation_gap(df, n_boot=n_boot, seed=seed))
-    return {"summary": M.summary(df, n_boot, seed), "clean": M.clean_accuracy(df, n_boot, seed),
-            "worst_case": M.worst_case(df, n_boot, seed), "gap": gap, "verdict": M.verdict(df, roles)["table"],
-            "kept_distortion": M.kept_distortion(df, roles), "ranking": M.ranking_stability(df, n_boot, seed),
-            "perturbation": M.perturbation(df)}
+    roles = roles if roles is not None else metrics.attack_roles(list(df["attack"].unique()))
+    baselines = [a for a, r in roles.items() if r == metrics.BASELINE]
+    aligned = [a for a, r in roles.items() if r == metrics.ALIGNED]
+    gap = (metrics.overestimation_gap(df, baselines[0], aligned[0], n_boot=n_boot, seed=seed) if baselines and aligned
+           else metrics.overestimation_gap(df, n_boot=n_boot, seed=seed))
+    return {"summary": metrics.summary(df, n_boot, seed), "clean": metrics.clean_accuracy(df, n_boot, seed),
+            "worst_case": metrics.worst_case(df, n_boot, seed), "gap": gap, "verdict": metrics.verdict(df, roles)["table"],
+            "kept_distortion": metrics.kept_distortion(df, roles), "ranking": metrics.ranking_stability(df, n_boot, seed),
+            "perturbation": metrics.perturbation(df)}
 
 
 def _ci(value: float, low: float, high: float, signed: bool = False) -> str:
@@ -351,10 +351,10 @@ def _option(value) -> str:
 
 def _glossary() -> Section:
     return Section("Glossary", [Block("list", items=[f"{name}: {text} Source: {source}."
-                                                      for name, text, source in M.GLOSSARY])], anchor="glossary")
+                                                      for name, text, source in metrics.GLOSSARY])], anchor="glossary")
 
 
-def write_report(results: str | Path, out: str | Path | None = None, n_boot: int = M.N_BOOT,
+def write_report(results: str | Path, out: str | Path | None = None, n_boot: int = metrics.N_BOOT,
                  seed: int = 0, *, locked: bool = False) -> dict[str, Path]:
     """Write report.html, summary.md and tables/*.csv for a campaign folder (into ``out``, default
     ``results/report``); returns their paths. Holds the lock of the campaign folder (of ``out`` when it lies
@@ -370,9 +370,9 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
 
 
 def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str, Path]:
-    df = M.load_records(results)
+    df = metrics.load_records(results)
     manifest = read_manifest(results) or {}
-    roles = M.attack_roles(list(df["attack"].unique()), manifest)
+    roles = metrics.attack_roles(list(df["attack"].unique()), manifest)
     tables = build_tables(df, n_boot, seed, roles)
     check_report_folder(results, out, [*(f"tables/{name}.csv" for name in tables), "report.html", "summary.md"],
                         prepare=True)  # under the lock, before the first file
@@ -383,7 +383,7 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
 
     scenario = manifest.get("scenario", {})
     title = f"robustvtc report — {scenario.get('name', results.name)}"
-    worst, where = M.min_robust_accuracy(df)
+    worst, where = metrics.min_robust_accuracy(df)
     gate = (f"Lowest worst-case robust accuracy: {100 * worst:.1f} % at "
             + ", ".join(f"{k}={format_eps(v) if k == 'eps' else v}" for k, v in where.items()
                         if k in ("eps", "compressor", "budget", "defense"))
@@ -486,7 +486,7 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
 
 def _verdict_section(df: pd.DataFrame, roles: dict, manifest: dict, num_tokens: int | None, gate: str) -> Section:
     """The question the report exists for, first: does full-token testing overestimate robustness here?"""
-    v = M.verdict(df, roles)
+    v = metrics.verdict(df, roles)
     vt = v["table"]
     note = ("Per ε × compressor × budget, no defense: clean accuracy, robust accuracy under the strongest "
             "full-token baseline (" + (", ".join(v["baselines"]) or "none") + ") and under the strongest "
