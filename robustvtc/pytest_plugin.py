@@ -573,7 +573,7 @@ def _evaluate(target: DeploymentTarget, attacks: Sequence[str], eps: str | float
 
     from .attacks import ATTACKS
     from .attacks.base import parse_eps
-    from .campaign import metrics as M
+    from .campaign.metrics import frame
     from .campaign.report import format_eps
 
     _deployment(target)
@@ -606,7 +606,7 @@ def _evaluate(target: DeploymentTarget, attacks: Sequence[str], eps: str | float
     path = session.scenario_dir / f"{name}.yaml"
     path.write_text("# written by robustvtc's pytest plugin; reproduce with: robustvtc run <this file> --overwrite\n"
                     + yaml.safe_dump(doc, sort_keys=False))
-    records = M.frame(runs.records_for(scenario))
+    records = frame(runs.records_for(scenario))
     shown = os.path.relpath(path)
     command = f"robustvtc run {shlex.quote(path.as_posix() if shown.startswith('..') else shown)} --overwrite"
     setting = f"{' and '.join(attacks)} at eps {eps_text}, {steps} steps, {n} samples of the {data.describe()}"
