@@ -4,7 +4,8 @@ Every attack declares its threat model on the class (``Attack.threat``) and runs
 :class:`~robustvtc.attacks.base.Attack`; :mod:`.bridge` runs torchattacks on an LVLM target.
 """
 from . import cage, cira, fata, fulltoken, known_budget, stealth, whitebox  # noqa: F401  (registration)
-from .base import ATTACKS, Attack, AttackResult, EncoderAttack, ThreatModel, get_attack, list_attacks, parse_eps
+from .base import (ATTACKS, Attack, AttackResult, EncoderAttack, ThreatModel, attack_class, get_attack, list_attacks,
+                   parse_eps)
 from .bridge import CandidateLogits, run_torchattack
 from .cage import CAGE
 from .cira import CIRA
@@ -14,5 +15,6 @@ from .known_budget import KnownBudget
 from .stealth import Stealth
 from .whitebox import WhiteBox
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "CAGE", "CIRA", "CandidateLogits", "FATA", "EncoderAttack", "FullToken", "KnownBudget",
-           "Stealth", "ThreatModel", "WhiteBox", "get_attack", "list_attacks", "parse_eps", "run_torchattack"]
+__all__ = ["ATTACKS", "Attack", "AttackResult", "CAGE", "CIRA", "CandidateLogits", "EncoderAttack", "FATA", "FullToken",
+           "KnownBudget", "Stealth", "ThreatModel", "WhiteBox", "attack_class", "get_attack", "list_attacks", "parse_eps",
+           "run_torchattack"]

@@ -85,9 +85,11 @@ def run_torchattack(attack, images: torch.Tensor, labels: torch.Tensor) -> torch
 
     APGD runs its best-loss path (``perturb(..., best_loss=True)``, seeded like its default path): the
     highest-loss iterate per sample instead of the clean image for unflipped samples. For attacks that
-    return the clean image on failure and have no such path, a warning says so.
+    return the clean image on failure and have no such path, a warning says so. The images are handed over
+    contiguous (a permuted batch, e.g. from ``numpy -> permute``, crashes FAB's ``view``).
     """
     kind = type(attack).__name__
+    images = images.contiguous()  # FAB views its input (fab.py: .view on a permuted batch fails otherwise)
     if kind == "APGD":
         devices = [images.device] if images.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):

@@ -476,8 +476,13 @@ def list_cmd(kind, pattern):
     elif kind == "attacks":
         from .attacks import ATTACKS
 
+        from .attacks.torchattack import TorchAttack, refusal, torchattacks_names
+
         rows = [(n, getattr(c, "role", ""), c.threat.describe()) for n, c in ATTACKS.items()
                 if n in ATTACKS.names(pattern)]
+        threat = f"{TorchAttack.threat.describe()} (through the answer scores)"
+        rows += [(n, TorchAttack.role, threat if not refusal(n) else "refused in campaigns: " + refusal(n).split(";")[0])
+                 for n in torchattacks_names() if fnmatch.fnmatch(n, pattern)]
         _print_rows(("name", "role", "threat model"), rows)
     elif kind == "defenses":
         from .campaign.scenario import defense_registry

@@ -224,6 +224,14 @@ def attack_roles(labels: Sequence[str], manifest: Mapping | None = None) -> dict
         if label == "clean":
             continue
         name = names.get(label, label)
+        if name.startswith("torchattacks."):
+            from ..attacks import attack_class
+
+            try:
+                roles[label] = attack_class(name).role
+            except UserInputError:
+                roles[label] = "other"
+            continue
         roles[label] = getattr(ATTACKS.get(name), "role", "other") if name in ATTACKS.names() else "other"
     return roles
 

@@ -75,7 +75,7 @@ class Campaign:
     """A scenario bound to a loaded model and its data; :meth:`run_unit` turns a work unit into records."""
 
     def __init__(self, scenario: Scenario, adapter=None, output: str | Path | None = None):
-        from ..attacks import ATTACKS
+        from ..attacks import attack_class
         from ..models import load_model
 
         self.scenario = scenario
@@ -103,7 +103,7 @@ class Campaign:
         self.defenses = [NONE, *self._defense_specs]
         self.defense_cells = {d: self._applicable(d) for d in self.defenses}
         self.attacks = {a.label: a for a in scenario.attacks}
-        self.threats = {a.label: ATTACKS.get(a.name).threat for a in scenario.attacks}
+        self.threats = {a.label: attack_class(a.name).threat for a in scenario.attacks}
         self.crafts = {a.label: self._dry_run(a) for a in scenario.attacks}
         self._clean_cache: dict[tuple, dict[Cell, CellResult]] = {}
         self._noted: set[str] | None = None  # the output folder's ledger, loaded on first use
@@ -151,7 +151,7 @@ class Campaign:
 
     def _attack(self, spec, eps: float, craft: Craft, against: str, seed: int = 0):
         """The attack of one craft; crafted ``against`` a defense, with EOT when that target is randomised."""
-        from ..attacks import get_attack
+        from ..attacks import attack_class, get_attack
         from ..defenses import adaptive_attack_options
 
         cell = craft.against or self.full
@@ -160,7 +160,25 @@ class Campaign:
                 **spec.options, "eps": eps}
         if craft.budget is not None:
             opts["budget"] = craft.budget
+        if getattr(attack_class(spec.name), "needs_candidates", False):  # torchattacks: a classifier over answers
+            opts["candidates"] = self._candidates()
+        if self._chunk is not None:
+            target.encodings = self._chunk[2]  # the clean reference: read, not encoded again
         return get_attack(spec.name, target, **opts)
+
+    def _candidates(self) -> list[str]:
+        """The closed answer set of the task (what torchattacks attacks classify over)."""
+        source = self.scenario.data.source
+        if source == "synthetic":
+            from ..data.synthetic import ANSWERS
+
+            return list(ANSWERS)
+        if source == "multiple_choice":
+            from ..scoring import option_letters
+
+            return list(option_letters(max(i.options for i in self.task.items)))
+        raise UserInputError(f"torchattacks attacks classify over a closed answer set; data source {source!r} has "
+                             "open answers; accepted: synthetic or multiple_choice data, or the whitebox attack")
 
     def example_attack(self, label: str):
         """The attack ``label`` as constructed for its first image set (its resolved hyper-parameters)."""

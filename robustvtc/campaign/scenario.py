@@ -453,12 +453,41 @@ def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], 
     if not isinstance(raw, dict) or "name" not in raw:
         c.fail(path, f"expected an attack name or a mapping with 'name', got {_kind(raw)}",
                f"one of {', '.join(registry.names())}, or {{name: ..., eps: ..., steps: ..., <option>: ...}}")
+    if isinstance(raw["name"], str) and raw["name"].startswith("torchattacks."):
+        return _torchattack(c, raw, path, default_eps, schedule)
     name = c.choice(raw["name"], f"{path}.name", registry.names())
     cls = registry.get(name)
     options = [*cls._own_parameters(), *(k for k in COMMON_DEFAULTS if k != "eps")]
     if cls.threat.budget_known and not cls.threat.compressor_known:
         options.remove("budget")  # the campaign sets it to each budget of the grid
     c.keys(raw, path, [*ATTACK_KEYS, *options])
+    label = c.string(raw.get("label", name), f"{path}.label")
+    if label == "clean":
+        c.fail(f"{path}.label", "'clean' is reserved for the unattacked images", "any other label")
+    eps = ([c.eps(e, f"{path}.eps[{i}]") for i, e in enumerate(c.listing(raw["eps"], f"{path}.eps", "radii"))]
+           if "eps" in raw else default_eps)
+    opts = {k: v for k, v in raw.items() if k not in ATTACK_KEYS}
+    opts.update(_check_schedule(c, {**schedule, **{k: opts[k] for k in SCHEDULE_KEYS if k in opts}}, path))
+    _option_types(c, cls, opts, path)
+    return AttackSpec(name, label, tuple(dict.fromkeys(eps)), opts)
+
+
+def _torchattack(c: _Check, raw: dict, path: str, default_eps: list[float], schedule: dict) -> AttackSpec:
+    """``{name: torchattacks.<Class>, eps: ..., <keyword argument of the class>: ...}``: the class must exist and
+    have a radius, its options are the keyword arguments of its signature (plus the common ones)."""
+    from ..attacks.base import COMMON_DEFAULTS
+    from ..attacks.torchattack import _torch_class, refusal, torch_options, torchattacks_names
+
+    name = raw["name"]
+    try:
+        cls = _torch_class(name)
+    except UserInputError:
+        c.fail(f"{path}.name", f"{name!r} is not a torchattacks attack", ", ".join(torchattacks_names()))
+    problem = refusal(name)
+    if problem:
+        raise UserInputError(f"{c.source}: {path}: {problem}")
+    allowed = [*dict.fromkeys([*torch_options(name), *(k for k in COMMON_DEFAULTS if k != "eps")])]
+    c.keys(raw, path, [*ATTACK_KEYS, *(k for k in allowed if k != "eps")])
     label = c.string(raw.get("label", name), f"{path}.label")
     if label == "clean":
         c.fail(f"{path}.label", "'clean' is reserved for the unattacked images", "any other label")
