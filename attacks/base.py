@@ -19,7 +19,7 @@ from robustvtc.models.base import VisualTokens
 from robustvtc.registry import Registry
 from robustvtc.target import Target
 
-ATTACKS: Registry = Registry("attack")
+ATTACKS: Registry = Registry("attack", group="robustvtc.attacks")
 
 NORMS = {"linf": "Linf", "inf": "Linf", "l_inf": "Linf", "l2": "L2"}
 
@@ -296,6 +296,9 @@ class Attack:
             outside = _batch_norm(nearest) > self.eps * 255 + 1e-4
             q = torch.where(outside, toward, nearest)
         return (clean + q / 255).clamp(0, 1)
+
+
+ATTACKS.base = Attack  # module:Class references and entry-point plug-ins must subclass it
 
 
 class EncoderAttack(Attack):

@@ -25,7 +25,7 @@ from robustvtc.registry import Registry
 if TYPE_CHECKING:
     from robustvtc.target import Target
 
-DEFENSES: Registry = Registry("defense")
+DEFENSES: Registry = Registry("defense", group="robustvtc.defenses")
 
 HOOKS = {
     "input": "transforms the pixels before the vision encoder",
@@ -121,6 +121,9 @@ class Defense:
     def _randint(self, low: int, high: int, count: int) -> list[int]:
         """``count`` integers uniform in [low, high]."""
         return torch.randint(low, high + 1, (count,), generator=self._generator).tolist()
+
+
+DEFENSES.base = Defense  # module:Class references and entry-point plug-ins must subclass it
 
 
 class InputDefense(Defense):

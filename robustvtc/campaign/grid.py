@@ -7,6 +7,7 @@ reused across the whole compressor x budget grid, and only the compression + LLM
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -36,10 +37,19 @@ def parse_budgets(budgets: Iterable[int | str], num_tokens: int) -> list[int]:
 
 
 def make_target(adapter, compressor: str, budget: int | None = None, seed: int = 0,
-                defenses: Sequence = ()) -> Target:
-    """A target with a fresh compressor (a randomised one seeded with ``seed``) and optional defenses."""
-    cls = COMPRESSORS.get(compressor)
-    comp = cls(seed=seed) if cls.randomized else cls()
+                defenses: Sequence = (), scenario=None) -> Target:
+    """A target with a fresh compressor (a randomised one seeded with ``seed``) and optional defenses.
+
+    ``compressor``: a registered name, a plug-in, ``module.path:ClassName``, or a label of ``scenario``'s
+    ``compressors`` (which then gives the class and its options)."""
+    name, options = scenario.compressor_spec(compressor) if scenario is not None else (compressor, {})
+    cls = COMPRESSORS.get(name)
+    if cls.randomized and "seed" in inspect.signature(cls.__init__).parameters:
+        options["seed"] = seed
+    try:
+        comp = cls(**options)
+    except TypeError as exc:  # a plug-in's constructor refusing an option the scenario could not check
+        raise UserInputError(f"compressor {compressor!r}: {exc}") from None
     return Target(adapter, comp, budget, **({"defenses": list(defenses)} if defenses else {}))
 
 

@@ -95,7 +95,7 @@ class Campaign:
         self.mappings = {}
         for cell in self.cells:  # refuses compressors this model cannot run, before any work
             try:
-                self.mappings[cell] = make_target(self.adapter, *cell).budget_mapping()
+                self.mappings[cell] = make_target(self.adapter, *cell, scenario=scenario).budget_mapping()
             except UserInputError as exc:
                 raise UserInputError(f"compressors: {exc}") from None
         self._defense_specs = {d.label: d for d in scenario.defenses}
@@ -117,7 +117,8 @@ class Campaign:
         cells = []
         for cell in self.cells:
             try:
-                make_target(self.adapter, *cell, defenses=self._defense_objects(defense, 0, cell, calibrated=False))
+                make_target(self.adapter, *cell, defenses=self._defense_objects(defense, 0, cell, calibrated=False),
+                            scenario=self.scenario)
             except UserInputError as exc:
                 if cell == self.full:  # full_token_correct needs the full-token model under every defense
                     raise UserInputError(f"defenses ({defense}): {exc}") from None
@@ -155,7 +156,8 @@ class Campaign:
         from ..defenses import adaptive_attack_options
 
         cell = craft.against or self.full
-        target = make_target(self.adapter, *cell, seed=seed, defenses=self._defense_objects(against, seed, cell))
+        target = make_target(self.adapter, *cell, seed=seed, defenses=self._defense_objects(against, seed, cell),
+                             scenario=self.scenario)
         opts = {**adaptive_attack_options(target, self.scenario.eot_samples), "seed": self.scenario.seed,
                 **spec.options, "eps": eps}
         if craft.budget is not None:
@@ -211,7 +213,7 @@ class Campaign:
                 calibration = self.task
             pixels = calibration.pixels(calibration.items[:64], self.adapter)
             detector = self._defense_objects(label, 0, cell, calibrated=False)[0]
-            target = make_target(self.adapter, *cell, defenses=[detector])
+            target = make_target(self.adapter, *cell, defenses=[detector], scenario=self.scenario)
             self._thresholds[(label, cell)] = detector.calibrate(target, pixels)
         return self._thresholds[(label, cell)]
 
@@ -292,8 +294,8 @@ class Campaign:
     def _evaluate(self, cells: Sequence[Cell], pixels: torch.Tensor, items: Sequence[Item], defense: str,
                   seed: int) -> dict[Cell, CellResult]:
         with _seeded(seed):
-            targets = [make_target(self.adapter, *cell, seed=seed, defenses=self._defense_objects(defense, seed, cell))
-                       for cell in cells]
+            targets = [make_target(self.adapter, *cell, seed=seed, defenses=self._defense_objects(defense, seed, cell),
+                                   scenario=self.scenario) for cell in cells]
             results = evaluate_grid(targets, pixels, lambda t, px, tok: self.task.predict(t, px, items, tok),
                                     keep_maps=True)
         return dict(zip(cells, results))

@@ -13,7 +13,9 @@ are applied to the raw document *before* validation (black-style: the file sets 
     data: {source: synthetic, split: test}   # or {source: vqa_jsonl | vqa_folder | multiple_choice, path: ...}
                                      # or {source: hf, path: DIR_OR_FILES, preset: textvqa, split: validation}
     samples: 50                      # the first N items of the data
-    compressors: [none, visionzip, fastervlm]   # "none" (all tokens) is always evaluated
+    compressors: [none, visionzip, fastervlm]   # "none" (all tokens) is always evaluated; an entry may also be
+                                     # {name: ..., label: ..., <option>: ...} and a name may be a plug-in's
+                                     # entry-point name or an import path module.path:ClassName
     budgets: [16, 32, 48]            # visual tokens reaching the LLM; "all" = every token
     eps: [8/255]                     # default radii for attacks that do not set their own
     schedule:                        # the PGD schedule every attack of the campaign shares (see below)
@@ -36,7 +38,13 @@ are applied to the raw document *before* validation (black-style: the file sets 
     examples: 2                      # samples whose kept-token maps the report shows
     fail_on_unreliable: false        # exit 1 when a gradient-masking check is violated (also --fail-on-unreliable)
 
-Relative data paths resolve against the scenario file's folder.
+Relative data paths resolve against the scenario file's folder, and so do a compressor's, attack's or
+defense's file options (those its class lists in ``path_options``, e.g. a learned scorer's ``weights``).
+
+Plug-ins: a compressor, attack or defense name may be an installed plug-in's entry-point name (groups
+``robustvtc.compressors``, ``robustvtc.attacks``, ``robustvtc.defenses``) or an import path
+``module.path:ClassName`` (imported from sys.path and the current directory); its options are checked against
+the class's keyword arguments like a built-in's. See docs/plugins.md.
 
 Fair comparisons: attacks compared in one campaign run one schedule. Each attack's steps, alpha and
 random_start are resolved from ``schedule:`` (or its default) and stored explicitly in its options, so an
@@ -68,6 +76,8 @@ TOP_KEYS = ("name", "description", "model", "model_kwargs", "device", "dtype", "
 REQUIRED = ("compressors", "budgets", "attacks")
 DATA_KEYS = ("source", "split", "path", "preset", "image_root", "csv_name", "max_new_tokens")
 ATTACK_KEYS = ("name", "label", "eps")
+COMPRESSOR_KEYS = ("name", "label")
+IMPORT_PATH = "module.path:ClassName"
 SCHEDULE_KEYS = ("steps", "alpha", "random_start")
 # the campaign schedule when the scenario says nothing (alpha None = eps/4 for each radius)
 DEFAULT_SCHEDULE: dict[str, Any] = {"steps": 10, "alpha": None, "random_start": True}
@@ -134,6 +144,14 @@ class Scenario:
     save_images: bool = False
     examples: int = 2
     fail_on_unreliable: bool = False  # a gate on the records, not a setting of them
+    # compressor label -> {"name": registered name or module:Class, "options": {...}}, for every entry of
+    # ``compressors`` that is not a plain registered name without options (empty for most scenarios)
+    compressor_specs: dict = field(default_factory=dict)
+
+    def compressor_spec(self, label: str) -> tuple[str, dict]:
+        """(registry name or import path, options) of the compressor labelled ``label``."""
+        spec = self.compressor_specs.get(label)
+        return (label, {}) if spec is None else (spec["name"], dict(spec["options"]))
 
     def to_dict(self) -> dict:
         """The resolved scenario as plain data (what the manifest stores and the hash covers)."""
@@ -145,6 +163,8 @@ class Scenario:
         by content instead (:meth:`~robustvtc.campaign.tasks.Task.fingerprint`), so a moved data folder resumes;
         the manifest still records the path. ``paths=True``: the hash with them (robustvtc before that)."""
         body = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
+        if not body["compressor_specs"]:  # scenarios of registered names only keep their hash
+            del body["compressor_specs"]
         if not paths:
             body["data"] = {**body["data"], "path": None, "image_root": None}
         if body["data"].get("preset") is None:  # scenarios from before source hf keep their hash
@@ -312,12 +332,18 @@ def parse_scenario(raw: Any, source: str = "scenario", default_name: str = "scen
             out[key] = c.boolean(raw[key], key)
     out["data"] = _data(c, raw.get("data", {}), base_dir)
 
-    names = COMPRESSORS.names()
-    compressors = [c.choice(v, f"compressors[{i}]", names)
-                   for i, v in enumerate(c.listing(raw["compressors"], "compressors", "compressor names"))]
+    compressors, specs = [], {}
+    for i, v in enumerate(c.listing(raw["compressors"], "compressors", "compressor names")):
+        label, spec = _compressor(c, v, f"compressors[{i}]", COMPRESSORS, base_dir)
+        if label in specs or (spec is not None and label in compressors):
+            c.fail(f"compressors[{i}].label", f"duplicate {label!r}", "distinct labels (set label: to tell two apart)")
+        compressors.append(label)
+        if spec is not None:
+            specs[label] = spec
     if "none" not in compressors:  # the full-token reference every record is compared with
         compressors.insert(0, "none")
     out["compressors"] = tuple(dict.fromkeys(compressors))
+    out["compressor_specs"] = specs
     budgets = []
     for i, b in enumerate(c.listing(raw["budgets"], "budgets", "budgets")):
         if not (b == "all" or (isinstance(b, int) and not isinstance(b, bool) and b >= 1)):
@@ -327,12 +353,12 @@ def parse_scenario(raw: Any, source: str = "scenario", default_name: str = "scen
 
     default_eps = [c.eps(e, f"eps[{i}]") for i, e in enumerate(c.listing(raw.get("eps", "8/255"), "eps", "radii"))]
     out["schedule"] = schedule = _schedule(c, raw)
-    attacks = [_attack(c, a, f"attacks[{i}]", ATTACKS, default_eps, schedule)
+    attacks = [_attack(c, a, f"attacks[{i}]", ATTACKS, default_eps, schedule, base_dir)
                for i, a in enumerate([] if raw["attacks"] == [] else c.listing(raw["attacks"], "attacks", "attacks"))]
     _unique(c, [a.label for a in attacks], "attacks", "label", "attack labels (set label: to tell two apart)")
     out["attacks"] = tuple(attacks)
     defenses = [d for i, d in enumerate(c.listing(raw.get("defenses") or ["none"], "defenses", "defenses"))
-                for d in [_defense(c, d, f"defenses[{i}]")] if d is not None]
+                for d in [_defense(c, d, f"defenses[{i}]", base_dir)] if d is not None]
     _unique(c, [d.label for d in defenses], "defenses", "label", "distinct defense configurations")
     out["defenses"] = tuple(defenses)
     return Scenario(**out)
@@ -445,7 +471,60 @@ def schedule_differences(schedules: Mapping[str, Mapping[str, Any]], shared: Map
     return [label for label, s in schedules.items() if key(s) != reference]
 
 
-def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], schedule: dict) -> AttackSpec:
+def _plugin_class(c: _Check, name: Any, path: str, registry, extra: Sequence[str] = ()):
+    """The class of a registered name, an entry-point plug-in or a ``module.path:ClassName`` reference."""
+    from ..registry import is_import_path
+
+    if not is_import_path(name):
+        c.choice(name, path, [*extra, *registry.names(), IMPORT_PATH])
+    try:
+        return registry.get(name)
+    except UserInputError as exc:
+        raise UserInputError(f"{c.source}: {path}: {exc}") from None
+
+
+def _class_options(c: _Check, cls, options: dict, path: str, reserved: Sequence[str],
+                   base_dir: Path | None) -> dict:
+    """``options`` checked against ``cls.__init__``'s keywords and types; ``cls.path_options`` resolved against
+    the scenario's folder."""
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        allowed = [k for k, p in params.items() if k != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        c.keys(options, path, [*reserved, *allowed])
+    options = {k: v for k, v in options.items() if k not in reserved}
+    _option_types(c, cls, options, path)
+    return _resolve_paths(c, cls, options, path, base_dir)
+
+
+def _resolve_paths(c: _Check, cls, options: dict, path: str, base_dir: Path | None) -> dict:
+    """``options`` with the file options the class names in ``path_options`` resolved against ``base_dir``."""
+    for key in getattr(cls, "path_options", ()):
+        if key in options and options[key] is not None:
+            value = Path(c.string(options[key], f"{path}.{key}", "a file path")).expanduser()
+            options[key] = str(value if value.is_absolute() or base_dir is None else base_dir / value)
+    return options
+
+
+def _compressor(c: _Check, raw: Any, path: str, registry, base_dir: Path | None) -> tuple[str, dict | None]:
+    """(label, spec or None for a plain registered name) of one ``compressors`` entry."""
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict) or "name" not in raw:
+        c.fail(path, f"expected a compressor name or a mapping with 'name', got {_kind(raw)}",
+               f"a registered name, {IMPORT_PATH}, or {{name: ..., label: ..., <option>: ...}}")
+    name = c.string(raw["name"], f"{path}.name" if len(raw) > 1 else path)
+    cls = _plugin_class(c, name, path if len(raw) == 1 else f"{path}.name", registry)
+    options = _class_options(c, cls, raw, path, COMPRESSOR_KEYS, base_dir)
+    label = c.string(raw.get("label", cls.name if ":" not in cls.name else name), f"{path}.label")
+    if label != name and label in registry.names():
+        c.fail(f"{path}.label", f"{label!r} is a registered compressor's name", "a label of its own")
+    if label == name and not options:
+        return label, None
+    return label, {"name": name, "options": options}
+
+
+def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], schedule: dict,
+            base_dir: Path | None = None) -> AttackSpec:
     from ..attacks.base import COMMON_DEFAULTS
 
     if isinstance(raw, str):
@@ -455,8 +534,8 @@ def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], 
                f"one of {', '.join(registry.names())}, or {{name: ..., eps: ..., steps: ..., <option>: ...}}")
     if isinstance(raw["name"], str) and raw["name"].startswith("torchattacks."):
         return _torchattack(c, raw, path, default_eps, schedule)
-    name = c.choice(raw["name"], f"{path}.name", registry.names())
-    cls = registry.get(name)
+    name = raw["name"]
+    cls = _plugin_class(c, name, f"{path}.name", registry)
     options = [*cls._own_parameters(), *(k for k in COMMON_DEFAULTS if k != "eps")]
     if cls.threat.budget_known and not cls.threat.compressor_known:
         options.remove("budget")  # the campaign sets it to each budget of the grid
@@ -469,7 +548,7 @@ def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], 
     opts = {k: v for k, v in raw.items() if k not in ATTACK_KEYS}
     opts.update(_check_schedule(c, {**schedule, **{k: opts[k] for k in SCHEDULE_KEYS if k in opts}}, path))
     _option_types(c, cls, opts, path)
-    return AttackSpec(name, label, tuple(dict.fromkeys(eps)), opts)
+    return AttackSpec(name, label, tuple(dict.fromkeys(eps)), _resolve_paths(c, cls, opts, path, base_dir))
 
 
 def _torchattack(c: _Check, raw: dict, path: str, default_eps: list[float], schedule: dict) -> AttackSpec:
@@ -499,7 +578,7 @@ def _torchattack(c: _Check, raw: dict, path: str, default_eps: list[float], sche
     return AttackSpec(name, label, tuple(dict.fromkeys(eps)), opts)
 
 
-def _defense(c: _Check, raw: Any, path: str) -> DefenseSpec | None:
+def _defense(c: _Check, raw: Any, path: str, base_dir: Path | None = None) -> DefenseSpec | None:
     """A defense entry (None for "none", which is always evaluated)."""
     if isinstance(raw, str):
         name, options = raw, {}
@@ -515,11 +594,12 @@ def _defense(c: _Check, raw: Any, path: str) -> DefenseSpec | None:
     registry = defense_registry()
     if registry is None:
         c.fail(path, f"no defenses are registered in this install, so {name!r} is unknown", "none")
-    c.choice(name, path, ["none", *registry.names()])
-    params = inspect.signature(registry.get(name)).parameters
+    cls = _plugin_class(c, name, path, registry, extra=["none"])
+    params = inspect.signature(cls).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         allowed = [k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
         c.keys(options, f"{path}.{name}", allowed)
+    options = _resolve_paths(c, cls, dict(options), f"{path}.{name}", base_dir)
     label = name + ("(" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + ")" if options else "")
     return DefenseSpec(name, label, dict(options))
 

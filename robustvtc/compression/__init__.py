@@ -8,6 +8,8 @@ from . import (  # noqa: F401  (registration)
 from .base import Compressor, EncoderCompressor, InLLMCompressor, KeepPlan, PreLLMCompressor
 from .registry import COMPRESSORS
 
+COMPRESSORS.base = Compressor  # module:Class references and entry-point plug-ins must subclass it
+
 
 def get_compressor(name: str, **kwargs) -> Compressor:
     return COMPRESSORS.get(name)(**kwargs)

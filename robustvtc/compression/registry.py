@@ -1,3 +1,3 @@
 from ..registry import Registry
 
-COMPRESSORS: Registry = Registry("compressor")
+COMPRESSORS: Registry = Registry("compressor", group="robustvtc.compressors")
