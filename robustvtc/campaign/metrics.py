@@ -356,6 +356,62 @@ def kept_distortion(df: pd.DataFrame, roles: Mapping[str, str], level: float = s
     return pd.DataFrame(rows, columns=cols)
 
 
+FATA_COLUMNS = ["eps", "compressor", "attack", "role", "k_prac", "sr", "full_accuracy", "clean_full_accuracy", "cer",
+                "cer_low", "cer_high", "cbr", "cbr_n", "cbr_low", "cbr_high"]
+
+
+def practical_budget(df: pd.DataFrame, compressor: str, retention: float = 0.8) -> float:
+    """FATA's K_prac (arXiv 2609.39134, eq. 6) for one compressor, no defense: the smallest budget whose clean
+    accuracy keeps at least ``retention`` of the full-token clean accuracy; NaN when no budget does."""
+    clean = df[(df["attack"] == "clean") & (df["defense"] == "none") & ~df["adaptive"].astype(bool)]
+    full = clean[clean["compressor"] == "none"]["correct"].mean()
+    acc = clean[clean["compressor"] == compressor].groupby("budget")["correct"].mean()
+    ok = [int(k) for k, a in acc.items() if full > 0 and a / full >= retention]
+    return float(min(ok)) if ok else float("nan")
+
+
+def fata_metrics(df: pd.DataFrame, roles: Mapping[str, str] | None = None, level: float = stats.DEFAULT_LEVEL,
+                 retention: float = 0.8) -> pd.DataFrame:
+    """FATA's stealth-lethality figures (arXiv 2609.39134 §3.3) per attack x ε x compressor, no defense:
+
+    * K_prac -- :func:`practical_budget` (from clean results only, fixed across attacks);
+    * SR = Acc_attack@full / Acc_clean@full -- full-token accuracy retention (eq. 5);
+    * CER = 1 - Acc_attack@K_prac -- compressed error rate, not net of the clean error (eq. 7), with its
+      Clopper--Pearson interval;
+    * CBR -- among samples correct clean@full, attack@full and clean@K_prac, the share wrong attack@K_prac
+      (eq. 8), with its Clopper--Pearson interval and denominator cbr_n.
+    Empty when the campaign has no compressed cell or no attack."""
+    roles = roles or {}
+    plain = df[(df["defense"] == "none") & ~df["adaptive"].astype(bool)]
+    attacked = plain[plain["attack"] != "clean"]
+    clean_full = plain[(plain["attack"] == "clean") & (plain["compressor"] == "none")]["correct"].mean()
+    rows = []
+    for (eps, attack), g in attacked.groupby(["eps", "attack"], sort=True):
+        full = g[g["compressor"] == "none"]["correct"]
+        if full.empty:
+            continue
+        sr = full.mean() / clean_full if clean_full > 0 else float("nan")
+        for compressor in sorted(c for c in g["compressor"].unique() if c != "none"):
+            k = practical_budget(df, compressor, retention)
+            row = {"eps": eps, "compressor": compressor, "attack": attack, "role": roles.get(attack, "other"),
+                   "k_prac": k, "sr": sr, "full_accuracy": full.mean(), "clean_full_accuracy": clean_full,
+                   **{c: float("nan") for c in ("cer", "cer_low", "cer_high", "cbr", "cbr_low", "cbr_high")},
+                   "cbr_n": 0}
+            at = g[(g["compressor"] == compressor) & (g["budget"] == k)] if np.isfinite(k) else g.iloc[:0]
+            if not at.empty:
+                wrong = int((at["correct"] == 0).sum())
+                row["cer"] = wrong / len(at)
+                row["cer_low"], row["cer_high"] = stats.clopper_pearson(wrong, len(at), level)
+                eligible = at[(at["clean_full_token_correct"] == 1) & (at["full_token_correct"] == 1)
+                              & (at["clean_correct"] == 1)]
+                if len(eligible):
+                    blind = int((eligible["correct"] == 0).sum())
+                    row.update(cbr=blind / len(eligible), cbr_n=len(eligible))
+                    row["cbr_low"], row["cbr_high"] = stats.clopper_pearson(blind, len(eligible), level)
+            rows.append(row)
+    return pd.DataFrame(rows, columns=FATA_COLUMNS)
+
+
 def ranking_stability(df: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
     """Mean clean-vs-adversarial importance rank correlation per attack x ε x defense, one value per image."""
     keys = ["attack", "eps", "defense", "adaptive"]
@@ -422,6 +478,11 @@ GLOSSARY = [
     ("compression-only failure rate", "The same event as CSFR (wrong compressed, right with all tokens on the "
      "adversarial image) over all samples, whatever their clean answers; what robustvtc called CSFR before.",
      "robustvtc"),
+    ("SR / CER / CBR at K_prac", "K_prac: per compressor, the smallest budget whose clean accuracy keeps >= 80 % of "
+     "the full-token clean accuracy. SR: the attack's full-token accuracy / the clean full-token accuracy. CER: "
+     "1 - the attack's accuracy at K_prac. CBR: among samples correct clean with all tokens, attacked with all "
+     "tokens and clean at K_prac, the share wrong attacked at K_prac. Clopper--Pearson intervals.",
+     "FATA, arXiv 2609.39134"),
     ("kept-set overlap (kept_overlap)", "|kept_adv ∩ kept_clean| / K: the share of the K tokens the compressor "
      "keeps on the clean image that it still keeps on the adversarial one (1 = the selection did not move).",
      "CAGE, arXiv 2601.21531"),

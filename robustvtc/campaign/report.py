@@ -453,6 +453,22 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
         csfr[["attack", "eps", "compressor", "budget", "defense", "adaptive", "n", "attack_success_rate", "csfr",
               "csfr_n", "csfr_low", "csfr_high", "compression_only_failure_rate", "kept_overlap",
               "kept_disruption"]])
+    fata = M.fata_metrics(df, roles)
+    if not fata.empty:
+        shown = fata.assign(**{
+            "ε": fata["eps"].map(format_eps),
+            "K_prac": [("none" if not np.isfinite(k) else str(int(k))) for k in fata["k_prac"]],
+            "SR %": [f"{100 * v:.1f}" if np.isfinite(v) else "–" for v in fata["sr"]],
+            "CER % (CI)": [_ci(v, lo, hi) for v, lo, hi in fata[["cer", "cer_low", "cer_high"]].to_numpy()],
+            "CBR % (CI)": [_ci(v, lo, hi) for v, lo, hi in fata[["cbr", "cbr_low", "cbr_high"]].to_numpy()]})
+        add("Compression-triggered failures (FATA's SR, CER, CBR at K_prac)",
+            "Per attack × ε × compressor, no defense (FATA, arXiv 2609.39134): K_prac = the smallest budget whose "
+            "clean accuracy keeps ≥ 80 % of the full-token clean accuracy (from clean results only); SR = the "
+            "attack's full-token accuracy / the clean full-token accuracy (stealth: high is hidden from full-token "
+            "testing); CER = error at K_prac; CBR = among the cbr_n samples correct clean and attacked with all "
+            "tokens and clean at K_prac, the share wrong attacked at K_prac. 95 % Clopper–Pearson intervals.",
+            shown[["ε", "compressor", "attack", "role", "K_prac", "SR %", "CER % (CI)", "CBR % (CI)", "cbr_n"]],
+            formatted=True)
     add("Ranking stability",
         "Correlation of the clean and adversarial CLS-attention importance per image (1 = the attack left the "
         "ranking a compressor keeps tokens by intact), 95 % bootstrap interval for Spearman.", tables["ranking"],
