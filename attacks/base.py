@@ -336,15 +336,20 @@ def check_choice(value: Any, accepted: Sequence[str], what: str) -> str:
     return value
 
 
-IMPORTANCE_SCORES = ("attention", "norm")
+IMPORTANCE_SCORES = ("attention", "norm", "received")
 
 
 def importance(tokens: VisualTokens, score: str = "attention", layer: int | None = None) -> torch.Tensor:
     """Token importance (B, N) the way CLS-attention compressors rank tokens: head-mean CLS->patch attention
     of ``layer`` (None = the feature layer, LLaVA's penultimate, as VisionZip/FasterVLM and CAGE use) or,
-    with ``score="norm"``, the feature norm (CAGE's alternative)."""
-    if check_choice(score, IMPORTANCE_SCORES, "importance score") == "attention":
+    with ``score="norm"``, the feature norm (CAGE's alternative), or, with ``score="received"``, the attention
+    each token receives at the encoder's last layer -- VisionZip's CLS-free score in its official Qwen2.5-VL port
+    (``visionzip_qwen``; models with capability ``received_attention``)."""
+    choice = check_choice(score, IMPORTANCE_SCORES, "importance score")
+    if choice == "attention":
         return tokens.cls_attention(layer, reduce="mean").float()
+    if choice == "received":
+        return tokens.received_attention(layer).float()
     return tokens.norms().float()
 
 

@@ -106,7 +106,9 @@ class CAGE(EncoderAttack):
             is the paper form with λ = 200.
         layer: encoder layer of the importance score; None = the feature layer (official: ``attentions[-2]``
             with ``sel_layer=-2``, the same layer).
-        score: "attention" (official default) or "norm" (feature L2 norm, the official alternative).
+        score: "attention" (official default) or "norm" (feature L2 norm, the official alternative), or
+            "received" (encoders without CLS: the attention each token receives at the last vision layer,
+            VisionZip's score in its official Qwen2.5-VL port -- what ``visionzip_qwen`` keeps by).
 
     Common options as in :data:`robustvtc.attacks.base.COMMON_DEFAULTS`, with the defaults above.
     """

@@ -16,6 +16,8 @@ from ..errors import UserInputError
 CAPABILITIES = {
     "cls_token": "a CLS token in the vision encoder (CLS attention and CLS hidden state)",
     "encoder_rerun": "a single-crop CLIP vision tower it can re-run layer by layer on the pixels",
+    "received_attention": "the queries and keys of its vision encoder's last layer over the patches of each visual "
+                          "token (the attention a token receives: VisionZip's CLS-free score in its Qwen2.5-VL port)",
 }
 """What an adapter may offer and a compressor may require (``Compressor.requires``), with the words used in errors."""
 
@@ -79,6 +81,9 @@ class VisualTokens:
     lead: torch.Tensor | None = None  # (B, R, D_vision) non-patch tokens fed to the LLM before the patches
     aux: torch.Tensor | None = None  # (B, N, ...) per-patch features a family feeds its LLM besides the tokens
     # (Qwen3-VL's DeepStack features); a keep plan merges them like the tokens (HFAdapter.attach_aux)
+    # encoder patches per visual token: Qwen's 2 x 2 PatchMerger makes 4. The signals then hold N * patch_group
+    # patches, token i's group at [i * patch_group, (i + 1) * patch_group) (token order, no CLS)
+    patch_group: int = 1
 
     @property
     def batch_size(self) -> int:
@@ -130,9 +135,27 @@ class VisualTokens:
         raise UserInputError(f"unknown head reduction {reduce!r}; accepted: mean, sum, none")
 
     def keys(self, layer: int | None = None, reduce: str = "mean") -> torch.Tensor:
-        """Patch keys of ``layer`` without CLS: (B, N, head_dim) averaged over heads, or (B, heads, N, head_dim)."""
+        """Patch keys of ``layer`` without CLS: (B, N, head_dim) averaged over heads, or (B, heads, N, head_dim).
+        With ``patch_group`` > 1 a token's key is the mean of its patches' keys (VisionZip's Qwen2.5-VL port)."""
         k = self._join_crops(self.layer_signals(layer).keys[:, :, 0 if self.cls is None else 1:])
+        if self.patch_group > 1:
+            k = k.reshape(*k.shape[:2], -1, self.patch_group, k.shape[-1]).mean(dim=3)
         return k.mean(dim=1) if reduce == "mean" else k
+
+    def received_attention(self, layer: int | None = None) -> torch.Tensor:
+        """(B, N) the attention each visual token receives at ``layer`` (None = the feature layer), the score
+        VisionZip's official Qwen2.5-VL port ranks dominant tokens by when there is no CLS token
+        (``Qwen2_5_VL/qwen2_5vl_visionzip.py``, dvlab-research/VisionZip @ 68993a3): softmax(q k^T / sqrt(d))
+        of the layer's patches over the image, averaged over heads, summed over the queries (the attention each
+        patch receives), then averaged over the ``patch_group`` patches of each token."""
+        if self.cls is not None or self.crops > 1:
+            raise UserInputError("received attention is VisionZip's score for single-crop encoders without a CLS "
+                                 "token (Qwen2-VL, Qwen2.5-VL); accepted: cls_attention on this model")
+        s = self.layer_signals(layer)
+        q, k = s.queries.float(), s.keys.float()
+        att = (torch.einsum("bhqd,bhkd->bhqk", q, k) * s.scale).softmax(dim=-1)
+        received = att.mean(dim=1).sum(dim=1)  # (B, T): mean over heads, then summed over queries
+        return received.reshape(received.shape[0], -1, self.patch_group).mean(dim=-1)
 
     def norms(self) -> torch.Tensor:
         """L2 norm of every patch feature: (B, N)."""
@@ -153,7 +176,7 @@ class VisualTokens:
             self.features[index], None if self.cls is None else self.cls[index], self.grid, self.feature_layer,
             {k: v.rows(rows) for k, v in self.signals.items()},
             self.num_layers, self.crops, self.crop_order, None if self.lead is None else self.lead[index],
-            None if self.aux is None else self.aux[index],
+            None if self.aux is None else self.aux[index], self.patch_group,
         )
 
     def crop(self, c: int) -> "VisualTokens":

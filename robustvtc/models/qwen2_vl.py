@@ -9,7 +9,11 @@ ordered by 2 x 2 merge groups -- and the vision tower with ``image_grid_thw = (1
 Visual tokens are the PatchMerger's outputs (the LLM-input embeddings, in raster order over the merged
 grid; Qwen2.5-VL's window reordering is undone by the tower itself), so the projector is the identity.
 There is no CLS token: CLS-attention compressors (FasterVLM, VisionZip, VisPruner, PruMerge) and ToMe are
-refused; selection, pooling, diversity and in-LLM methods apply.
+refused; selection, pooling, diversity and in-LLM methods apply, and so does ``visionzip_qwen``, VisionZip's
+official CLS-free port: ``encode`` captures the queries and keys (after RoPE) of the last vision block, per
+image, in raster order of merged tokens with each token's 2 x 2 patches together (Qwen2.5-VL's window order
+undone), so that :meth:`~robustvtc.models.base.VisualTokens.received_attention` and ``keys`` give the port's
+score and merge keys (capability ``received_attention``).
 
 Positions: 3-D M-RoPE ids (temporal, height, width) computed on the unpruned layout -- text before the image
 0..P-1, the image's token at merged cell (r, c) gets (P, P + r, P + c), text after it continues from
@@ -24,7 +28,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UserInputError
-from .base import VisualEmbeds, VisualTokens
+from .base import LayerSignals, VisualEmbeds, VisualTokens
 from .hf import CLIP_MEAN, CLIP_STD, HFAdapter, batch_rows
 
 QWEN_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -37,7 +41,7 @@ class Qwen2VLAdapter(HFAdapter):
     hf_class = "Qwen2VLForConditionalGeneration"
     default_prompt = QWEN_PROMPT
     default_placeholder = "<|image_pad|>"
-    capabilities = frozenset()
+    capabilities = frozenset({"received_attention"})
 
     def __init__(self, model, tokenizer, *, image_mean: Sequence[float] = CLIP_MEAN,
                  image_std: Sequence[float] = CLIP_STD, image_size: int | tuple[int, int] | None = None,
@@ -82,18 +86,59 @@ class Qwen2VLAdapter(HFAdapter):
         return x.reshape(b * gh * gw * m * m, c * t * p * p)
 
     def encode(self, pixels: torch.Tensor, signal_layers: Sequence[int] = (), validate: bool = True) -> VisualTokens:
-        """The vision tower's merged tokens (B, N, D_llm); no CLS, no attention signals."""
-        if signal_layers:
-            raise UserInputError(f"the {self.family} vision encoder has no CLS token, so no attention signals are "
-                                 "captured; accepted: signal_layers=()")
+        """The vision tower's merged tokens (B, N, D_llm); no CLS. The last block's queries and keys are captured
+        (``signals[feature_layer]``, ``patch_group`` = merge**2 patches per token); other layers are not."""
+        if any(self._layer(layer) != self.feature_layer for layer in signal_layers):
+            raise UserInputError(f"the {self.family} vision encoder has no CLS token; only its last layer's queries "
+                                 f"and keys are captured (received attention); accepted: signal_layers=() or "
+                                 f"({self.feature_layer},)")
         if validate:
             pixels = self.check_pixels(pixels)
         b = pixels.shape[0]
         gh, gw = self.grid
         thw = torch.tensor([[1, gh * self.merge, gw * self.merge]] * b, device=pixels.device)
-        out = self.model.model.visual(self.patchify(self.normalize(pixels)), grid_thw=thw)
+        visual = self.model.model.visual
+        attn = visual.blocks[self.feature_layer].attn
+        seen: dict = {}
+        hooks = [attn.register_forward_pre_hook(lambda m, a, kw: seen.update(kw=kw), with_kwargs=True),
+                 attn.qkv.register_forward_hook(lambda m, a, out: seen.update(qkv=out))]
+        try:
+            out = visual(self.patchify(self.normalize(pixels)), grid_thw=thw)
+        finally:
+            for h in hooks:
+                h.remove()
         features = out.pooler_output.reshape(b, self.num_visual_tokens, -1)
-        return VisualTokens(features, None, self.grid, self.feature_layer, {}, self.num_vision_layers)
+        signals = {self.feature_layer: self._last_layer_signals(seen, attn, b, thw[:1])}
+        return VisualTokens(features, None, self.grid, self.feature_layer, signals, self.num_vision_layers,
+                            patch_group=self.merge ** 2)
+
+    def _layer(self, layer: int) -> int:
+        return layer + self.num_vision_layers if layer < 0 else layer
+
+    def _window_index(self, thw: torch.Tensor) -> torch.Tensor | None:
+        """Qwen2.5-VL's order of merged tokens inside its vision blocks (windows), None for Qwen2-VL."""
+        return None
+
+    def _last_layer_signals(self, seen: dict, attn, b: int, thw: torch.Tensor) -> LayerSignals:
+        """Queries and keys (after the vision RoPE) of the captured block, (B, heads, T, d) per image, merged
+        tokens in raster order with each token's patches together (the order the merger reads them)."""
+        import importlib
+
+        rope = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb_vision
+        qkv = seen["qkv"]
+        heads = attn.num_heads
+        q, k, _ = qkv.reshape(qkv.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = seen["kw"]["position_embeddings"]
+        q, k = rope(q, k, cos, sin)  # (T_all, heads, d)
+        group = self.merge ** 2
+        t = q.shape[0] // b
+        q, k = q.reshape(b, t, heads, -1), k.reshape(b, t, heads, -1)
+        order = self._window_index(thw)
+        if order is not None:  # window order -> raster order of merged tokens, per image
+            back = torch.argsort(order.to(q.device))
+            q = q.reshape(b, t // group, group, heads, -1)[:, back].reshape(b, t, heads, -1)
+            k = k.reshape(b, t // group, group, heads, -1)[:, back].reshape(b, t, heads, -1)
+        return LayerSignals(q.transpose(1, 2), k.transpose(1, 2), q.shape[-1] ** -0.5)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Identity: the PatchMerger (Qwen's projector) already ran inside ``encode``."""
@@ -139,3 +184,12 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 
     family = "qwen2_5_vl"
     hf_class = "Qwen2_5_VLForConditionalGeneration"
+
+    def _window_index(self, thw: torch.Tensor) -> torch.Tensor:
+        visual = self.model.model.visual
+        if hasattr(visual, "get_window_index"):  # transformers < 5.x
+            return visual.get_window_index(thw)[0]
+        from transformers.vision_utils import get_vision_window_index
+
+        return get_vision_window_index(thw, spatial_merge_size=visual.spatial_merge_size,
+                                       window_size=visual.window_size, patch_size=visual.patch_size)[0]

@@ -31,6 +31,8 @@ class DeepStackEmbeds(VisualEmbeds):
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     hf_class = "Qwen3VLForConditionalGeneration"
+    # VisionZip's CLS-free port (received attention) is published for Qwen2.5-VL only; none is captured here
+    capabilities = frozenset()
 
     def __init__(self, model, tokenizer, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
