@@ -33,7 +33,12 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "eot_samples": 1,     # gradient averaged over this many draws of a randomised target (EOT)
     "quantize": False,    # round the result to the 8-bit grid, as saving a PNG would
+    "evade_detection": "auto",  # against a detection defense, evade it and the task at once (see Attack.__call__)
 }
+
+
+# an iterate the detector flags ranks below every iterate it does not flag (the best iterate evades if any did)
+DETECTED_PENALTY = 1e6
 
 
 def get_attack(name: str, *args, **kwargs) -> "Attack":
@@ -130,6 +135,13 @@ class Attack:
 
     ``model`` is a :class:`~robustvtc.target.Target` or an LVLM adapter (wrapped as the full-token target).
     Call an attack like torchattacks: ``attack(pixels, questions, answers)`` -> :class:`AttackResult`.
+
+    Against a target with a detection defense (``evade_detection`` "auto", the default, or true) the loop is
+    detection-aware -- it evades the detector and the task at once, the selective variant of Bryniarski et al.'s
+    orthogonal PGD (ICLR 2022): at each step a sample the detector flags takes a step down the detector's
+    differentiable statistic, the others a step up the attack's objective, and the returned iterate is the best
+    one the detector does not flag (the best flagged one only when every iterate was flagged). The campaign's
+    adaptive evaluation crafts against each defended target, so this is used there automatically.
     """
 
     name: ClassVar[str]
@@ -163,6 +175,10 @@ class Attack:
         if self.eot_samples < 1:
             raise UserInputError("eot_samples must be >= 1")
         self.quantize = bool(opts["quantize"])
+        if opts["evade_detection"] not in ("auto", True, False):
+            raise UserInputError(f"evade_detection must be 'auto', true or false, got {opts['evade_detection']!r}")
+        self.evade_detection = opts["evade_detection"]
+
 
     @property
     def adapter(self):
@@ -215,10 +231,19 @@ class Attack:
             best = torch.full((batch,), -math.inf, device=clean.device)
             best_delta, best_step = delta.clone(), torch.zeros(batch, dtype=torch.long, device=clean.device)
             trace = []
+            detectors = self._detectors()
             for step in range(self.steps + 1):
                 last = step == self.steps
                 grad, loss = self.gradient(clean, delta, state, need_grad=not last)
                 trace.append(loss)
+                rank = loss
+                if detectors:  # selective steps: a flagged sample descends the detector, the others the task
+                    flagged = self.target.detect(clean + delta).to(clean.device)
+                    rank = torch.where(flagged, loss - DETECTED_PENALTY, loss)  # undetected iterates rank first
+                    if not last and bool(flagged.any()):
+                        grad = torch.where(flagged.view(-1, *[1] * (grad.dim() - 1)),
+                                           -self._detector_gradient(clean, delta, detectors), grad)
+                loss = rank
                 better = loss > best
                 best = torch.where(better, loss, best)
                 best_delta[better] = delta[better]
@@ -235,6 +260,21 @@ class Attack:
                 "target": repr(self.target),
                 "linf": delta.abs().amax(dim=1).tolist(), "l2": delta.norm(dim=1).tolist()}
         return AttackResult(adv.detach(), torch.stack(trace), best, best_step, meta)
+
+    def _detectors(self) -> list:
+        """The target's detection defenses the attack evades ("auto": whenever the target has one)."""
+        if self.evade_detection is False:
+            return []
+        found = [d for d in getattr(self.target, "defenses", ()) if getattr(d, "hook", None) == "detection"]
+        if self.evade_detection is True and not found:
+            raise UserInputError(f"{self.name}: evade_detection=true needs a target with a detection defense")
+        return found
+
+    def _detector_gradient(self, clean: torch.Tensor, delta: torch.Tensor, detectors) -> torch.Tensor:
+        """∇δ of the detectors' differentiable statistics (``DetectionDefense.surrogate``), summed."""
+        d = delta.detach().requires_grad_(True)
+        total = sum(det.surrogate(self.target, clean + d).sum() for det in detectors)
+        return torch.autograd.grad(total, d)[0]
 
     def gradient(self, clean: torch.Tensor, delta: torch.Tensor, state: Any,
                  need_grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:

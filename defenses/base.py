@@ -203,6 +203,12 @@ class DetectionDefense(Defense):
         """(B,) higher = more suspicious."""
         raise NotImplementedError
 
+    def surrogate(self, target: "Target", pixels: torch.Tensor) -> torch.Tensor:
+        """(B,) a differentiable stand-in for :meth:`statistic` (higher = more suspicious) that detection-aware
+        attacks descend; the statistic itself by default (a detector whose statistic has no gradient overrides)."""
+        with torch.enable_grad():
+            return self.statistic(target, pixels)
+
     def calibrate(self, target: "Target", clean: torch.Tensor, fpr: float | None = None) -> float:
         """Set the threshold so that at most ``fpr`` (default: the defense's own) of ``clean`` is flagged."""
         fpr = self.fpr if fpr is None else fpr

@@ -65,3 +65,15 @@ class RankingInstability(DetectionDefense):
         b, k = pixels.shape[0], self._k(target)
         aligned = view_scores_aligned(scores[b:], tokens.grid, tuple(pixels.shape[-2:]), shifts)
         return 1 - torch.stack([topk_overlap(scores[:b], a, k) for a in aligned]).mean(dim=0)
+
+    def surrogate(self, target: "Target", pixels: torch.Tensor) -> torch.Tensor:
+        """(B,) differentiable stand-in for the statistic: 1 - the mean Pearson correlation between the input's
+        importance and each shifted copy's (aligned); the top-k overlap itself has no gradient."""
+        views, shifts = shifted_views(pixels, self.shift, self.views)
+        tokens = target.adapter.encode(torch.cat([pixels, views]), validate=False)
+        scores = tokens.cls_attention().float()
+        b = pixels.shape[0]
+        aligned = view_scores_aligned(scores[b:], tokens.grid, tuple(pixels.shape[-2:]), shifts)
+        centre = lambda x: x - x.mean(dim=-1, keepdim=True)  # noqa: E731
+        corr = [torch.nn.functional.cosine_similarity(centre(scores[:b]), centre(a), dim=-1) for a in aligned]
+        return 1 - torch.stack(corr).mean(dim=0)
