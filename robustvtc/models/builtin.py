@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from .llava import LlavaAdapter
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+BUILTIN_DEIT_DIR = Path(__file__).resolve().parent / "builtin_deit"  # "builtin-deit": pretrained DeiT-tiny tower,
+# frozen; projector and LLM trained by tools/builtin_deit_recipe.py on the task rendered at 224 px (196 tokens)
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"  # llava-1.5-hf's format, so one adapter serves both
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
