@@ -25,7 +25,7 @@ def parse(**changes):
     ({"compressors": ["fastervlm", "fasterVLM"]}, "compressors[1]: 'fasterVLM' is not accepted; accepted: dart,"),
     ({"budgets": [16, 0]}, "budgets[1]: 0 is not a budget; accepted: integers >= 1 (visual tokens kept) or 'all'"),
     ({"budgets": []}, "budgets: empty; accepted: one or more budgets"),
-    ({"attacks": ["fulltoken", "pgd"]}, "attacks[1].name: 'pgd' is not accepted; accepted: cage, fulltoken"),
+    ({"attacks": ["fulltoken", "pgd"]}, "attacks[1].name: 'pgd' is not accepted; accepted: cage, cira, fata, fulltoken"),
     ({"attacks": [{"name": "cage", "lambda": 1}]}, "attacks[0].lambda: unknown key; accepted: name, label, eps, k_min"),
     ({"attacks": [{"name": "cage", "eps": ["8/255", "eight"]}]},
      "attacks[0].eps[1]: 'eight' is not a radius; accepted: a float like 0.03 or a fraction like '8/255'"),
