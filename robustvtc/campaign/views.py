@@ -115,6 +115,98 @@ def verdict(df: pd.DataFrame, manifest: Mapping | None = None) -> pd.DataFrame:
     return metrics.verdict(df, roles)["table"]
 
 
+# ---------------------------------------------------------------------------------------------- protocols
+DOWNSAMPLING = "pooling"
+"""VTC-Bench's filter compressor. VTC-Bench (arXiv 2510.07143, ``tools/analyze_results.py``) downsamples the image
+by an integer factor D (bicubic, ``(w // D, h // D)``) before a dynamic-resolution model's processor, which then
+makes 1/D^2 of the tokens. A fixed-resolution model always makes N tokens, so its downsampling at budget K is the
+D x D average pooling of its token grid (``pooling`` at K = N / D^2, UniPruneBench's ``Pool_PreLLM``)."""
+
+
+def _sample_sets(clean: pd.DataFrame, compressor: str, budget: int | None = None) -> set:
+    cell = clean[(clean["compressor"] == compressor) & ((clean["budget"] == budget) if budget is not None else True)]
+    return set(cell.loc[cell["correct"].astype(bool), "sample"])
+
+
+def difficulty(df: pd.DataFrame, manifest: Mapping | None = None, filter_compressor: str = DOWNSAMPLING
+               ) -> pd.DataFrame:
+    """VTC-Bench's difficulty split. Among the samples the uncompressed model answers correctly (clean), a sample
+    is "easy" at budget K when the downsampling baseline (``pooling`` at K) also answers it correctly (their
+    group B) and "difficult" otherwise (group A); each other compressor's accuracy (%) on each group at the same
+    K -- on the clean images as VTC-Bench reports, and on each attack x ε's images (membership stays the clean
+    one), no defense -- with the group sizes and 95 % Clopper-Pearson intervals. Empty without ``pooling``
+    records. Correctness is the records' ``correct`` (on hf data: the benchmark score >= 0.5, VTC-Bench's rule
+    for POPE / OCRBench / MME / MMStar)."""
+    from ..stats import clopper_pearson
+
+    keys = ["attack", "compressor", "budget"]
+    plain = _plain(df)
+    clean = plain[plain["attack"] == CLEAN]
+    budgets = sorted(clean.loc[clean["compressor"] == filter_compressor, "budget"].unique())
+    if not budgets:
+        return pd.DataFrame(columns=keys).set_index(keys)
+    solved = _sample_sets(clean, NONE)
+    rows = []
+    for (attack, eps, compressor, budget), g in plain.groupby(["attack", "eps", "compressor", "budget"], sort=True):
+        if compressor in (NONE, filter_compressor) or budget not in budgets:
+            continue
+        easy = solved & _sample_sets(clean, filter_compressor, budget)
+        groups = {"easy": easy, "difficult": solved - easy}
+        row = {"attack": attack if attack == CLEAN else f"{attack} {format_eps(eps)}", "compressor": compressor,
+               "budget": int(budget)}
+        for name, members in groups.items():
+            hit = g[g["sample"].isin(members)]["correct"].astype(bool)
+            k, n = int(hit.sum()), int(len(hit))
+            lo, hi = clopper_pearson(k, n) if n else (float("nan"), float("nan"))
+            row.update({f"{name} n": n, f"{name} %": round(100 * k / n, 1) if n else float("nan"),
+                        f"{name} 95% CI": f"{100 * lo:.0f}-{100 * hi:.0f}" if n else "-"})
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=keys).set_index(keys)
+    table = pd.DataFrame(rows).set_index(keys)
+    return table.loc[sorted(table.index, key=lambda k: (k[0] != CLEAN, k[0], k[2], k[1]))]
+
+
+def uniprunebench(df: pd.DataFrame, manifest: Mapping | None = None) -> pd.DataFrame:
+    """UniPruneBench's comparison table (arXiv 2511.02650): accuracy (%) per method at each pruning ratio
+    1 - K/N (66.7 / 77.8 / 88.9 % for K = N/3, 2N/9, N/9, their keep ratios 0.333 / 0.222 / 0.111), with the
+    unpruned model and each method's mean over the ratios; rows attack (clean first, as the benchmark reports)
+    x method, with the method's stage. No defense."""
+    from ..compression import COMPRESSORS
+
+    plain = _plain(df)
+    full = plain[plain["compressor"] == NONE]
+    if full.empty:
+        return pd.DataFrame()
+    n = int(full["budget"].iloc[0])
+    value = _metric(plain)
+    rows = []
+    for (attack, eps), g in plain.groupby(["attack", "eps"], sort=False):
+        label = attack if attack == CLEAN else f"{attack} {format_eps(eps)}"
+        unpruned = 100 * g[g["compressor"] == NONE][value].mean()
+        for compressor, cells in g[g["compressor"] != NONE].groupby("compressor"):
+            try:
+                stage = COMPRESSORS.get(compressor).stage
+            except Exception:  # noqa: BLE001 -- a plug-in label: its class is in the manifest, not the registry
+                stage = ""
+            row = {"attack": label, "method": compressor, "stage": stage}
+            ratios = []
+            for budget, cell in sorted(cells.groupby("budget")):
+                column = f"{100 * (1 - budget / n):.1f}% (K={budget})"
+                row[column] = round(100 * cell[value].mean(), 1)
+                ratios.append(row[column])
+            row["mean"] = round(sum(ratios) / len(ratios), 1)
+            row["unpruned"] = round(unpruned, 1)
+            rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows).set_index(["attack", "method"])
+    ratio_columns = sorted([c for c in table.columns if c.endswith(")")], key=lambda c: float(c.split("%")[0]))
+    table = table[["stage", *ratio_columns, "mean", "unpruned"]]
+    return table.loc[sorted(table.index, key=lambda k: (k[0] != CLEAN, k[0], -table.loc[k, "mean"]))]
+
+
 VIEWS: dict[str, Callable[[pd.DataFrame, Mapping | None], pd.DataFrame]] = {
     "accuracy": accuracy, "by-type": by_type, "attacks": attacks, "verdict": verdict, "benchmark": benchmark,
+    "difficulty": difficulty, "uniprunebench": uniprunebench,
 }
