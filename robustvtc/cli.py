@@ -470,9 +470,9 @@ def list_cmd(kind, pattern):
     elif kind == "compressors":
         from .compression import COMPRESSORS
 
-        rows = [(n, c.stage, "yes" if c.text_aware else "no", c.native_knob) for n, c in COMPRESSORS.items()
-                if n in COMPRESSORS.names(pattern)]
-        _print_rows(("name", "stage", "text-aware", "native knob"), rows)
+        rows = [(n, c.stage, "yes" if c.text_aware else "no", c.native_knob, getattr(c, "fidelity", "") or "-")
+                for n, c in COMPRESSORS.items() if n in COMPRESSORS.names(pattern)]
+        _print_rows(("name", "stage", "text-aware", "native knob", "fidelity"), rows)
     elif kind == "attacks":
         from .attacks import ATTACKS
 

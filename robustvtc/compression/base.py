@@ -33,6 +33,9 @@ class Compressor:
     text_aware: ClassVar[bool] = False
     randomized: ClassVar[bool] = False
     native_knob: ClassVar[str] = "budget"  # the method's own control and how the budget maps to it
+    # how closely the rule follows the published one, where it departs ("" = re-stated from the official code);
+    # shown by `robustvtc list compressors`
+    fidelity: ClassVar[str] = ""
     relaxable: ClassVar[bool] = False  # offers relaxation="straight_through"/"soft_topk"
     normalized_plan: ClassVar[bool] = True  # keep-plan rows sum to 1 (False: the method adds, not averages)
     # model capabilities the method needs (keys of robustvtc.models.base.CAPABILITIES, e.g. "cls_token");
