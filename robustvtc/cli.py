@@ -204,6 +204,11 @@ def _resume_command() -> str:
 @click.option("-o", "--output", default=None, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Override the scenario's torch CPU threads (1 is faster on a machine another job keeps busy).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+              help="Where units run: in this process, or as Ray actors across GPUs and nodes (pip install "
+              "\"robustvtc[ray]\"); only this process writes the output folder.")
+@click.option("--address", default=None, metavar="ADDR", help="The Ray cluster: auto (the running one), "
+              "ray://HEAD:10001, or none for a local cluster; implies --executor ray.")
 @SET
 @click.option("--resume", is_flag=True, help="Continue the campaign in the output folder (same scenario only).")
 @click.option("--overwrite", is_flag=True, help="Delete the files campaigns wrote in the output folder (listed in "
@@ -217,8 +222,8 @@ def _resume_command() -> str:
 @JSON
 @verbosity
 @handle_errors
-def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, save_images, output, threads, sets,
-        resume, overwrite, allow_existing_files, dry_run, report, fail_under, confidence, on_inconclusive,
+def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, save_images, output, threads, executor,
+        address, sets, resume, overwrite, allow_existing_files, dry_run, report, fail_under, confidence, on_inconclusive,
         fail_on_unreliable, as_json, quiet):
     """Run a campaign: results.jsonl + manifest.json (+ report/) in the scenario's output folder.
 
@@ -230,17 +235,19 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
       robustvtc run my.yaml --samples 20 --device cuda --dtype bf16 -o runs/try1
       robustvtc run my.yaml --dry-run                # what would run, and about how long
       robustvtc run my.yaml --resume                 # after a crash or Ctrl-C
+      robustvtc run my.yaml --executor ray --address auto   # units on a Ray cluster's GPUs
       robustvtc run my.yaml -q --fail-under 40       # CI gate: exit 1 below 40 %, 4 if undecided
     """
     if resume and overwrite:
         raise UserInputError("--resume and --overwrite contradict each other; accepted: one of them")
     from .campaign import load_scenario, run_campaign
-    from .campaign import metrics as M
+    from .campaign.metrics import load_records
     from .campaign.records import read_manifest
 
     flags = {"model": model, "samples": samples, "seed": seed, "device": device, "dtype": dtype,
              "batch_size": batch_size, "eot_samples": eot_samples, "save_images": save_images, "output": output,
-             "threads": threads}
+             "threads": threads, "executor.type": "ray" if address and not executor else executor,
+             "executor.address": address}
     spec = load_scenario(scenario, _overrides(flags, sets))
     if spec.threads:
         import torch
@@ -261,7 +268,7 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
     except KeyboardInterrupt:
         click.echo(f"interrupted; continue with: {_resume_command()}", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    df = M.load_records(out)
+    df = load_records(out)
     if report:
         LOG.info(f"report: {out / 'report' / 'report.html'}")
     gate = _robustness_gate(df, fail_under, confidence)
@@ -342,7 +349,7 @@ def rebuild_manifest_cmd(scenario, output, sets):
 @main.command("report")
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", default=None, type=click.Path(file_okay=False), help="Default: RESULTS/report.")
-@click.option("--view", "views", multiple=True, metavar="NAME",
+@click.option("--view", "view_names", multiple=True, metavar="NAME",
               help="Print a table instead of writing the report (repeatable): accuracy, by-type, attacks, verdict.")
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Bootstrap resamples (continuous per-image measures: rank correlations).")
@@ -351,7 +358,7 @@ def rebuild_manifest_cmd(scenario, output, sets):
 @JSON
 @verbosity
 @handle_errors
-def report_cmd(results, out, views, bootstrap, seed, fail_under, confidence, on_inconclusive, fail_on_unreliable,
+def report_cmd(results, out, view_names, bootstrap, seed, fail_under, confidence, on_inconclusive, fail_on_unreliable,
                as_json):
     """Write report.html (self-contained), summary.md and tables/*.csv from a campaign's results, or print
     one of its views.
@@ -362,18 +369,18 @@ def report_cmd(results, out, views, bootstrap, seed, fail_under, confidence, on_
       robustvtc report runs/clean_grid --view accuracy --view by-type
       robustvtc report runs/nightly --fail-under 40 --json   # gate on stored results, summary on stdout
     """
-    from .campaign import metrics as M
-    from .campaign import views as V
+    from .campaign import views
+    from .campaign.metrics import load_records
     from .campaign.records import read_manifest
 
-    df = M.load_records(results)
+    df = load_records(results)
     manifest = read_manifest(results)
-    unknown = [v for v in views if v not in V.VIEWS]
+    unknown = [v for v in view_names if v not in views.VIEWS]
     if unknown:
-        raise UserInputError(f"unknown view {unknown[0]!r}; accepted: {', '.join(V.VIEWS)}")
+        raise UserInputError(f"unknown view {unknown[0]!r}; accepted: {', '.join(views.VIEWS)}")
     paths = {}
-    if views:
-        tables = {name: V.VIEWS[name](df, manifest) for name in views}
+    if view_names:
+        tables = {name: views.VIEWS[name](df, manifest) for name in view_names}
         if not as_json:
             for name, table in tables.items():
                 click.echo(f"{name}:\n{table.to_string(na_rep='–')}\n")
@@ -389,7 +396,7 @@ def report_cmd(results, out, views, bootstrap, seed, fail_under, confidence, on_
     if as_json:
         data = _summary(df, manifest, results, gate, unreliable)
         data["report"] = {k: str(v) for k, v in paths.items()}
-        if views:
+        if view_names:
             data["views"] = {name: json.loads(table.reset_index().to_json(orient="records"))
                              for name, table in tables.items()}
         _emit_json(data)
@@ -416,12 +423,12 @@ def compare(a, b, fail_drop, confidence, on_inconclusive, csv_path, as_json):
     Example:
       robustvtc compare runs/baseline runs/candidate --fail-drop 5
     """
-    from .campaign import metrics as M
     from .campaign.formatting import display_table
     from .campaign.gates import comparison_gate
+    from .campaign.metrics import load_records
     from .safe_io import write_csv
 
-    result = comparison_gate(M.load_records(a), M.load_records(b), (fail_drop or 0) / 100, confidence)
+    result = comparison_gate(load_records(a), load_records(b), (fail_drop or 0) / 100, confidence)
     table = result.cells
     if table.empty:
         raise UserInputError(f"{a} and {b} share no attack x eps x compressor x budget x defense cell")
