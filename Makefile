@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(BIN)/robustvtc: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0            # first: the CPU wheel; nothing may pull the CUDA build
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,ray]"             # ray: tests/test_ray_executor.py runs a local cluster
 	$(BIN)/pip install -q --no-deps torchattacks==3.5.1  # its declared deps drag in torchvision
 	@$(BIN)/python -c "import importlib.util,sys; sys.exit('torchvision is installed: it breaks transformers LLaVA imports here' if importlib.util.find_spec('torchvision') else 0)"
 	@touch $@

@@ -27,3 +27,16 @@ class LocalExecutor:
     def run(self, campaign: UnitRunner, units: Sequence[Hashable], done: AbstractSet[tuple]) -> Iterator[dict]:
         for unit in units:
             yield from campaign.run_unit(unit, done)
+
+
+def make_executor(spec=None) -> Executor:
+    """The executor a scenario's ``executor:`` names (an :class:`~robustvtc.campaign.scenario.ExecutorSpec`;
+    None = local). ``ray`` without Ray installed is one line saying how to install it."""
+    if spec is None or spec.type == "local":
+        return LocalExecutor()
+    if spec.type == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(address=spec.address, gpus_per_unit=spec.gpus_per_unit, cpus_per_unit=spec.cpus_per_unit,
+                           workers=spec.workers)
+    raise ValueError(f"unknown executor type {spec.type!r}")

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..safe_io import (LEDGER_NAME, FolderLock, atomic_write_text, atomic_write_with, read_ledger, refuse_symlink,
-                       remove_stale_temps)
+from ..safe_io import (LEDGER_NAME, FolderLock, atomic_write_bytes, atomic_write_text, atomic_write_with, read_ledger,
+                       refuse_symlink, remove_stale_temps)
 from .folder import OWN, check_folder, check_report_folder, check_resume, clear, legacy_files, note_written
-from .executor import Executor, LocalExecutor
+from .executor import Executor, make_executor
 from .progress import Progress
 from .grid import CellResult, evaluate_grid, kept_disruption, kept_overlap, make_target, parse_budgets, rank_correlations
 from .records import (CLEAN, EXAMPLES, IMAGES, KEY_FIELDS, MANIFEST, NONE, RESULTS, ResultsWriter, example_key,
@@ -338,15 +338,12 @@ class Campaign:
 
     # ------------------------------------------------------------------ side files
     def _save_images(self, unit: WorkUnit, items, craft: Craft, against: str, adv: torch.Tensor) -> None:
-        folder = self.output / IMAGES
-        folder.mkdir(parents=True, exist_ok=True)
         where = "all" if craft.against is None else f"{craft.against[0]}@{craft.against[1]}"
         where += f"-K{craft.budget}" if craft.budget is not None else ""
         names = [f"{_slug(item.id)}_{_slug(unit.attack)}_eps{unit.eps:.5f}_{where}_vs-{_slug(against)}.png"
                  for item in items]
-        self._note([f"{IMAGES}/{n}" for n in names])
         for name, image in zip(names, adv):
-            save_png(image, folder / name)
+            self._write_png(f"{IMAGES}/{name}", image)
 
     def _save_examples(self, unit: WorkUnit, items, cells, clean, adv, clean_px, adv_px) -> None:
         """Kept-token maps of the first ``examples`` samples (clean vs adversarial), for the report."""
@@ -354,15 +351,12 @@ class Campaign:
         rows = [b for b in range(len(items)) if first + b < self.scenario.examples]
         if self.output is None or not rows:
             return
-        folder = self.output / EXAMPLES
-        folder.mkdir(parents=True, exist_ok=True)
         lines = []
         for b in rows:
             item = items[b]
             stem = f"{_slug(item.id)}_{_slug(unit.attack)}_eps{unit.eps:.5f}"
-            self._note([f"{EXAMPLES}/examples.jsonl", f"{EXAMPLES}/{_slug(item.id)}_clean.png", f"{EXAMPLES}/{stem}.png"])
-            save_png(clean_px[b], folder / f"{_slug(item.id)}_clean.png")
-            save_png(adv_px[b], folder / f"{stem}.png")
+            self._write_png(f"{EXAMPLES}/{_slug(item.id)}_clean.png", clean_px[b])
+            self._write_png(f"{EXAMPLES}/{stem}.png", adv_px[b])
             for cell in cells:
                 a, c = adv[cell], clean[cell]
                 grid = list(c.tokens.grid)
@@ -373,7 +367,23 @@ class Campaign:
                               "adv_image": f"{stem}.png",
                               "kept_clean": c.kept[b].nonzero().flatten().tolist(),
                               "kept_adv": a.kept[b].nonzero().flatten().tolist()})
-        path = folder / "examples.jsonl"
+        self._append_examples(lines)
+
+    # side files go through these three: a distributed executor's worker ships them to the driver instead
+    # (robustvtc.campaign.ray_executor), which writes them with write_side_files -- one writer per folder
+    def _write_png(self, name: str, image: torch.Tensor) -> None:
+        """A PNG at ``name`` (relative to the output folder), noted in the ledger before it is written."""
+        self._note([name])
+        save_png(image, self.output / name)
+
+    def _append_examples(self, lines: list[dict]) -> None:
+        """Append kept-token map entries to examples.jsonl, each key once (a unit run again on resume)."""
+        if not lines:
+            return
+        name = f"{EXAMPLES}/examples.jsonl"
+        path = self.output / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._note([name])
         refuse_symlink(path)
         if self._examples is None:
             self._examples = read_example_keys(path, repair=True)
@@ -382,6 +392,15 @@ class Campaign:
             with open(path, "a", encoding="utf-8") as f:
                 f.write("".join(json.dumps(line) + "\n" for line in lines))
             self._examples.update(example_key(line) for line in lines)
+
+    def write_side_files(self, files: Sequence[tuple]) -> None:
+        """Write what a worker's unit shipped: ("png", name, PNG bytes) and ("examples", entries), in order."""
+        for entry in files:
+            if entry[0] == "png":
+                self._note([entry[1]])
+                atomic_write_bytes(self.output / entry[1], entry[2])
+            elif entry[0] == "examples":
+                self._append_examples(entry[1])
 
     def _note(self, names: Sequence[str]) -> None:
         """Note files in the output folder's ledger before writing them (what --overwrite may remove)."""
@@ -423,6 +442,18 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
     array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     atomic_write_with(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """The bytes :func:`save_png` writes (what a worker ships to the driver instead of writing a file)."""
+    import io
+
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _slug(value) -> str:
@@ -510,6 +541,9 @@ def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume
     check_folder(out, scenario, resume, overwrite, allow_existing)  # fail fast, before loading the model
     if report:
         check_report_folder(out, out / "report")
+    executor = executor or make_executor(scenario.executor)  # executor: ray without ray installed fails here
+    if adapter is None and hasattr(executor, "driver_adapter"):
+        adapter = executor.driver_adapter(scenario)  # e.g. Ray: the driver plans on the CPU, workers hold GPUs
     campaign = Campaign(scenario, adapter, output=out)
     data = campaign.task.fingerprint()
     with FolderLock(out, log):
@@ -546,7 +580,7 @@ def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume
         written = 0
         try:
             with Progress(scenario.name, len(expected), len(done & expected), quiet=quiet) as bar:
-                for record in (executor or LocalExecutor()).run(campaign, pending, done):
+                for record in executor.run(campaign, pending, done):
                     writer.write(record)
                     written += 1
                     bar.update(1)

@@ -37,6 +37,8 @@ are applied to the raw document *before* validation (black-style: the file sets 
     save_images: false               # PNG of every adversarial image under output/images/
     examples: 2                      # samples whose kept-token maps the report shows
     fail_on_unreliable: false        # exit 1 when a gradient-masking check is violated (also --fail-on-unreliable)
+    executor: {type: local}          # or {type: ray, address: auto, gpus_per_unit: 1, cpus_per_unit: 1, workers: 4}:
+                                     # units as Ray actors across GPUs and nodes (docs/distributed.md)
 
 Relative data paths resolve against the scenario file's folder, and so do a compressor's, attack's or
 defense's file options (those its class lists in ``path_options``, e.g. a learned scorer's ``weights``).
@@ -72,7 +74,7 @@ from ..errors import UserInputError
 DATA_SOURCES = ("synthetic", "vqa_jsonl", "vqa_folder", "multiple_choice", "hf")
 TOP_KEYS = ("name", "description", "model", "model_kwargs", "device", "dtype", "threads", "data", "samples",
             "compressors", "budgets", "eps", "schedule", "steps", "attacks", "defenses", "adaptive", "eot_samples",
-            "seed", "batch_size", "output", "save_images", "examples", "fail_on_unreliable")
+            "seed", "batch_size", "output", "save_images", "examples", "fail_on_unreliable", "executor")
 REQUIRED = ("compressors", "budgets", "attacks")
 DATA_KEYS = ("source", "split", "path", "preset", "image_root", "csv_name", "max_new_tokens")
 ATTACK_KEYS = ("name", "label", "eps")
@@ -84,7 +86,7 @@ DEFAULT_SCHEDULE: dict[str, Any] = {"steps": 10, "alpha": None, "random_start": 
 # keys that do not change any record: they stay out of the hash that --resume compares ("schedule" acts only
 # through each attack's resolved steps/alpha/random_start, which are hashed with the attack's options)
 NOT_HASHED = ("name", "description", "output", "save_images", "examples", "threads", "schedule",
-              "fail_on_unreliable")
+              "fail_on_unreliable", "executor")
 EPS_FORMAT = "a float like 0.03 or a fraction like '8/255'"
 
 
@@ -121,6 +123,25 @@ class DefenseSpec:
 
 
 @dataclass(frozen=True)
+class ExecutorSpec:
+    """Where the units run (not hashed: a campaign gives the same records on any executor, and resumes on
+    another). ``local``: in this process. ``ray``: one Ray actor per worker holding the model, each granted
+    ``cpus_per_unit`` CPUs and ``gpus_per_unit`` GPUs; ``address`` None starts a local cluster (or joins
+    RAY_ADDRESS), ``auto`` joins the running one, ``ray://host:10001`` goes through Ray Client; ``workers``
+    None = as many as the cluster's resources hold."""
+
+    type: str = "local"
+    address: str | None = None
+    gpus_per_unit: float = 0
+    cpus_per_unit: float = 1
+    workers: int | None = None
+
+
+EXECUTOR_TYPES = ("local", "ray")
+EXECUTOR_KEYS = ("type", "address", "gpus_per_unit", "cpus_per_unit", "workers")
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     model: str
@@ -144,6 +165,7 @@ class Scenario:
     save_images: bool = False
     examples: int = 2
     fail_on_unreliable: bool = False  # a gate on the records, not a setting of them
+    executor: ExecutorSpec = ExecutorSpec()  # where units run; not a setting of the records
     # compressor label -> {"name": registered name or module:Class, "options": {...}}, for every entry of
     # ``compressors`` that is not a plain registered name without options (empty for most scenarios)
     compressor_specs: dict = field(default_factory=dict)
@@ -331,6 +353,8 @@ def parse_scenario(raw: Any, source: str = "scenario", default_name: str = "scen
         if key in raw:
             out[key] = c.boolean(raw[key], key)
     out["data"] = _data(c, raw.get("data", {}), base_dir)
+    if raw.get("executor") is not None:
+        out["executor"] = _executor(c, raw["executor"], out.get("device", "cpu"))
 
     compressors, specs = [], {}
     for i, v in enumerate(c.listing(raw["compressors"], "compressors", "compressor names")):
@@ -609,6 +633,41 @@ def defense_registry():
     from .. import defenses
 
     return getattr(defenses, "DEFENSES", None)
+
+
+def _executor(c: _Check, raw: Any, device: str) -> ExecutorSpec:
+    """``executor:``: a type name or a mapping; GPUs per unit default to 1 for a CUDA device, else 0."""
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    raw = c.keys(raw, "executor", EXECUTOR_KEYS)
+    kind = c.choice(raw.get("type", "local"), "executor.type", EXECUTOR_TYPES)
+    cuda = device.startswith("cuda")
+    if kind == "local":
+        for key in EXECUTOR_KEYS[1:]:
+            if raw.get(key) is not None:
+                c.fail(f"executor.{key}", "only for type ray", "type: local alone, or type: ray with "
+                       + ", ".join(EXECUTOR_KEYS[1:]))
+        return ExecutorSpec()
+    spec: dict[str, Any] = {"type": kind}
+    if raw.get("address") is not None:
+        spec["address"] = c.string(raw["address"], "executor.address",
+                                   "auto (the running cluster), ray://host:10001 (Ray Client) or host:6379")
+    for key, default, minimum in (("gpus_per_unit", 1 if cuda else 0, 0), ("cpus_per_unit", 1, 0)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum or (
+                key == "cpus_per_unit" and value <= 0):
+            c.fail(f"executor.{key}", f"{value!r} is not a number {'>' if key == 'cpus_per_unit' else '>='} 0",
+                   "a number of Ray resources such as 1, 2 or 0.5")
+        spec[key] = value
+    if raw.get("workers") is not None:
+        spec["workers"] = c.integer(raw["workers"], "executor.workers", 1)
+    if cuda and spec["gpus_per_unit"] == 0:
+        c.fail("executor.gpus_per_unit", f"0 with device {device}: Ray would grant the workers no GPU",
+               "a GPU share such as 1 or 0.5, or device: cpu")
+    if not cuda and spec["gpus_per_unit"] > 0:
+        c.fail("executor.gpus_per_unit", f"{spec['gpus_per_unit']} with device {device}: the workers would hold GPUs "
+               "they never use", "0, or device: cuda (each worker then uses the GPU Ray grants it)")
+    return ExecutorSpec(**spec)
 
 
 def _unique(c: _Check, labels: list[str], path: str, what: str, accepted: str) -> None:
