@@ -8,9 +8,10 @@ a selection defense around the compressor, output defenses on the answer scores,
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -32,8 +33,44 @@ class Forward:
     in_llm: object | None = None
 
 
+class EncodingCache:
+    """The visual tokens of one pixel batch (a campaign chunk's clean images), encoded once and read by every
+    target that encodes exactly those pixels without input defenses -- the clean evaluation and each attack's
+    clean reference -- for as long as the cache lives. An entry captured with more signal layers serves a
+    request for fewer (the features do not depend on what is captured). Pixels that need a gradient, or any other
+    pixels, are encoded as usual."""
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels = pixels  # held, so its storage cannot be reused by other pixels while the cache lives
+        self._entries: list[tuple[frozenset, VisualTokens]] = []
+
+    def holds(self, pixels: torch.Tensor) -> bool:
+        """Whether ``pixels`` are this cache's pixels (the same storage, view and version; no gradient)."""
+        mine = self.pixels
+        return (not pixels.requires_grad and pixels.data_ptr() == mine.data_ptr() and pixels.shape == mine.shape
+                and pixels.stride() == mine.stride() and pixels.dtype == mine.dtype
+                and pixels.device == mine.device and pixels._version == mine._version)
+
+    def encode(self, adapter, pixels: torch.Tensor, layers: Sequence[int], validate: bool = True) -> VisualTokens:
+        if not self.holds(pixels):
+            return adapter.encode(pixels, layers, validate=validate)
+        want = frozenset(layers)
+        for have, tokens in self._entries:
+            if have >= want:
+                return tokens
+        with torch.no_grad():
+            tokens = adapter.encode(pixels, tuple(sorted(want)), validate=validate)
+        self._entries.append((want, tokens))
+        return tokens
+
+
 class Target:
-    """``defenses``: names, ``{name: options}`` mappings or Defense objects (see :mod:`robustvtc.defenses`)."""
+    """``defenses``: names, ``{name: options}`` mappings or Defense objects (see :mod:`robustvtc.defenses`).
+
+    ``encodings``: an :class:`EncodingCache` shared with other targets of the same model (a campaign sets it)."""
+
+    encodings: EncodingCache | None = None
+    _recording: list | None = None
 
     def __init__(self, adapter, compressor: str | Compressor = "none", budget: int | None = None, defenses=(),
                  **compressor_kwargs):
@@ -93,7 +130,11 @@ class Target:
         for defense in inputs:
             pixels = defense(pixels)
         layers = tuple(sorted({*self.signal_layers, *extra_layers})) if extra_layers else self.signal_layers
-        return pixels, self._scored(self.adapter.encode(pixels, layers, validate=validate), pixels, layers)
+        if self.encodings is not None and not inputs:
+            tokens = self.encodings.encode(self.adapter, pixels, layers, validate)
+        else:
+            tokens = self.adapter.encode(pixels, layers, validate=validate)
+        return pixels, self._scored(tokens, pixels, layers)
 
     def _scored(self, tokens: VisualTokens, pixels, layers: Sequence[int]) -> VisualTokens:
         scores = self._hooked("scores")
@@ -113,11 +154,31 @@ class Target:
         if isinstance(self.compressor, InLLMCompressor):
             hook = self.compressor.bind(self.budget, tokens.num_tokens, getattr(self.adapter, "num_llm_layers", None))
             embeds = self._aux(self.adapter.project(tokens.features), tokens, None)
-            return Forward(tokens, self._with_lead(embeds, tokens), None, hook)
-        if isinstance(self.compressor, EncoderCompressor) and pixels is None:  # merges inside the encoder
-            raise UserInputError(f"{self.compressor.name} merges inside the vision encoder; pass the pixels")
-        embeds, plan = self._compress(tokens, pixels)
-        return Forward(tokens, self._with_lead(self._aux(embeds, tokens, plan), tokens), plan)
+            fwd = Forward(tokens, self._with_lead(embeds, tokens), None, hook)
+        else:
+            if isinstance(self.compressor, EncoderCompressor) and pixels is None:  # merges inside the encoder
+                raise UserInputError(f"{self.compressor.name} merges inside the vision encoder; pass the pixels")
+            embeds, plan = self._compress(tokens, pixels)
+            fwd = Forward(tokens, self._with_lead(self._aux(embeds, tokens, plan), tokens), plan)
+        if self._recording is not None:
+            self._recording.append(fwd)
+        return fwd
+
+    @contextmanager
+    def recording(self) -> Iterator[list[Forward]]:
+        """The :class:`Forward` passes this target makes inside the block, in order: what scored an input, and
+        what its compressor kept doing so, without running the compressor again."""
+        made: list[Forward] = []
+        self._recording = made
+        try:
+            yield made
+        finally:
+            self._recording = None
+
+    @property
+    def scores_own_pixels(self) -> bool:
+        """Whether an output defense scores pixels of its own (noisy copies) instead of the input's forward."""
+        return bool(self._hooked("output"))
 
     def _aux(self, embeds, tokens: VisualTokens, plan):
         """The adapter's per-patch extras (Qwen3-VL's DeepStack features) merged by ``plan`` beside the embeds."""

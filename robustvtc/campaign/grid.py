@@ -16,7 +16,7 @@ import torch
 from ..compression import COMPRESSORS, KeepPlan
 from ..errors import UserInputError
 from ..models.base import VisualTokens
-from ..target import Target
+from ..target import EncodingCache, Target
 
 
 def parse_budgets(budgets: Iterable[int | str], num_tokens: int) -> list[int]:
@@ -81,21 +81,29 @@ Predict = Callable[[Target, torch.Tensor, VisualTokens], list[str]]
 
 @torch.no_grad()
 def evaluate_grid(targets: Sequence[Target], pixels: torch.Tensor, predict: Predict,
-                  keep_maps: bool = False) -> list[CellResult]:
-    """Evaluate ``pixels`` on every target, the batch encoded once for the whole grid.
+                  keep_maps: bool = False, encodings: EncodingCache | None = None) -> list[CellResult]:
+    """Evaluate ``pixels`` on every target, the batch encoded once for the whole grid (read from ``encodings``
+    when it holds these pixels).
 
     Only the compression and LLM part repeats per target (a target with input defenses re-encodes its own
-    transformed pixels). ``keep_maps`` also records each pre-LLM / in-encoder compressor's kept patches.
+    transformed pixels). ``keep_maps`` also records each pre-LLM / in-encoder compressor's kept patches, taken
+    from the forward pass that scored (the compressor runs once per target; a target whose output defense
+    scores noisy copies runs it once more on the pixels themselves).
     """
     layers = sorted({layer for t in targets for layer in t.signal_layers})
-    common = targets[0].adapter.encode(pixels, layers) if targets else None
+    common = None
+    if targets:
+        adapter = targets[0].adapter
+        common = encodings.encode(adapter, pixels, layers) if encodings else adapter.encode(pixels, layers)
     out = []
     for target in targets:
+        with target.recording() as made:
+            predictions = predict(target, pixels, common)
         tokens, kept = common, None
         if keep_maps and target.compressor.stage != "in_llm":
-            fwd = target.forward(pixels, common)
+            fwd = made[0] if made and not target.scores_own_pixels else target.forward(pixels, common)
             tokens, kept = fwd.tokens, None if fwd.plan is None else kept_sources(fwd.plan)
-        out.append(CellResult(predict(target, pixels, tokens), tokens, kept, target.detect(pixels).tolist()))
+        out.append(CellResult(predictions, tokens, kept, target.detect(pixels).tolist()))
     return out
 
 

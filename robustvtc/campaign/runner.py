@@ -48,6 +48,7 @@ from .grid import CellResult, evaluate_grid, kept_disruption, kept_overlap, make
 from .records import (CLEAN, EXAMPLES, IMAGES, KEY_FIELDS, MANIFEST, NONE, RESULTS, ResultsWriter, example_key,
                       read_example_keys, read_records, record_key)
 from .scenario import Scenario, defense_registry
+from ..target import EncodingCache
 from .tasks import Item, Task
 
 
@@ -73,6 +74,8 @@ class Craft:
 
 class Campaign:
     """A scenario bound to a loaded model and its data; :meth:`run_unit` turns a work unit into records."""
+
+    _chunk: tuple[int, torch.Tensor, EncodingCache] | None = None  # the last chunk: index, pixels, encodings
 
     def __init__(self, scenario: Scenario, adapter=None, output: str | Path | None = None):
         from ..attacks import attack_class
@@ -166,6 +169,8 @@ class Campaign:
             opts["candidates"] = self._candidates()
         if self._chunk is not None:
             target.encodings = self._chunk[2]  # the clean reference: read, not encoded again
+        if self._chunk is not None:
+            target.encodings = self._chunk[2]  # the clean reference: read, not encoded again
         return get_attack(spec.name, target, **opts)
 
     def _candidates(self) -> list[str]:
@@ -256,7 +261,7 @@ class Campaign:
         groups = [g for g in self._groups(unit) if not set(g[-1]) <= done]
         if not groups:
             return
-        clean_px = self.task.pixels(items, self.adapter)
+        clean_px = self._pixels(unit.chunk, items)
         if unit.attack == CLEAN:
             for d in self.defenses:
                 clean = self._clean(unit.chunk, clean_px, items, d)
@@ -283,21 +288,32 @@ class Campaign:
                 yield from self._records(unit, items, d, against != NONE, cells, result, clean, adv, clean_px,
                                          seconds, done, attack)
 
+    def _pixels(self, chunk: int, items: Sequence[Item]) -> torch.Tensor:
+        """The chunk's clean pixels, decoded and resized once for all its units in this process, with the cache of
+        their encodings (the clean evaluation's and every attack's clean reference); the last chunk is kept."""
+        if self._chunk is None or self._chunk[0] != chunk:
+            self._chunk = None  # free the previous chunk's first
+            pixels = self.task.pixels(items, self.adapter)
+            self._chunk = (chunk, pixels, EncodingCache(pixels))
+        return self._chunk[1]
+
     def _clean(self, chunk: int, pixels: torch.Tensor, items: Sequence[Item], defense: str) -> dict[Cell, CellResult]:
         key = (chunk, defense)
         if key not in self._clean_cache:
             self._clean_cache = {k: v for k, v in self._clean_cache.items() if k[0] == chunk}
             seed = self._seed("clean", chunk, defense)
-            self._clean_cache[key] = self._evaluate(self.defense_cells[defense], pixels, items, defense, seed)
+            encodings = self._chunk[2] if self._chunk is not None and self._chunk[0] == chunk else None
+            self._clean_cache[key] = self._evaluate(self.defense_cells[defense], pixels, items, defense, seed,
+                                                    encodings)
         return self._clean_cache[key]
 
     def _evaluate(self, cells: Sequence[Cell], pixels: torch.Tensor, items: Sequence[Item], defense: str,
-                  seed: int) -> dict[Cell, CellResult]:
+                  seed: int, encodings: EncodingCache | None = None) -> dict[Cell, CellResult]:
         with _seeded(seed):
             targets = [make_target(self.adapter, *cell, seed=seed, defenses=self._defense_objects(defense, seed, cell),
                                    scenario=self.scenario) for cell in cells]
             results = evaluate_grid(targets, pixels, lambda t, px, tok: self.task.predict(t, px, items, tok),
-                                    keep_maps=True)
+                                    keep_maps=True, encodings=encodings)
         return dict(zip(cells, results))
 
     def _records(self, unit: WorkUnit, items: Sequence[Item], defense: str, adaptive: bool, cells: Sequence[Cell],
