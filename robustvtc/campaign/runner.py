@@ -169,8 +169,6 @@ class Campaign:
             opts["candidates"] = self._candidates()
         if self._chunk is not None:
             target.encodings = self._chunk[2]  # the clean reference: read, not encoded again
-        if self._chunk is not None:
-            target.encodings = self._chunk[2]  # the clean reference: read, not encoded again
         return get_attack(spec.name, target, **opts)
 
     def _candidates(self) -> list[str]:
