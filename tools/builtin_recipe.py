@@ -93,6 +93,8 @@ class TrainConfig:
     # a 2-thread main ran the pair phase at 0.54 s/step vs 0.40 with 1); float results can depend on the count
     eval_every: int = 500
     eval_samples: int = 250
+    image_size: int = S.IMAGE_SIZE  # the side the synthetic scenes are rendered at (224 for builtin-deit) ...
+    patch_size: int = S.PATCH_SIZE  # ... and the tower's patch, for the per-patch labels
 
 
 class _Stream(torch.utils.data.IterableDataset):
@@ -118,19 +120,21 @@ def _vision_batch(cfg: TrainConfig, step: int) -> dict:
     return _collate([S.generate_sample(step * cfg.batch_size + j, "train", cfg.seed) for j in range(cfg.batch_size)])
 
 
-def _collate(samples: list[S.VQASample]) -> dict:
+def _collate(samples: list[S.VQASample], patch: int = S.PATCH_SIZE) -> dict:
     """Pixels and ground-truth labels of the samples' images: the (colour, shape) pairs present, and per patch the
     colour and shape of the object covering it most (0 = background), its grid cell, whether any object touches
     it and whether an object's centre lies in it."""
-    g = S.IMAGE_SIZE // S.PATCH_SIZE
+    size = samples[0].size
+    g = size // patch
     presence = torch.zeros(len(samples), len(COMBOS))
     patch_colour = torch.zeros(len(samples), g * g, dtype=torch.long)
     patch_shape = torch.zeros(len(samples), g * g, dtype=torch.long)
     object_mask = torch.zeros(len(samples), g * g, dtype=torch.bool)
     centre_mask = torch.zeros(len(samples), g * g, dtype=torch.bool)
+    cells = _patch_cells(size, patch).repeat(len(samples), 1)  # an object's patches: its cell (same at 96 px)
     colours, shapes = list(S.COLOURS), list(S.SHAPES)
     for b, s in enumerate(samples):
-        cov = s.patch_coverage().reshape(len(s.objects), -1)
+        cov = s.patch_coverage(patch).reshape(len(s.objects), -1)
         for o in s.objects:
             presence[b, COMBOS.index((o.colour, o.shape))] = 1
         if len(s.objects):
@@ -139,16 +143,19 @@ def _collate(samples: list[S.VQASample]) -> dict:
                 o = s.objects[best[p]]
                 patch_colour[b, p] = colours.index(o.colour) + 1
                 patch_shape[b, p] = shapes.index(o.shape) + 1
+                cells[b, p] = o.cell
             object_mask[b] = torch.from_numpy((cov > 0.02).any(0))
-            centre_mask[b, [_centre_patch(o) for o in s.objects]] = True
+            centre_mask[b, [_centre_patch(o, size, patch) for o in s.objects]] = True
     return {"pixels": S.to_pixels(samples), "presence": presence, "patch_colour": patch_colour,
-            "patch_shape": patch_shape, "patch_cell": _patch_cells().repeat(len(samples), 1),
+            "patch_shape": patch_shape, "patch_cell": cells,
             "object_mask": object_mask, "centre_mask": centre_mask}
 
 
-def _centre_patch(obj: S.SceneObject) -> int:
-    """Index of the patch an object's centre lies in: one token per object, whatever its size."""
-    return int(obj.cy // S.PATCH_SIZE) * (S.IMAGE_SIZE // S.PATCH_SIZE) + int(obj.cx // S.PATCH_SIZE)
+def _centre_patch(obj: S.SceneObject, size: int = S.IMAGE_SIZE, patch: int = S.PATCH_SIZE) -> int:
+    """Index of the patch an object's centre lies in (image ``size``, ``patch`` pixels a patch): one token per
+    object, whatever its size."""
+    k = size / S.IMAGE_SIZE
+    return int(obj.cy * k // patch) * (size // patch) + int(obj.cx * k // patch)
 
 
 def _scene_batch(cfg: TrainConfig, frozen: LlavaAdapter, step: int) -> dict:
@@ -157,7 +164,8 @@ def _scene_batch(cfg: TrainConfig, frozen: LlavaAdapter, step: int) -> dict:
     phase = _phase(cfg, step)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     batch = _collate_scenes([S.generate_scene(step * cfg.scenes + j, "train", cfg.seed, cfg.per_type,
-                                              visible=2 if phase == "pair" else None) for j in range(cfg.scenes)])
+                                              visible=2 if phase == "pair" else None, size=cfg.image_size)
+                             for j in range(cfg.scenes)], cfg.patch_size)
     with torch.no_grad():
         feats = frozen.encode(batch["pixels"], validate=False).features
     batch["index"] = index = _scene_indices(batch, phase, cfg, feats.shape[1], gen)
@@ -178,12 +186,12 @@ def _phase(cfg: TrainConfig, step: int) -> str:
     return "full"
 
 
-def _collate_scenes(scenes: list[tuple[list[S.SceneObject], list[S.VQASample]]]) -> dict:
+def _collate_scenes(scenes: list[tuple[list[S.SceneObject], list[S.VQASample]]], patch: int = S.PATCH_SIZE) -> dict:
     """Pixels, questions/answers per scene, per-patch labels of every object, and the patches of the objects the
     questions are about ("shown") and of the others ("hidden")."""
     first = [qs[0] for _, qs in scenes]
-    batch = _collate([S.VQASample(s.image, "", "", "", objects) for s, (objects, _) in zip(first, scenes)])
-    shown = torch.stack([torch.from_numpy(s.object_patch_mask().reshape(-1)) for s in first])
+    batch = _collate([S.VQASample(s.image, "", "", "", objects) for s, (objects, _) in zip(first, scenes)], patch)
+    shown = torch.stack([torch.from_numpy(s.object_patch_mask(patch).reshape(-1)) for s in first])
     batch["shown_mask"], batch["hidden_mask"] = shown, batch["object_mask"] & ~shown
     batch["questions"] = [[s.question for s in qs] for _, qs in scenes]
     batch["answers"] = [[s.answer for s in qs] for _, qs in scenes]
@@ -191,13 +199,13 @@ def _collate_scenes(scenes: list[tuple[list[S.SceneObject], list[S.VQASample]]])
     referents = torch.zeros(len(scenes), most, 2, shown.shape[1], dtype=torch.bool)  # first and last referent
     centres = torch.zeros(len(scenes), most, shown.shape[1], dtype=torch.bool)  # the centres of what a count counts
     for b, (_, qs) in enumerate(scenes):
-        cov = torch.from_numpy(qs[0].patch_coverage().reshape(len(qs[0].objects), -1) > 0.02)
+        cov = torch.from_numpy(qs[0].patch_coverage(patch).reshape(len(qs[0].objects), -1) > 0.02)
         for j, q in enumerate(qs):
             if q.referents:
                 referents[b, j, 0] = cov[q.referents[0]] if q.qtype != "count" else cov[list(q.referents)].any(0)
                 referents[b, j, 1] = cov[q.referents[-1]] if q.qtype != "count" else referents[b, j, 0]
             if q.qtype == "count":
-                centres[b, j, [_centre_patch(q.objects[i]) for i in q.referents]] = True
+                centres[b, j, [_centre_patch(q.objects[i], q.size, patch) for i in q.referents]] = True
     batch["referents"], batch["count_centres"] = referents, centres
     batch["referent_places"], batch["referent_kinds"] = _referent_labels(scenes, most)
     return batch
@@ -264,12 +272,13 @@ def _keep_indices(priority_mask: torch.Tensor, k: int, gen: torch.Generator,
     return priority.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
-def _patch_cells() -> torch.Tensor:
-    """(N,) the 3x3-grid cell each patch lies in; objects never cross cells, so this is the patch's place in
-    every question about positions."""
-    g, per_cell = S.IMAGE_SIZE // S.PATCH_SIZE, S.CELL // S.PATCH_SIZE
+def _patch_cells(size: int = S.IMAGE_SIZE, patch: int = S.PATCH_SIZE) -> torch.Tensor:
+    """(N,) the 3x3-grid cell each patch's centre lies in; objects never cross cells, so this is the patch's place
+    in every question about positions (at 96 px every patch lies in one cell; at 224 / 16 some straddle two)."""
+    g = size // patch
     rows, cols = torch.arange(g * g) // g, torch.arange(g * g) % g
-    return (rows // per_cell) * S.GRID + cols // per_cell
+    cell = lambda i: ((i.float() + 0.5) * patch * S.GRID / size).long().clamp(max=S.GRID - 1)  # noqa: E731
+    return cell(rows) * S.GRID + cell(cols)
 
 
 ROW_WORDS = ("top", "center", "bottom")  # the words of the position questions, by grid row and column
@@ -557,7 +566,7 @@ def _train_llava(adapter: LlavaAdapter, cfg: TrainConfig, log, t0: float) -> lis
 @torch.no_grad()
 def quick_accuracy(adapter: LlavaAdapter, n: int, split: str = "val") -> dict[str, float]:
     """Accuracy with every visual token on the first ``n`` samples of ``split``: overall ("all") and per type."""
-    samples = S.generate_dataset(n, split)
+    samples = S.generate_dataset(n, split, size=adapter.input_size[0])
     correct: dict[str, list[bool]] = {}
     for i in range(0, n, 50):
         chunk = samples[i:i + 50]

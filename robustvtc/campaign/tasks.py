@@ -125,7 +125,7 @@ class Task:
         if self.spec.source == "synthetic":
             from ..data import synthetic as S
 
-            pixels = S.to_pixels([i.source for i in items])
+            pixels = S.to_pixels([i.source for i in items], size=adapter.input_size[0])  # rendered at its size
         else:
             pixels = torch.cat([adapter.load_image(i.source) for i in items])
         return adapter.check_pixels(pixels).to(adapter.device)

@@ -6,6 +6,11 @@ wrong visual tokens loses the answer -- the property that makes token compressio
 
 Determinism: sample ``i`` of a split is drawn from ``numpy.random.default_rng([SPLIT_SEEDS[split], seed, i])``,
 so splits never overlap and any sample can be regenerated on its own.
+
+Scenes live in 96-unit coordinates; ``size`` renders them natively at another resolution (224 for the
+DeiT-based built-in model): every shape, stroke and speck is drawn at that size, not upscaled, and the same
+sample index gives the same scene, question and answer at every size (the sensor noise is drawn at the new
+size from a copy of the random stream, so the stream itself advances exactly as at 96).
 """
 from __future__ import annotations
 
@@ -64,11 +69,18 @@ class VQASample:
     referents: tuple[int, ...] = ()  # indices into ``objects`` of the objects the question is about
     index: int = 0
     split: str = "test"
+    seed: int = 0
+
+    @property
+    def size(self) -> int:
+        """The side of ``image`` in pixels (96, or the ``size`` it was rendered at)."""
+        return int(self.image.shape[0])
 
     def patch_coverage(self, patch_size: int = PATCH_SIZE) -> np.ndarray:
-        """(objects, H/p, W/p) fraction of each patch that each object covers."""
-        g = IMAGE_SIZE // patch_size
-        cov = [_shape_mask(o, IMAGE_SIZE).reshape(g, patch_size, g, patch_size).mean(axis=(1, 3)) for o in self.objects]
+        """(objects, H/p, W/p) fraction of each patch of ``image`` that each object covers."""
+        size = self.size
+        g = size // patch_size
+        cov = [_shape_mask(o, size).reshape(g, patch_size, g, patch_size).mean(axis=(1, 3)) for o in self.objects]
         return np.stack(cov) if cov else np.zeros((0, g, g), np.float32)
 
     def object_patch_mask(self, patch_size: int = PATCH_SIZE) -> np.ndarray:
@@ -77,15 +89,17 @@ class VQASample:
 
 
 def _shape_mask(obj: SceneObject, size: int, supersample: int = 2) -> np.ndarray:
-    """Anti-aliased coverage in [0,1] of one object, rendered by supersampling its bounding box."""
-    r = SIZES[obj.size]
+    """Anti-aliased coverage in [0,1] of one object in a ``size`` x ``size`` image (scene units scaled by
+    size / 96), rendered by supersampling its bounding box."""
+    k = size / IMAGE_SIZE
+    r, cx, cy = SIZES[obj.size] * k, obj.cx * k, obj.cy * k
     out = np.zeros((size, size), np.float32)
-    x0, x1 = int(np.floor(obj.cx - r - 1)), int(np.ceil(obj.cx + r + 1))
-    y0, y1 = int(np.floor(obj.cy - r - 1)), int(np.ceil(obj.cy + r + 1))
+    x0, x1 = int(np.floor(cx - r - 1)), int(np.ceil(cx + r + 1))
+    y0, y1 = int(np.floor(cy - r - 1)), int(np.ceil(cy + r + 1))
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, size), min(y1, size)
     s = supersample
-    ys = (np.arange(y0 * s, y1 * s) + 0.5) / s - obj.cy
-    xs = (np.arange(x0 * s, x1 * s) + 0.5) / s - obj.cx
+    ys = (np.arange(y0 * s, y1 * s) + 0.5) / s - cy
+    xs = (np.arange(x0 * s, x1 * s) + 0.5) / s - cx
     dy, dx = np.meshgrid(ys, xs, indexing="ij")
     if obj.shape == "circle":
         inside = dx**2 + dy**2 <= r**2
@@ -105,10 +119,14 @@ def _shape_mask(obj: SceneObject, size: int, supersample: int = 2) -> np.ndarray
     return out
 
 
-def _background(rng: np.random.Generator) -> np.ndarray:
-    """Low-saturation clutter: a smooth grey field, grey strokes and specks, sensor noise."""
+def _background(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Low-saturation clutter: a smooth grey field, grey strokes and specks, sensor noise (drawn in scene units,
+    rasterised at ``size``)."""
+    import copy
+
+    k = size / IMAGE_SIZE
     coarse = rng.uniform(0.25, 0.6, size=(4, 4)).astype(np.float32)
-    idx = np.linspace(0, 3, IMAGE_SIZE)
+    idx = np.linspace(0, 3, size)
     i0 = np.floor(idx).astype(int).clip(0, 2)
     t = (idx - i0)[:, None]
     rows = coarse[i0] * (1 - t) + coarse[i0 + 1] * t  # (96, 4)
@@ -117,27 +135,32 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     img = np.repeat(field_[..., None], 3, axis=2)
     img += rng.normal(0, 0.03, size=(1, 1, 3)).astype(np.float32)  # faint global tint
     for _ in range(rng.integers(6, 12)):  # thin strokes, rasterised inside their bounding box
-        x0, y0 = rng.uniform(0, IMAGE_SIZE, 2)
+        x0, y0 = rng.uniform(0, IMAGE_SIZE, 2) * k
         ang = rng.uniform(0, np.pi)
-        width, half_len = rng.uniform(0.5, 1.2), rng.uniform(8, 30)
-        ex, ey = abs(np.cos(ang)) * half_len + 2, abs(np.sin(ang)) * half_len + 2
-        ya, yb = int(max(y0 - ey, 0)), int(min(y0 + ey + 1, IMAGE_SIZE))
-        xa, xb = int(max(x0 - ex, 0)), int(min(x0 + ex + 1, IMAGE_SIZE))
+        width, half_len = rng.uniform(0.5, 1.2) * k, rng.uniform(8, 30) * k
+        ex, ey = abs(np.cos(ang)) * half_len + 2 * k, abs(np.sin(ang)) * half_len + 2 * k
+        ya, yb = int(max(y0 - ey, 0)), int(min(y0 + ey + 1, size))
+        xa, xb = int(max(x0 - ex, 0)), int(min(x0 + ex + 1, size))
         yy, xx = np.mgrid[ya:yb, xa:xb]
         dist = np.abs((xx - x0) * np.sin(ang) - (yy - y0) * np.cos(ang))
         along = np.abs((xx - x0) * np.cos(ang) + (yy - y0) * np.sin(ang))
         img[ya:yb, xa:xb][(dist < width) & (along < half_len)] = rng.uniform(0.15, 0.8)
     for _ in range(rng.integers(15, 30)):  # specks
-        x, y = rng.integers(0, IMAGE_SIZE - 2, 2)
-        img[y : y + 2, x : x + 2] = rng.uniform(0.1, 0.85)
-    img += rng.normal(0, 0.025, size=img.shape).astype(np.float32)
+        x, y = (rng.integers(0, IMAGE_SIZE - 2, 2) * k).round().astype(int)
+        w = int(round(2 * k))
+        img[y : y + w, x : x + w] = rng.uniform(0.1, 0.85)
+    if size == IMAGE_SIZE:
+        img += rng.normal(0, 0.025, size=img.shape).astype(np.float32)
+    else:  # noise at this size from a copy of the stream; the stream advances as at 96
+        img += np.random.Generator(copy.deepcopy(rng.bit_generator)).normal(0, 0.025, size=img.shape).astype(np.float32)
+        rng.normal(0, 0.025, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
     return img
 
 
-def _render(objects: list[SceneObject], rng: np.random.Generator) -> np.ndarray:
-    img = _background(rng)
+def _render(objects: list[SceneObject], rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+    img = _background(rng, size)
     for obj in objects:
-        cov = _shape_mask(obj, IMAGE_SIZE)[..., None]
+        cov = _shape_mask(obj, size)[..., None]
         colour = np.array(COLOURS[obj.colour], np.float32) / 255.0
         shade = rng.uniform(0.85, 1.05)
         img = img * (1 - cov) + np.clip(colour * shade, 0, 1) * cov
@@ -200,8 +223,16 @@ def _candidate_questions(objects: list[SceneObject], qtype: str) -> list[tuple[s
     return out
 
 
-def generate_sample(index: int, split: str = "test", seed: int = 0, qtype: str | None = None) -> VQASample:
-    """Sample ``index`` of ``split``; the question type cycles so every type is equally frequent.
+def _check_size(size: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < IMAGE_SIZE // 2:
+        raise UserInputError(f"synthetic image size {size!r}; accepted: an integer >= {IMAGE_SIZE // 2}")
+    return int(size)
+
+
+def generate_sample(index: int, split: str = "test", seed: int = 0, qtype: str | None = None,
+                    size: int = IMAGE_SIZE) -> VQASample:
+    """Sample ``index`` of ``split``; the question type cycles so every type is equally frequent. ``size``: the
+    side the image is rendered at (the scene, question and answer do not depend on it).
 
     Answers are balanced within a type: the answer class is drawn uniformly among those the scene offers,
     then a question with that answer (scenes are redrawn until the drawn class is available).
@@ -219,11 +250,12 @@ def generate_sample(index: int, split: str = "test", seed: int = 0, qtype: str |
         pairs = [p for p in _candidate_questions(objects, qtype) if p[1] == wanted]
         if pairs:
             question, answer, referents = pairs[int(rng.integers(len(pairs)))]
-            return VQASample(_render(objects, rng), question, answer, qtype, objects, referents, index, split)
+            return VQASample(_render(objects, rng, _check_size(size)), question, answer, qtype, objects, referents,
+                             index, split, seed)
 
 
 def generate_scene(index: int, split: str = "train", seed: int = 0, per_type: int = 2,
-                   visible: int | None = None) -> tuple[list[SceneObject], list[VQASample]]:
+                   visible: int | None = None, size: int = IMAGE_SIZE) -> tuple[list[SceneObject], list[VQASample]]:
     """One scene and ``per_type`` questions of every type about it (training packs them into one sequence).
 
     With ``visible``, the questions are about that many of the scene's objects only (drawn at random; the
@@ -245,7 +277,7 @@ def generate_scene(index: int, split: str = "train", seed: int = 0, per_type: in
             shown = [objects[i] for i in sorted(rng.choice(len(objects), size=visible, replace=False))]
         if any(a == count for _, a, _ in _candidate_questions(shown, "count")):
             break
-    image = _render(objects, rng)
+    image = _render(objects, rng, _check_size(size))
     out = []
     for qtype in QUESTION_TYPES:
         by_answer: dict[str, list] = {}
@@ -256,12 +288,13 @@ def generate_scene(index: int, split: str = "train", seed: int = 0, per_type: in
         for answer in ([count] if qtype == "count" else []) + drawn:
             pool = by_answer[str(answer)]
             question, answer, referents = pool[int(rng.integers(len(pool)))]
-            out.append(VQASample(image, question, answer, qtype, shown, referents, index, split))
+            out.append(VQASample(image, question, answer, qtype, shown, referents, index, split, seed))
     return objects, out
 
 
-def generate_dataset(n: int, split: str = "test", seed: int = 0, start: int = 0) -> list[VQASample]:
-    return [generate_sample(i, split, seed) for i in range(start, start + n)]
+def generate_dataset(n: int, split: str = "test", seed: int = 0, start: int = 0,
+                     size: int = IMAGE_SIZE) -> list[VQASample]:
+    return [generate_sample(i, split, seed, size=size) for i in range(start, start + n)]
 
 
 def question_vocabulary() -> list[str]:
@@ -272,8 +305,19 @@ def question_vocabulary() -> list[str]:
     return sorted(words)
 
 
-def to_pixels(samples: list[VQASample]):
-    """(B, 3, 96, 96) float tensor in [0, 1] of the samples' images."""
+def to_pixels(samples: list[VQASample], size: int | None = None):
+    """(B, 3, S, S) float tensor in [0, 1] of the samples' images. With ``size``, a sample rendered at another
+    size is rendered again at that one (the same scene, question and answer: ``generate_sample``'s samples)."""
     import torch
 
+    if size is not None:
+        samples = [s if s.size == size else _rerender(s, size) for s in samples]
     return torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _rerender(sample: VQASample, size: int) -> VQASample:
+    again = generate_sample(sample.index, sample.split, sample.seed, sample.qtype, size)
+    if (again.question, again.answer) != (sample.question, sample.answer):
+        raise UserInputError(f"synthetic sample {sample.index} ({sample.split}) is not generate_sample's, so it "
+                             f"cannot be rendered again at {size} px; accepted: generate_dataset(..., size={size})")
+    return again
