@@ -221,7 +221,7 @@ class RayExecutor:
 
             def spawn(reuse: bool = False) -> int:
                 i = next(serial)
-                actors[i] = pool.pop() if reuse and pool else remote.remote(threads)
+                actors[i] = pool.pop() if reuse and self.keep_workers and pool else remote.remote(threads)
                 actors[i].bind.remote(scenario_ref, output)  # runs before the actor's first unit
                 return i
 
