@@ -249,6 +249,9 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
              "threads": threads, "executor.type": "ray" if address and not executor else executor,
              "executor.address": address}
     spec = load_scenario(scenario, _overrides(flags, sets))
+    if spec.mode == "encoder" and fail_under is not None:
+        raise UserInputError("--fail-under gates on robust accuracy, and an encoder-only campaign (mode: encoder) "
+                             "asks no question; accepted: no --fail-under, or mode: full")
     if spec.threads:
         import torch
 
@@ -271,6 +274,9 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
     df = load_records(out)
     if report:
         LOG.info(f"report: {out / 'report' / 'report.html'}")
+    if spec.mode == "encoder":
+        _encoder_outcome(df, read_manifest(out), out, as_json, quiet)
+        return
     gate = _robustness_gate(df, fail_under, confidence)
     unreliable = _unreliable(df, spec.fail_on_unreliable if fail_on_unreliable is None else fail_on_unreliable)
     if as_json:
@@ -278,6 +284,25 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
     elif not quiet:
         _print_summary(df, read_manifest(out))
     _conclude(gate, unreliable, on_inconclusive)
+
+
+def _encoder_outcome(df, manifest, out, as_json: bool, quiet: bool, tables: dict | None = None) -> None:
+    """An encoder-only campaign's summary: its screening table and sentence (JSON on stdout with ``as_json``)."""
+    from .campaign import encoder_report, metrics
+
+    table = encoder_report.screening(df, metrics.attack_roles(list(df["attack"].unique()), manifest))
+    sentence = encoder_report.verdict_sentence(table)
+    if as_json:
+        data = {"folder": str(out), "records": len(df), "samples": int(df["sample"].nunique()),
+                "status": (manifest or {}).get("status"), "mode": "encoder",
+                "screening": {"sentence": sentence, "table": json.loads(table.to_json(orient="records"))}}
+        if tables is not None:
+            data["views"] = {name: json.loads(t.reset_index().to_json(orient="records")) for name, t in tables.items()}
+        _emit_json(data)
+    elif not quiet and tables is None:
+        click.echo("Kept-token distortion (encoder screening); wins = share of images beating the baseline")
+        click.echo(encoder_report.view(df, manifest).to_string(na_rep="–"))
+        click.echo("\n" + sentence)
 
 
 def _print_summary(df, manifest) -> None:
@@ -378,6 +403,10 @@ def report_cmd(results, out, view_names, bootstrap, seed, fail_under, confidence
     unknown = [v for v in view_names if v not in views.VIEWS]
     if unknown:
         raise UserInputError(f"unknown view {unknown[0]!r}; accepted: {', '.join(views.VIEWS)}")
+    from .campaign.encoder_report import is_encoder_campaign
+
+    if is_encoder_campaign(df, manifest):
+        return _encoder_report(results, out, df, manifest, view_names, fail_under, as_json)
     paths = {}
     if view_names:
         tables = {name: views.VIEWS[name](df, manifest) for name in view_names}
@@ -401,6 +430,29 @@ def report_cmd(results, out, view_names, bootstrap, seed, fail_under, confidence
                              for name, table in tables.items()}
         _emit_json(data)
     _conclude(gate, unreliable, on_inconclusive)
+
+
+def _encoder_report(results, out, df, manifest, view_names, fail_under, as_json) -> None:
+    """``robustvtc report`` on an encoder-only campaign: its view or its report; no accuracy gate."""
+    from .campaign import views
+
+    wrong = [v for v in view_names if v not in views.ENCODER_VIEWS]
+    if wrong:
+        raise UserInputError(f"view {wrong[0]!r} needs answers, and {results} is an encoder-only campaign; accepted: "
+                             f"{', '.join(views.ENCODER_VIEWS)}")
+    if fail_under is not None:
+        raise UserInputError(f"--fail-under gates on robust accuracy, and {results} is an encoder-only campaign; "
+                             "accepted: no --fail-under")
+    tables = {name: views.VIEWS[name](df, manifest) for name in view_names}
+    if view_names and not as_json:
+        for name, table in tables.items():
+            click.echo(f"{name}:\n{table.to_string(na_rep='–')}\n")
+    if not view_names:
+        from .campaign.report import write_report
+
+        paths = write_report(results, out)
+        LOG.info(f"{paths['html']}\n{paths['markdown']}")
+    _encoder_outcome(df, manifest, results, as_json, quiet=True, tables=tables if view_names else None)
 
 
 @main.command()

@@ -61,6 +61,12 @@ def frame(records: Sequence[dict]) -> pd.DataFrame:
     Records written before ``clean_full_token_correct`` existed get it from the join with the clean
     full-token records (attack "clean", compressor "none") of the same sample and defense."""
     df = pd.DataFrame.from_records(list(records))
+    if "correct" not in df and "kind" in df:  # encoder-only campaigns ask no question: their measures only
+        for col in ("kept_overlap", "rank_spearman", "rank_kendall", "kept_disruption", "full_token_disruption",
+                    "linf", "l2", "seconds"):
+            df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan
+        df["adaptive"] = df["adaptive"].astype(bool)
+        return df
     for col in ("correct", "clean_correct", "full_token_correct"):
         df[col] = df[col].astype(float)
     if "clean_full_token_correct" not in df or df["clean_full_token_correct"].isna().any():

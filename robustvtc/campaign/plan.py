@@ -51,9 +51,9 @@ def dry_run(scenario: Scenario, adapter=None) -> dict:
     """The resolved scenario, its units and records, and the time they should take, from timing one clean
     evaluation and one attack step of each attack on the first chunk (nothing is written)."""
     from .records import CLEAN
-    from .runner import Campaign
+    from .runner import make_campaign
 
-    campaign = Campaign(scenario, adapter)
+    campaign = make_campaign(scenario, adapter)
     units = campaign.units()
     records = sum(len(campaign.unit_keys(u)) for u in units)
     chunk = campaign.chunks[0]

@@ -109,6 +109,13 @@ def _test_crash() -> _TestCrash | None:
 
 
 REQUIRED_FIELDS = (*KEY_FIELDS, "correct", "clean_correct", "full_token_correct")
+# records of other kinds ("kind" field) and the fields they all have: encoder-only campaigns ask no question
+REQUIRED_BY_KIND = {"encoder": (*KEY_FIELDS, "kept_disruption", "kept_overlap", "full_token_disruption")}
+
+
+def required_fields(record: dict) -> tuple[str, ...]:
+    """The fields a record of its kind must have (a record without ``kind``: a full campaign's)."""
+    return REQUIRED_BY_KIND.get(record.get("kind"), REQUIRED_FIELDS)
 
 
 def read_records(path: str | Path, repair: bool = False) -> list[dict]:
@@ -136,7 +143,7 @@ def read_records(path: str | Path, repair: bool = False) -> list[dict]:
         if not isinstance(record, dict):
             raise UserInputError(f"{path} line {number} is a JSON {type(record).__name__}, not a record; "
                                  f"accepted: {accepted}")
-        missing = [k for k in REQUIRED_FIELDS if k not in record]
+        missing = [k for k in required_fields(record) if k not in record]
         if missing:
             raise UserInputError(f"{path} line {number} lacks the field(s) {', '.join(missing)}; accepted: {accepted}")
         try:

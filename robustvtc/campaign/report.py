@@ -372,6 +372,10 @@ def write_report(results: str | Path, out: str | Path | None = None, n_boot: int
 def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str, Path]:
     df = metrics.load_records(results)
     manifest = read_manifest(results) or {}
+    from . import encoder_report
+
+    if encoder_report.is_encoder_campaign(df, manifest):
+        return _write_encoder_report(results, out, df, manifest)
     roles = metrics.attack_roles(list(df["attack"].unique()), manifest)
     tables = build_tables(df, n_boot, seed, roles)
     check_report_folder(results, out, [*(f"tables/{name}.csv" for name in tables), "report.html", "summary.md"],
@@ -504,6 +508,44 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
                                                 Block("pre", text=json.dumps(scenario, indent=2))]))
     sections.append(_glossary())
     head = f"{len(df)} records, {df['sample'].nunique()} samples, model {meta['model']}, status {meta['status']}."
+    paths["html"] = out / "report.html"
+    atomic_write_text(paths["html"], render("report.html.j2", title=title, head=head, sections=sections, css=CSS))
+    paths["markdown"] = out / "summary.md"
+    atomic_write_text(paths["markdown"], render("summary.md.j2", title=title, head=head, sections=sections))
+    return paths
+
+
+def _write_encoder_report(results: Path, out: Path, df: pd.DataFrame, manifest: dict) -> dict[str, Path]:
+    """The report of an encoder-only campaign (:mod:`.encoder_report`): no accuracy, the screening's figures."""
+    from . import encoder_report
+
+    roles = metrics.attack_roles(list(df["attack"].unique()), manifest)
+    tables = {"encoder_screening": encoder_report.screening(df, roles), "full_token": encoder_report.full_token(df)}
+    check_report_folder(results, out, [*(f"tables/{name}.csv" for name in tables), "report.html", "summary.md"],
+                        prepare=True)  # under the lock, before the first file
+    paths = {}
+    for name, table in tables.items():
+        paths[name] = out / "tables" / f"{name}.csv"
+        write_csv(table, paths[name])
+    scenario = manifest.get("scenario", {})
+    title = f"robustvtc encoder screening — {scenario.get('name', results.name)}"
+    screening = tables["encoder_screening"]
+    sections = encoder_report.sections(df, manifest, screening, tables["full_token"],
+                                       plot_kept_distortion(screening))
+    settings, differ = attack_settings(manifest)
+    if not settings.empty:
+        sections.append(Section("Attack settings", [paragraph(
+            "Each attack's resolved options as the manifest records them. " + (
+                f"Schedules differ: {'; '.join(differ)}." if differ else "All attacks share one schedule (steps, "
+                "step size, random start).")), table_block(settings.astype(str), formatted=True)]))
+    meta = {k: manifest.get(k) for k in ("scenario_hash", "seed", "dtype", "device", "batch_size", "versions", "git",
+                                         "started", "status", "records")}
+    meta["model"] = manifest.get("model", {}).get("name")
+    sections.append(Section("Reproducibility", [Block("pre", text=json.dumps(meta, indent=2, default=str)),
+                                                Block("pre", text=json.dumps(scenario, indent=2))]))
+    sections.append(_glossary())
+    head = (f"{len(df)} records, {df['sample'].nunique()} images, encoder of {meta['model']} "
+            f"({manifest.get('model', {}).get('num_visual_tokens')} tokens), status {meta['status']}.")
     paths["html"] = out / "report.html"
     atomic_write_text(paths["html"], render("report.html.j2", title=title, head=head, sections=sections, css=CSS))
     paths["markdown"] = out / "summary.md"

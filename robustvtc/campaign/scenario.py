@@ -5,6 +5,8 @@ what is accepted, so a typo never turns into a silently ignored option. Values g
 are applied to the raw document *before* validation (black-style: the file sets defaults, flags win).
 
     name: quickstart                 # default: the file name
+    mode: full                       # full: the whole LVLM answers questions; encoder: the encoder view only
+                                     # (an encoder screening, see below and docs/encoder-screening.md)
     model: builtin                   # load_model name, a llava-hf directory or a hub id
     model_kwargs: {}                 # passed to load_model (image_size, attn_implementation, device_map, ...)
     device: cpu
@@ -12,6 +14,7 @@ are applied to the raw document *before* validation (black-style: the file sets 
     threads: null                    # torch CPU threads; null = torch's default
     data: {source: synthetic, split: test}   # or {source: vqa_jsonl | vqa_folder | multiple_choice, path: ...}
                                      # or {source: hf, path: DIR_OR_FILES, preset: textvqa, split: validation}
+                                     # or {source: images, path: DIR} (mode encoder: every image file, no questions)
     samples: 50                      # the first N items of the data
     compressors: [none, visionzip, fastervlm]   # "none" (all tokens) is always evaluated; an entry may also be
                                      # {name: ..., label: ..., <option>: ...} and a name may be a plug-in's
@@ -39,6 +42,15 @@ are applied to the raw document *before* validation (black-style: the file sets 
     fail_on_unreliable: false        # exit 1 when a gradient-masking check is violated (also --fail-on-unreliable)
     executor: {type: local}          # or {type: ray, address: auto, gpus_per_unit: 1, cpus_per_unit: 1, workers: 4}:
                                      # units as Ray actors across GPUs and nodes (docs/distributed.md)
+
+Encoder-only campaigns (``mode: encoder``): the cheapest screening of a vision tower. ``model`` is a ``load_model``
+name or an LVLM directory (its vision side is used) or a bare vision encoder (a CLIP / SigLIP / ViT / DeiT / DINOv2
+directory or hub id, read with :func:`robustvtc.models.towers.load_encoder`; ``model_kwargs``: feature_layer,
+image_mean, image_std); ``data`` is ``{source: images, path: DIR}`` (every image file in the folder, ids = file
+names) or the synthetic split's images (its questions unused). Only grey-box attacks (threat model: encoder
+gradients only) and compressors that plan from the encoder's tokens (pre-LLM, vision space, no text) are
+accepted; no defenses. Records hold, per compressor x budget, the kept-token distortion, the kept-set overlap,
+the rank correlation of the importance scores and the full-token distortion (:mod:`.encoder`).
 
 Relative data paths resolve against the scenario file's folder, and so do a compressor's, attack's or
 defense's file options (those its class lists in ``path_options``, e.g. a learned scorer's ``weights``).
@@ -71,10 +83,11 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import UserInputError
 
-DATA_SOURCES = ("synthetic", "vqa_jsonl", "vqa_folder", "multiple_choice", "hf")
+DATA_SOURCES = ("synthetic", "vqa_jsonl", "vqa_folder", "multiple_choice", "hf", "images")
+MODES = ("full", "encoder")  # encoder: an encoder-only campaign (robustvtc.campaign.encoder)
 TOP_KEYS = ("name", "description", "model", "model_kwargs", "device", "dtype", "threads", "data", "samples",
             "compressors", "budgets", "eps", "schedule", "steps", "attacks", "defenses", "adaptive", "eot_samples",
-            "seed", "batch_size", "output", "save_images", "examples", "fail_on_unreliable", "executor")
+            "seed", "batch_size", "output", "save_images", "examples", "fail_on_unreliable", "executor", "mode")
 REQUIRED = ("compressors", "budgets", "attacks")
 DATA_KEYS = ("source", "split", "path", "preset", "image_root", "csv_name", "max_new_tokens")
 ATTACK_KEYS = ("name", "label", "eps")
@@ -169,6 +182,7 @@ class Scenario:
     # compressor label -> {"name": registered name or module:Class, "options": {...}}, for every entry of
     # ``compressors`` that is not a plain registered name without options (empty for most scenarios)
     compressor_specs: dict = field(default_factory=dict)
+    mode: str = "full"  # "encoder": an encoder-only campaign (robustvtc.campaign.encoder)
 
     def compressor_spec(self, label: str) -> tuple[str, dict]:
         """(registry name or import path, options) of the compressor labelled ``label``."""
@@ -187,6 +201,8 @@ class Scenario:
         body = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
         if not body["compressor_specs"]:  # scenarios of registered names only keep their hash
             del body["compressor_specs"]
+        if body.get("mode") == "full":  # scenarios from before encoder-only campaigns keep their hash
+            del body["mode"]
         if not paths:
             body["data"] = {**body["data"], "path": None, "image_root": None}
         if body["data"].get("preset") is None:  # scenarios from before source hf keep their hash
@@ -385,6 +401,14 @@ def parse_scenario(raw: Any, source: str = "scenario", default_name: str = "scen
                 for d in [_defense(c, d, f"defenses[{i}]", base_dir)] if d is not None]
     _unique(c, [d.label for d in defenses], "defenses", "label", "distinct defense configurations")
     out["defenses"] = tuple(defenses)
+    out["mode"] = c.choice(raw.get("mode", "full"), "mode", MODES)
+    if out["mode"] == "encoder":
+        from .encoder_scope import check_encoder_scenario
+
+        check_encoder_scenario(c, out)
+    elif out["data"].source == "images":
+        c.fail("data.source", "images has no questions for the whole model to answer",
+               "mode: encoder for an image folder (an encoder-only campaign), or a data source with questions")
     return Scenario(**out)
 
 
@@ -420,6 +444,14 @@ def _data(c: _Check, raw: Any, base_dir: Path | None) -> DataSpec:
     raw = c.keys(raw, "data", DATA_KEYS)
     source = c.choice(raw.get("source", "synthetic"), "data.source", DATA_SOURCES)
     spec: dict[str, Any] = {"source": source}
+    if source == "images":  # a folder of image files, no questions (mode encoder)
+        for key in ("split", "preset", "image_root", "csv_name", "max_new_tokens"):
+            if key in raw:
+                c.fail(f"data.{key}", "not for source images", "source, path (a folder of image files)")
+        if "path" not in raw:
+            c.fail("data.path", "missing", "the folder of image files of source images (ids = file names)")
+        value = Path(c.string(raw["path"], "data.path")).expanduser()
+        return DataSpec("images", None, str(value if value.is_absolute() or base_dir is None else base_dir / value))
     if source == "synthetic":
         for key in ("path", "preset", "image_root", "csv_name", "max_new_tokens"):
             if key in raw:

@@ -206,7 +206,17 @@ def uniprunebench(df: pd.DataFrame, manifest: Mapping | None = None) -> pd.DataF
     return table.loc[sorted(table.index, key=lambda k: (k[0] != CLEAN, k[0], -table.loc[k, "mean"]))]
 
 
+def encoder(df: pd.DataFrame, manifest: Mapping | None = None) -> pd.DataFrame:
+    """Encoder screening (:mod:`.encoder_report`): kept-token distortion per ε x compressor@budget x attack with
+    its t interval, kept-set overlap, rank correlation, full-token distortion and paired wins over the baseline."""
+    from .encoder_report import view
+
+    return view(df, manifest)
+
+
 VIEWS: dict[str, Callable[[pd.DataFrame, Mapping | None], pd.DataFrame]] = {
     "accuracy": accuracy, "by-type": by_type, "attacks": attacks, "verdict": verdict, "benchmark": benchmark,
-    "difficulty": difficulty, "uniprunebench": uniprunebench,
+    "difficulty": difficulty, "uniprunebench": uniprunebench, "encoder": encoder,
 }
+# the views an encoder-only campaign's records have (no question was asked: the accuracy views do not apply)
+ENCODER_VIEWS = ("encoder",)
