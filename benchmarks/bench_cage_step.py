@@ -1,68 +1,64 @@
-"""Cost of one CAGE step relative to one full-token (VEAttack-style) step on the same encoder and batch.
+"""Cost of one attack step: CAGE vs a full-token (VEAttack-style) step, and the encoder stopped at the feature
+layer vs run to its end (what it did before it stopped there), on the same encoder and batch.
 
-A step = encoder forward + objective + backward to the pixels + projection. CAGE adds the CLS-attention
-row of one layer (recomputed from the hooked queries/keys, so attention stays SDPA), a rank and two
-softmaxes; the target is a ratio <= 1.15. Runs alternate between the two attacks and the medians are
-compared, so drift of a shared machine hits both alike.
+A step = encoder forward + objective + backward to the pixels + projection. CAGE adds the CLS-attention row of
+one layer (recomputed from the hooked queries/keys, so attention stays SDPA), a rank and two softmaxes; the
+target is cage / fulltoken <= 1.15. Every round times the four steps back to back (order alternating); the
+table gives the median and inter-quartile range of the per-round ratios.
 
-    python benchmarks/bench_cage_step.py                      # built-in model (trained weights if present)
-    python benchmarks/bench_cage_step.py --arch clip-l336 --batch 1 --repeats 5   # LLaVA-1.5's encoder scale
+    python benchmarks/bench_cage_step.py                                  # built-in model, CPU
+    python benchmarks/bench_cage_step.py --arch clip-l336 --batch 1 --rounds 9      # LLaVA-1.5's tower, CPU
+    python benchmarks/bench_cage_step.py --arch clip-l336 --device cuda --batch 16 --rounds 41   # lent GPU
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from contextlib import contextmanager
 
 import torch
 
+from _bench import fmt, load, paired, ratio, real_size_llava
 from robustvtc.attacks import CAGE, FullToken
 
 
-def build_adapter(arch: str, device: str):
+def build_adapter(arch: str, device: str, dtype: str):
     if arch == "builtin":
         from robustvtc.models import load_model
 
         return load_model("builtin", device=device)
-    # random-weight LLaVA-1.5 vision tower (CLIP ViT-L/14-336, 576 patches) with a tiny LM: the encoder is
-    # all an encoder attack runs
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    from robustvtc.models.builtin import CLIP_MEAN, CLIP_STD
-    from robustvtc.models.llava import LlavaAdapter
-
-    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                              num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
-    text = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=63, image_seq_length=576,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").to(device)
-    return LlavaAdapter(model, None, image_mean=CLIP_MEAN, image_std=CLIP_STD, name="clip-l336-random")
+    # LLaVA-1.5's vision tower (CLIP ViT-L/14-336, 576 patches) from its config, random weights; the decoder is
+    # not run by an encoder attack, so a one-layer slice keeps memory down
+    return real_size_llava(device, dtype, llm_layers=1)
 
 
-def step_seconds(attack, clean: torch.Tensor, state, delta: torch.Tensor) -> float:
-    sync = torch.cuda.synchronize if clean.is_cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    grad, _ = attack.gradient(clean, delta, state)
-    attack._step(clean, delta, grad)
-    sync()
-    return time.perf_counter() - start
+@contextmanager
+def whole_tower(adapter):
+    """The encoder run to its last layer, every hidden state kept (how it ran before it stopped at the feature
+    layer); the features read are the same."""
+    reader = adapter.reader
+
+    def features(pixel_values, feature_layer, signal_layers=()):
+        hidden, captured = reader.run(pixel_values, signal_layers)
+        return hidden[reader.layer_index(feature_layer) + 1], captured
+    reader.features = features
+    try:
+        yield
+    finally:
+        del reader.features
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=("builtin", "clip-l336"), default="builtin")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=15, help="timed steps per attack (after warm-up)")
+    parser.add_argument("--rounds", type=int, default=21, help="paired rounds (after one warm-up round)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", help="clip-l336 only (bfloat16 on a GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    adapter = build_adapter(args.arch, args.device)
+    adapter = build_adapter(args.arch, args.device, args.dtype)
     gen = torch.Generator().manual_seed(0)
     size = adapter.image_size
     clean = torch.rand(args.batch, 3, size, size, generator=gen).to(args.device)
@@ -70,18 +66,32 @@ def main() -> None:
     attacks = {"fulltoken": FullToken(adapter), "cage": CAGE(adapter)}
     with torch.no_grad():
         states = {k: a.prepare(clean, None, None, None) for k, a in attacks.items()}
-    times: dict[str, list[float]] = {k: [] for k in attacks}
-    for i in range(args.repeats + 2):  # two warm-up rounds
-        for name, attack in (attacks.items() if i % 2 == 0 else reversed(attacks.items())):
-            t = step_seconds(attack, clean, states[name], delta)
-            if i >= 2:
-                times[name].append(t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"model {adapter.name} ({adapter.num_visual_tokens} tokens), batch {args.batch}, device {args.device}, "
-          f"threads {torch.get_num_threads()}, {args.repeats} timed steps each")
-    for name, value in med.items():
-        print(f"  {name:10s} median step {value * 1000:8.1f} ms")
-    print(f"ratio cage / fulltoken = {med['cage'] / med['fulltoken']:.3f} (target <= 1.15)")
+
+    def step(name, whole=False):
+        attack = attacks[name]
+
+        def run():
+            with (whole_tower(adapter) if whole else _nothing()):
+                grad, _ = attack.gradient(clean, delta, states[name])
+                attack._step(clean, delta, grad)
+        return run
+    cases = {"fulltoken": step("fulltoken"), "cage": step("cage"),
+             "fulltoken, whole tower": step("fulltoken", True), "cage, whole tower": step("cage", True)}
+    t = paired(cases, args.rounds)
+    print(f"model {adapter.name} ({adapter.num_visual_tokens} tokens, feature layer {adapter.feature_layer + 1} of "
+          f"{adapter.num_vision_layers}), batch {args.batch}, {args.device}, threads {torch.get_num_threads()}, "
+          f"{args.rounds} paired rounds, {load()}")
+    for name, v in t.items():
+        print(f"  {name:24s} median step {sorted(v)[len(v) // 2] * 1000:9.1f} ms")
+    print(f"cage / fulltoken                          {fmt(ratio(t['cage'], t['fulltoken']))}  (target <= 1.15)")
+    print(f"cage / fulltoken, whole tower             {fmt(ratio(t['cage, whole tower'], t['fulltoken, whole tower']))}")
+    print(f"stop at feature layer / whole, fulltoken  {fmt(ratio(t['fulltoken'], t['fulltoken, whole tower']))}")
+    print(f"stop at feature layer / whole, cage       {fmt(ratio(t['cage'], t['cage, whole tower']))}")
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 if __name__ == "__main__":

@@ -550,12 +550,14 @@ def list_cmd(kind, pattern):
         names = registry.names(pattern) if registry is not None else []
         _print_rows(("name", "hook"), [(n, getattr(registry.get(n), "hook", "")) for n in names] or [("none", "")])
     else:
-        from .campaign.scenario import load_scenario, shipped_scenarios
+        from .campaign.scenario import resolve_path, shipped_scenarios
+        from .safe_io import load_yaml
 
         rows = []
         for name in shipped_scenarios():
-            if fnmatch.fnmatch(name, pattern):
-                first = load_scenario(name).description.strip().split(". ")[0]
+            if fnmatch.fnmatch(name, pattern):  # the description as written: no plugin (torch) is imported
+                raw = load_yaml(resolve_path(name))
+                first = str((raw or {}).get("description") or "").strip().split(". ")[0]
                 rows.append((name, first if len(first) <= 100 else first[:99] + "…"))
         _print_rows(("name", "description"), rows)
 

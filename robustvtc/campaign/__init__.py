@@ -1,8 +1,25 @@
-"""Campaigns: a YAML scenario -> per-sample records (results.jsonl + manifest.json) -> metrics and reports."""
-from .executor import Executor, LocalExecutor
-from .records import read_records, record_key
-from .runner import Campaign, WorkUnit, run_campaign
-from .scenario import Scenario, load_scenario, parse_scenario, shipped_scenarios
+"""Campaigns: a YAML scenario -> per-sample records (results.jsonl + manifest.json) -> metrics and reports.
 
-__all__ = ["Campaign", "Executor", "LocalExecutor", "Scenario", "WorkUnit", "load_scenario", "parse_scenario",
-           "read_records", "record_key", "run_campaign", "shipped_scenarios"]
+The names below are imported on first use, so reading records, scenarios and reports does not import torch."""
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "Executor": "executor", "LocalExecutor": "executor", "read_records": "records", "record_key": "records",
+    "Campaign": "runner", "WorkUnit": "runner", "run_campaign": "runner", "Scenario": "scenario",
+    "load_scenario": "scenario", "parse_scenario": "scenario", "shipped_scenarios": "scenario",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

@@ -25,7 +25,6 @@ from typing import Any
 
 import pandas as pd
 
-from ..defenses.base import DEFENSES, detection_rates
 from .formatting import Block, Section, format_eps, paragraph, percent, table_block
 
 CLEAN, NONE = "clean", "none"
@@ -270,11 +269,17 @@ def _cost_section(df: pd.DataFrame) -> Section:
 
 def _detectors(df: pd.DataFrame) -> list[str]:
     """Defense labels (``name`` or ``name(options)``) of registered detection defenses."""
-    names = {label: label.split("(")[0] for label in df["defense"].unique()}
+    names = {label: label.split("(")[0] for label in df["defense"].unique() if label != NONE}
+    if not names:
+        return []  # no defense: the registry (torch plugins) is not needed
+    from ..defenses.base import DEFENSES
+
     return sorted(label for label, name in names.items() if name in DEFENSES and DEFENSES.get(name).hook == "detection")
 
 
 def _detection_section(df: pd.DataFrame, detectors: list[str]) -> Section:
+    from ..defenses.base import detection_rates
+
     rows = []
     for defense, g in df[df["defense"].isin(detectors)].groupby("defense", sort=True):
         clean = g[g["attack"] == CLEAN]["flagged"].astype(bool)

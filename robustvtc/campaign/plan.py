@@ -18,20 +18,48 @@ def visual_tokens_from_config(model: str) -> int | None:
     from ..models import BUILTIN_MODELS
 
     path = BUILTIN_MODELS.get(model, Path(model).expanduser())
-    try:
-        from transformers import AutoConfig
+    config = _config_json(path)  # config.json as written: transformers is imported only to fill in defaults
+    vision = config.get("vision_config") if config else None
+    if not isinstance(vision, dict) or not {"image_size", "patch_size", "vision_feature_select_strategy"} <= {
+            *vision, *config}:
+        try:
+            from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError):
+            full = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError):
+            return None
+        config = full.to_dict()
+        vision = config.get("vision_config")
+    if config.get("model_type") != "llava" or not isinstance(vision, dict):
         return None
-    vision = getattr(config, "vision_config", None)
-    if getattr(config, "model_type", None) != "llava" or vision is None:
-        return None
-    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    size, patch = vision.get("image_size"), vision.get("patch_size")
     if not isinstance(size, int) or not isinstance(patch, int) or patch <= 0:
         return None
-    extra = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
+    extra = 1 if config.get("vision_feature_select_strategy", "default") == "full" else 0
     return (size // patch) ** 2 + extra
+
+
+def _config_json(path: Path) -> dict | None:
+    """A local checkpoint's config.json, or a hub checkpoint's from the local cache; None when not found."""
+    import json
+
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        if Path(path).exists() or str(path).count("/") != 1:
+            return None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        found = try_to_load_from_cache(str(path), "config.json")
+        if not isinstance(found, str):
+            return None
+        file = Path(found)
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def check_against_model_config(scenario: Scenario) -> int | None:
