@@ -153,7 +153,7 @@ def test_bad_arguments_fail_in_one_line_naming_what_is_accepted(pytester, model_
     result = run(pytester, model_dir)
     result.assert_outcomes(failed=4, errors=2)
     result.stdout.fnmatch_lines_random([
-        "robustvtc: unknown attack 'nope'; accepted: cage, fulltoken, *",
+        "robustvtc: unknown attack 'nope'; accepted: cage, cira, fata, fulltoken, *",
         "robustvtc: eps '300/255' out of range; accepted: 0 < eps <= 1 *",
         "robustvtc: min_accuracy 60 out of range; accepted: a fraction in [[]0, 1] (0.6 = 60 %)",
         "robustvtc: the target keeps every visual token (compressor 'none')*; accepted: a target with a compressor*",
