@@ -10,6 +10,39 @@ from .registry import COMPRESSORS
 
 COMPRESSORS.base = Compressor  # module:Class references and entry-point plug-ins must subclass it
 
+# Seed methods (issue 23) that are NOT registered, and why: a method is registered under a paper's name only
+# where its rule is published exactly (official code or paper pseudo-code) and robustvtc can run it as
+# published. `robustvtc list compressors` prints this after its table.
+NOT_REGISTERED: dict[str, str] = {
+    "tokencarve": "rule exact in official code (ShawnTan86/TokenCarve@a57bd59) and implemented in "
+                  "compression/tokencarve.py, but it merges hidden states inside the LLM (A <- mean(A, merged B's) "
+                  "at layer 2); robustvtc's in-LLM hook can only keep, drop or scale tokens",
+    "floc": "facility-location lazy greedy (arXiv 2511.00141, video LMMs); no official code found and the "
+            "paper's exact similarity (which features, normalisation, per-frame or global) could not be read",
+    "llava_zip": "DFMR (arXiv 2412.08771): an image-adaptive pooling factor from patch standard deviations, so "
+                 "the token count is not a budget (at a fixed budget it is plain pooling, registered as "
+                 "'pooling'); used with a LLaVA fine-tuned with DFMR; no official code found",
+    "vflowopt": "official code (sihany077/VFlowOpt@129eeef) targets LLaVA-OneVision/Qwen2-VL only; its pruning "
+                "hyperparameters come from a per-model optimisation run (published for LLaVA-OV-7B at 10/25/50 %); "
+                "it prunes inside the SigLIP tower and again in the LLM with token recycling (merging), which the "
+                "in-LLM hook cannot do",
+    "hidrop": "official repository (EIT-NLP/HiDrop@64c41a9) has no code yet; late injection needs a model "
+              "trained for it and the layer schedule is optimised with a differentiable top-k",
+    "simignore": "official code (FanshuoZeng/Simignore@0690739) scores image tokens against the embeddings of "
+                 "ScienceQA answer options cut out of the prompt by marker tokens, and keeps an adaptive count "
+                 "(a strided walk over sorted pairs); pre-LLM compressors get no text and the count is not a budget",
+    "gsearch_psigmoid": "G-Search / P-Sigmoid (arXiv 2412.00556) are searches for per-layer keep rates "
+                        "(greedy search on data; Bayesian optimisation of a sigmoid); no official code or "
+                        "searched schedules found to reproduce",
+    "look_m": "KV-cache compression (SUSTechBruce/LOOK-M@ecf0f51, kv_token_merge/modify_llama.py): per layer and "
+              "per head, keeps the top accumulated-attention plus recent KV pairs after the prefill and merges "
+              "evicted keys/values into kept ones, so it changes only decoding; robustvtc scores answers from the "
+              "prefill, where LOOK-M changes nothing, and per-head KV merges are not a choice of visual tokens",
+    "cdpruner": "selection rule exact in compression/cdpruner.py (Theia-4869/CDPruner@9541616), but its "
+                "relevance needs the instruction text and CLIP's text tower and visual projection, which "
+                "pre-LLM compressors do not get and llava-hf checkpoints do not ship",
+}
+
 
 def get_compressor(name: str, **kwargs) -> Compressor:
     return COMPRESSORS.get(name)(**kwargs)
@@ -42,5 +75,5 @@ def check_compatible(adapter, compressor: Compressor, budget: int) -> None:
                              f"is split over {adapter.compressed_parts} crops; accepted: {adapter.compressed_parts}..{adapter.num_visual_tokens}")
 
 
-__all__ = ["COMPRESSORS", "Compressor", "EncoderCompressor", "InLLMCompressor", "KeepPlan", "PreLLMCompressor",
-           "check_compatible", "compatible_compressors", "get_compressor", "list_compressors"]
+__all__ = ["COMPRESSORS", "NOT_REGISTERED", "Compressor", "EncoderCompressor", "InLLMCompressor", "KeepPlan",
+           "PreLLMCompressor", "check_compatible", "compatible_compressors", "get_compressor", "list_compressors"]

@@ -30,6 +30,7 @@ from .registry import COMPRESSORS
 @COMPRESSORS.register()
 class DART(InLLMCompressor):
     name = "dart"
+    fidelity = "exact; DART visits pivots in a documented different order (sequence, not set order)"
     paper = "DART, EMNLP 2025, arXiv 2502.11494"
     text_aware = True
     native_knob = "budget = image pivots + picks (reference max_num_trunction B <-> budget 4 + 8 * (B // 8))"

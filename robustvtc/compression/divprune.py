@@ -40,6 +40,7 @@ def greedy_max_min(points: torch.Tensor, k: int) -> torch.Tensor:
 @COMPRESSORS.register()
 class DivPrune(PreLLMCompressor):
     name = "divprune"
+    fidelity = "exact greedy max-min (hand-built); chosen tokens excluded explicitly"
     paper = "DivPrune, CVPR 2025, arXiv 2503.02175"
     native_knob = "SUBSET_RATIO = budget / N"
     space = "projected"

@@ -15,6 +15,7 @@ from .registry import COMPRESSORS
 @COMPRESSORS.register()
 class FasterVLM(PreLLMCompressor):
     name = "fastervlm"
+    fidelity = "exact rule: top-K head-mean CLS attention, raster order (hand-built test)"
     paper = "FasterVLM, arXiv 2412.01818"
     native_knob = "visual_token_num = budget"
     requires = ("cls_token",)

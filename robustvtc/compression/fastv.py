@@ -32,6 +32,7 @@ def received_attention(ctx: InLLMContext) -> torch.Tensor:
 @COMPRESSORS.register()
 class FastV(InLLMCompressor):
     name = "fastv"
+    fidelity = "exact last-token rule vs eager attention on the model; rule='received' = the paper"
     paper = "FastV, ECCV 2024, arXiv 2403.06764"
     text_aware = True
     native_knob = "filtering ratio R = 1 - budget / N at layer K"

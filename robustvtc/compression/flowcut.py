@@ -51,6 +51,7 @@ def adaptive_prune_count(cls_attn: torch.Tensor, rpl: int, target_patches: int) 
 @COMPRESSORS.register()
 class FlowCut(EncoderCompressor):
     name = "flowcut"
+    fidelity = "exact vs official code on the tiny CLIP (LLaVA-1.5 path; no anyres/Qwen port)"
     paper = "FlowCut, NeurIPS 2025, arXiv 2505.19536"
     native_knob = ("target_num = budget; pruned progressively after every other encoder layer (entropy-adaptive "
                    "count), down to the budget after the layer before the feature layer")

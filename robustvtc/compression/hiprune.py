@@ -42,6 +42,7 @@ def received_attention(tokens: VisualTokens, layer: int | None) -> torch.Tensor:
 @COMPRESSORS.register()
 class HiPrune(PreLLMCompressor):
     name = "hiprune"
+    fidelity = "exact vs official code (hand-built and random tensors)"
     paper = "HiPrune, arXiv 2508.00553"
     native_knob = ("HIPRUNE_RETENTION = budget; anchors = round(budget * alpha / 5) at the object layer, "
                    "their 4 raster neighbours as buffers, the rest registers by feature-layer attention")

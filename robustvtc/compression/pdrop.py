@@ -29,6 +29,7 @@ PAPER_DEPTH = 32
 @COMPRESSORS.register()
 class PDrop(InLLMCompressor):
     name = "pdrop"
+    fidelity = "exact score (layer about to run) and stage schedule (hand-built and on the model)"
     paper = "PyramidDrop, CVPR 2025, arXiv 2410.17247"
     text_aware = True
     position_policy = "contiguous"

@@ -48,6 +48,7 @@ def pool_weights(grid: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
 @COMPRESSORS.register()
 class Pooling(PreLLMCompressor):
     name = "pooling"
+    fidelity = "exact adaptive average pool (UniPruneBench baseline, no paper code)"
     paper = "UniPruneBench pooling baseline (arXiv 2511.02650)"
     native_knob = "pooled grid h x w = budget (closest aspect to the token grid)"
     space = "projected"

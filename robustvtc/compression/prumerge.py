@@ -50,6 +50,7 @@ def iqr_outlier_count(attention: torch.Tensor) -> torch.Tensor:
 @COMPRESSORS.register()
 class PruMerge(PreLLMCompressor):
     name = "prumerge"
+    fidelity = "rule exact; budgeted n = K - 1 centres (adaptive=True: paper's IQR count, per image)"
     paper = "LLaVA-PruMerge, ICCV 2025, arXiv 2403.15388"
     native_knob = "IQR-adaptive count replaced by the budget: budget - 1 merged centres + 1 extra token"
     requires = ("cls_token",)
@@ -110,6 +111,7 @@ class PruMerge(PreLLMCompressor):
 @COMPRESSORS.register()
 class PruMergePlus(PruMerge):
     name = "prumerge_plus"
+    fidelity = "budgeted 1:3 attention:uniform split (adaptive=True: the reference's sequence)"
     paper = "LLaVA-PruMerge+, ICCV 2025, arXiv 2403.15388"
     native_knob = ("budget - 1 centres = round((budget - 1) / 4) by attention + the rest spatially uniform, "
                    "+ 1 extra token")

@@ -14,6 +14,7 @@ class NoCompression(PreLLMCompressor):
     """All N patch tokens in raster order (LLaVA's own path); the only accepted budget is N."""
 
     name = "none"
+    fidelity = "exact (identity: all N tokens in raster order)"
     paper = "-"
     native_knob = "none (budget must equal the token count)"
 
@@ -33,6 +34,7 @@ class RandomSelection(PreLLMCompressor):
     """
 
     name = "random"
+    fidelity = "baseline, no reference code: seeded uniform draw (budget and reproducibility tested)"
     paper = "UniPruneBench random baseline (arXiv 2511.02650)"
     randomized = True
     native_knob = "keep_ratio = budget / N"

@@ -44,6 +44,7 @@ def text_raters(ctx: InLLMContext) -> torch.Tensor:
 @COMPRESSORS.register()
 class SparseVLM(InLLMCompressor):
     name = "sparsevlm"
+    fidelity = "one stage only (v1.5 raters and score); no later stages, recycling or v2.0 heads"
     paper = "SparseVLM, ICML 2025, arXiv 2410.04417"
     text_aware = True
     position_policy = "contiguous"

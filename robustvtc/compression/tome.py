@@ -68,6 +68,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int):
 @COMPRESSORS.register()
 class ToMe(EncoderCompressor):
     name = "tome"
+    fidelity = "exact matching and merge (hand-built); N - K removals spread over the layers"
     paper = "ToMe, ICLR 2023, arXiv 2210.09461"
     native_knob = "r per layer, spread so that N - sum(r) = budget over the layers up to the feature layer"
     requires = ("cls_token", "encoder_rerun")

@@ -47,6 +47,7 @@ MERGES = ("reference", "mean")
 @COMPRESSORS.register()
 class VisionZip(PreLLMCompressor):
     name = "visionzip"
+    fidelity = "exact vs official code (hand-built tensors); budget split 54:10"
     paper = "VisionZip, CVPR 2025, arXiv 2412.04467"
     native_knob = "dominant + contextual = budget, split 54:10 (dominant counts the CLS token)"
     requires = ("cls_token",)
@@ -120,6 +121,7 @@ class VisionZipQwen(VisionZip):
     """VisionZip's official Qwen2.5-VL port: dominant tokens by received attention, no CLS (module docstring)."""
 
     name = "visionzip_qwen"
+    fidelity = "exact vs the official Qwen2.5-VL port, re-stated (random inputs, tiny Qwen towers)"
     paper = "VisionZip, CVPR 2025, arXiv 2412.04467; official Qwen2.5-VL port (Qwen2_5_VL/qwen2_5vl_visionzip.py)"
     native_knob = "contextual = max(int(0.05 N), 1), dominant = budget - contextual (the port's 65 % + 5 %, 45 % + 5 %)"
     requires = ("received_attention",)

@@ -26,6 +26,7 @@ from .registry import COMPRESSORS
 @COMPRESSORS.register()
 class VisPruner(PreLLMCompressor):
     name = "vispruner"
+    fidelity = "exact vs the reference loop (even remainders; odd ones take all A tokens)"
     paper = "VisPruner, ICCV 2025, arXiv 2412.01818v2"
     native_knob = "visual_token_num = budget; important = floor(budget * important_ratio), the rest diverse"
     requires = ("cls_token",)

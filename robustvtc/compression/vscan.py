@@ -44,6 +44,7 @@ def window_count(grid: tuple[int, int], window: int) -> int:
 @COMPRESSORS.register()
 class VScan(PreLLMCompressor):
     name = "vscan"
+    fidelity = "stage 1 only (VScan's in-LLM stage not run); exact vs official code"
     paper = "VScan, TMLR 2026, arXiv 2505.22654"
     native_knob = ("visual_token_num V (stage 1): local = windowed top-k at a shallow layer, global = top "
                    "of the deep layer; budget = tokens kept, the smallest V keeping that many (stage 2 not run)")
