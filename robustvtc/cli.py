@@ -532,6 +532,13 @@ def list_cmd(kind, pattern):
         rows = [(n, c.stage, "yes" if c.text_aware else "no", c.native_knob, getattr(c, "fidelity", "") or "-")
                 for n, c in COMPRESSORS.items() if n in COMPRESSORS.names(pattern)]
         _print_rows(("name", "stage", "text-aware", "native knob", "fidelity"), rows)
+        from .compression import NOT_REGISTERED
+
+        unregistered = [(n, why) for n, why in NOT_REGISTERED.items() if fnmatch.fnmatch(n, pattern)]
+        if unregistered:
+            click.echo("\nseed methods not registered, and why:")
+            for n, why in unregistered:
+                click.echo(f"  {n}: {why}")
     elif kind == "attacks":
         from .attacks import ATTACKS
 

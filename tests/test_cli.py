@@ -32,7 +32,7 @@ def test_user_errors_exit_2_with_one_line(args, needle):
 def test_list_compressors_models_and_attacks():
     res = run("list", "compressors")
     assert res.exit_code == 0
-    assert res.output.splitlines()[0].split() == ["name", "stage", "text-aware", "native", "knob"]
+    assert res.output.splitlines()[0].split() == ["name", "stage", "text-aware", "native", "knob", "fidelity"]
     assert any(line.startswith("fastervlm") and "pre_llm" in line for line in res.output.splitlines())
     assert "random" not in run("list", "compressors", "faster*").output
     models = run("list", "models").output.splitlines()
