@@ -186,3 +186,25 @@ def test_bare_encoder_reads_like_the_lvlm_tower(adapters, tower):
     torch.testing.assert_close(ours.features, theirs.features)
     if theirs.cls is not None:
         torch.testing.assert_close(ours.cls_attention(0), theirs.cls_attention(0))
+
+
+def test_load_encoder_from_a_classifier_checkpoint(tmp_path):
+    import transformers as T
+
+    torch.manual_seed(0)
+    clf = T.ViTForImageClassification(T.ViTConfig(**SMALL, intermediate_size=64, num_labels=3))
+    clf.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.485, 0.456, 0.406],
+                                                                   "image_std": [0.229, 0.224, 0.225]}))
+    enc = load_encoder(str(tmp_path))
+    px = pixels()
+    tokens = enc.encode(px)
+    with torch.no_grad():
+        want = clf.vit(pixel_values=enc.normalize(px), output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(tokens.features, want[:, 1:])
+    torch.testing.assert_close(tokens.cls, want[:, 0])
+    assert enc.capabilities == {"cls_token"} and tokens.cls_attention().shape == (2, 16)
+    T.BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=8).save_pretrained(tmp_path / "bert")
+    with pytest.raises(UserInputError, match="model_type 'bert' is not a vision encoder robustvtc can read"):
+        load_encoder(str(tmp_path / "bert"))
