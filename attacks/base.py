@@ -41,21 +41,6 @@ COMMON_DEFAULTS: dict[str, Any] = {
 DETECTED_PENALTY = 1e6
 
 
-def get_attack(name: str, *args, **kwargs) -> "Attack":
-    """``get_attack("cage", adapter_or_target, eps="2/255")`` -- the class registered under ``name``
-    (``torchattacks.<Class>``: that torchattacks attack through the answer scores, see :mod:`.torchattack`)."""
-    return attack_class(name)(*args, **kwargs)
-
-
-def attack_class(name: str) -> type["Attack"]:
-    """The class of a registered attack name, or of ``torchattacks.<Class>`` (the torchattacks namespace)."""
-    if isinstance(name, str) and name.startswith("torchattacks."):
-        from .torchattack import torchattack_class
-
-        return torchattack_class(name)
-    return ATTACKS.get(name)
-
-
 def list_attacks(pattern: str = "*") -> list[str]:
     return ATTACKS.names(pattern)
 
@@ -178,7 +163,6 @@ class Attack:
         if opts["evade_detection"] not in ("auto", True, False):
             raise UserInputError(f"evade_detection must be 'auto', true or false, got {opts['evade_detection']!r}")
         self.evade_detection = opts["evade_detection"]
-
 
     @property
     def adapter(self):
