@@ -123,19 +123,19 @@ class _TaskExecutor:
     def run(self, campaign, units, done):
         import ray
 
-        from robustvtc.campaign.ray_executor import ShippingCampaign
+        from robustvtc.campaign.ray_executor import shipping_campaign
 
         @ray.remote(num_cpus=1)
-        def unit_task(scenario, output, unit, keys):
+        def unit_task(campaign_class, scenario, output, unit, keys):
             import torch
 
             from robustvtc.models import load_model
 
             torch.set_num_threads(1)
             adapter = load_model(scenario.model, device=scenario.device, dtype=scenario.dtype)
-            return ShippingCampaign(scenario, adapter, output).unit(unit, keys)
+            return shipping_campaign(campaign_class, scenario, adapter, output).unit(unit, keys)
 
-        refs = [unit_task.remote(campaign.scenario, str(campaign.output), u,
+        refs = [unit_task.remote(type(campaign), campaign.scenario, str(campaign.output), u,
                                  frozenset(k for k in campaign.unit_keys(u) if k in done)) for u in units]
         while refs:
             [ref], refs = ray.wait(refs, num_returns=1)

@@ -29,10 +29,12 @@ import signal
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import AbstractSet, Iterator, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Iterator, Sequence
+
+if TYPE_CHECKING:  # the campaign class travels to the workers as an argument: this module imports no runner
+    from .runner import Campaign, WorkUnit
 
 from ..errors import UserInputError
-from .runner import Campaign, WorkUnit, png_bytes
 
 LOG = logging.getLogger("robustvtc")
 INSTALL = ('executor: ray needs Ray, which is not installed; accepted: pip install "robustvtc[ray]" '
@@ -49,12 +51,23 @@ def import_ray():
     return ray
 
 
-class ShippingCampaign(Campaign):
-    """A worker's campaign: side files are kept for the driver to write, never written on the worker."""
+def png_bytes(image) -> bytes:
+    """The bytes runner.save_png writes for a (3, H, W) image in [0, 1] (shipped instead of a file)."""
+    import io
 
-    def __init__(self, scenario, adapter, output):
-        super().__init__(scenario, adapter, output=output)
-        self.shipped: list[tuple] = []
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class _Shipping:
+    """Mixed into the driver's campaign class on a worker: side files are kept for the driver to write, never
+    written on the worker."""
+
+    shipped: list
 
     def _write_png(self, name: str, image) -> None:
         self.shipped.append(("png", name, png_bytes(image)))
@@ -69,6 +82,14 @@ class ShippingCampaign(Campaign):
         return records, self.shipped
 
 
+def shipping_campaign(campaign_class, scenario, adapter, output: str):
+    """A worker's campaign: ``campaign_class`` (the driver's) with its side files shipped, not written."""
+    cls = type(f"Shipping{campaign_class.__name__}", (_Shipping, campaign_class), {})
+    campaign = cls(scenario, adapter, output=output)
+    campaign.shipped = []
+    return campaign
+
+
 class UnitWorker:
     """The body of a Ray actor: :meth:`bind` to a campaign (the model loaded once, kept for the next campaign
     of the same model), then one unit per :meth:`run` call."""
@@ -79,17 +100,17 @@ class UnitWorker:
         os.environ.pop("ROBUSTVTC_TEST_CRASH", None)  # the driver's crash hook is the driver's own
         torch.set_num_threads(threads)
         self.error: BaseException | None = None
-        self.campaign: ShippingCampaign | None = None
+        self.campaign = None
         self.loaded: tuple[tuple, object] | None = None  # (what was loaded, the adapter)
         import ray
 
         self.host = f"pid {os.getpid()} on {ray.util.get_node_ip_address()}"
         self.name = self.host
 
-    def bind(self, scenario, output: str) -> None:
+    def bind(self, scenario, output: str, campaign_class) -> None:
         try:
             self.error, self.campaign = None, None
-            self.campaign = ShippingCampaign(scenario, self._adapter(scenario), output)
+            self.campaign = shipping_campaign(campaign_class, scenario, self._adapter(scenario), output)
         except Exception as exc:  # raised by run(), so the driver sees the error itself, not a dead actor
             self.error = exc
 
@@ -222,7 +243,7 @@ class RayExecutor:
             def spawn(reuse: bool = False) -> int:
                 i = next(serial)
                 actors[i] = pool.pop() if reuse and self.keep_workers and pool else remote.remote(threads)
-                actors[i].bind.remote(scenario_ref, output)  # runs before the actor's first unit
+                actors[i].bind.remote(scenario_ref, output, type(campaign))  # before the actor's first unit
                 return i
 
             n = self._count(ray, len(units))
@@ -270,7 +291,8 @@ class RayExecutor:
                     if isinstance(cause, UserInputError):
                         raise cause from None
                     raise
-                campaign.write_side_files(result["files"])
+                if result["files"]:  # (a campaign kind that ships none, e.g. encoder screening, needs no writer)
+                    campaign.write_side_files(result["files"])
                 self.stats["units"][result["worker"]] = self.stats["units"].get(result["worker"], 0) + 1
                 yield from result["records"]
                 free.append(worker)

@@ -458,18 +458,6 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     atomic_write_with(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
-def png_bytes(image: torch.Tensor) -> bytes:
-    """The bytes :func:`save_png` writes (what a worker ships to the driver instead of writing a file)."""
-    import io
-
-    from PIL import Image
-
-    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _slug(value) -> str:
     return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in str(value))
 
@@ -539,16 +527,6 @@ def _manifest(campaign: Campaign) -> dict:
     }, default=str))
 
 
-def make_campaign(scenario: Scenario, adapter=None, output: str | Path | None = None):
-    """The campaign of a scenario: :class:`Campaign`, or for ``mode: encoder`` an
-    :class:`~robustvtc.campaign.encoder.EncoderCampaign` (the same interface: units, keys, records)."""
-    if scenario.mode == "encoder":
-        from .encoder import EncoderCampaign
-
-        return EncoderCampaign(scenario, adapter, output=output)
-    return Campaign(scenario, adapter, output=output)
-
-
 def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume: bool = False,
                  overwrite: bool = False, quiet: bool = False, adapter=None, executor: Executor | None = None,
                  log=None, allow_existing: bool = False, report: bool = False) -> Path:
@@ -568,7 +546,7 @@ def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume
     executor = executor or make_executor(scenario.executor)  # executor: ray without ray installed fails here
     if adapter is None and hasattr(executor, "driver_adapter"):
         adapter = executor.driver_adapter(scenario)  # e.g. Ray: the driver plans on the CPU, workers hold GPUs
-    campaign = make_campaign(scenario, adapter, output=out)
+    campaign = Campaign(scenario, adapter, output=out)
     data = campaign.task.fingerprint()
     with FolderLock(out, log):
         previous = check_folder(out, scenario, resume, overwrite, allow_existing)
@@ -631,7 +609,7 @@ def rebuild_manifest(scenario: Scenario, *, output: str | Path | None = None, ad
     if not (out / RESULTS).is_file():
         raise UserInputError(f"{out} holds no {RESULTS}; accepted: a campaign folder whose manifest is missing or "
                              "corrupt")
-    campaign = make_campaign(scenario, adapter, output=out)
+    campaign = Campaign(scenario, adapter, output=out)
     with FolderLock(out, log):
         records = read_records(out / RESULTS, repair=True)
         expected = {k for u in campaign.units() for k in campaign.unit_keys(u)}
