@@ -527,6 +527,16 @@ def _manifest(campaign: Campaign) -> dict:
     }, default=str))
 
 
+def make_campaign(scenario: Scenario, adapter=None, output: str | Path | None = None):
+    """The campaign of a scenario: :class:`Campaign`, or for ``mode: encoder`` an
+    :class:`~robustvtc.campaign.encoder.EncoderCampaign` (the same interface: units, keys, records)."""
+    if scenario.mode == "encoder":
+        from .encoder import EncoderCampaign
+
+        return EncoderCampaign(scenario, adapter, output=output)
+    return Campaign(scenario, adapter, output=output)
+
+
 def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume: bool = False,
                  overwrite: bool = False, quiet: bool = False, adapter=None, executor: Executor | None = None,
                  log=None, allow_existing: bool = False, report: bool = False) -> Path:
@@ -546,7 +556,7 @@ def run_campaign(scenario: Scenario, *, output: str | Path | None = None, resume
     executor = executor or make_executor(scenario.executor)  # executor: ray without ray installed fails here
     if adapter is None and hasattr(executor, "driver_adapter"):
         adapter = executor.driver_adapter(scenario)  # e.g. Ray: the driver plans on the CPU, workers hold GPUs
-    campaign = Campaign(scenario, adapter, output=out)
+    campaign = make_campaign(scenario, adapter, output=out)
     data = campaign.task.fingerprint()
     with FolderLock(out, log):
         previous = check_folder(out, scenario, resume, overwrite, allow_existing)
@@ -609,7 +619,7 @@ def rebuild_manifest(scenario: Scenario, *, output: str | Path | None = None, ad
     if not (out / RESULTS).is_file():
         raise UserInputError(f"{out} holds no {RESULTS}; accepted: a campaign folder whose manifest is missing or "
                              "corrupt")
-    campaign = Campaign(scenario, adapter, output=out)
+    campaign = make_campaign(scenario, adapter, output=out)
     with FolderLock(out, log):
         records = read_records(out / RESULTS, repair=True)
         expected = {k for u in campaign.units() for k in campaign.unit_keys(u)}
