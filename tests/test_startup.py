@@ -39,3 +39,15 @@ def test_help_list_scenarios_and_report_modules_stay_free_of_torch():
 def test_validate_reads_the_model_config_without_transformers():
     seen = imported(["validate", "quickstart"])
     assert seen["validate quickstart"] == [True, False]  # the registries hold torch plugins
+
+
+def test_report_on_a_campaign_imports_neither(tiny_adapter, tmp_path):
+    from robustvtc.campaign import parse_scenario, run_campaign
+
+    spec = parse_scenario({"compressors": ["fastervlm"], "budgets": [16], "samples": 2, "batch_size": 2, "steps": 1,
+                           "attacks": ["fulltoken", "cage"], "eps": ["4/255"]})
+    out = run_campaign(spec, output=tmp_path / "run", adapter=tiny_adapter, quiet=True)
+    seen = imported(["report", str(out), "-o", str(tmp_path / "report")], ["report", str(out), "--view", "verdict"])
+    assert (tmp_path / "report" / "report.html").is_file()
+    assert seen[f"report {out} -o {tmp_path / 'report'}"] == [False, False]
+    assert seen[f"report {out} --view verdict"] == [False, False]

@@ -213,10 +213,9 @@ BASELINE, ALIGNED = "baseline", "compression_aligned"
 
 
 def attack_roles(labels: Sequence[str], manifest: Mapping | None = None) -> dict[str, str]:
-    """Attack label -> the role its class declares (``Attack.role``): the label's registry name from the
-    manifest (``manifest["attacks"][label]["name"]``, else the scenario's attacks), else the label itself."""
-    from ..attacks import ATTACKS
-
+    """Attack label -> the role its class declares (``Attack.role``): as the manifest recorded it
+    (``manifest["attacks"][label]["role"]``), else looked up by the label's registry name from the manifest
+    (``manifest["attacks"][label]["name"]``, else the scenario's attacks), else the label itself."""
     names: dict[str, str] = {}
     manifest = manifest or {}
     for entry in (manifest.get("scenario") or {}).get("attacks") or []:
@@ -225,10 +224,17 @@ def attack_roles(labels: Sequence[str], manifest: Mapping | None = None) -> dict
     for label, info in (manifest.get("attacks") or {}).items():
         if isinstance(info, Mapping) and info.get("name"):
             names[str(label)] = str(info["name"])
+    recorded = {str(label): info["role"] for label, info in (manifest.get("attacks") or {}).items()
+                if isinstance(info, Mapping) and isinstance(info.get("role"), str)}  # campaigns since the role is kept
     roles = {}
     for label in labels:
         if label == "clean":
             continue
+        if label in recorded:
+            roles[label] = recorded[label]  # read without importing the attacks (torch)
+            continue
+        from ..attacks import ATTACKS
+
         name = names.get(label, label)
         if name.startswith("torchattacks."):
             from ..attacks import attack_class

@@ -502,7 +502,8 @@ def _manifest(campaign: Campaign) -> dict:
     attacks, schedule = {}, {}
     for spec in s.attacks:
         attack = campaign.example_attack(spec.label)
-        attacks[spec.label] = {"name": spec.name, "eps": list(spec.eps), "threat": asdict(attack.threat),
+        attacks[spec.label] = {"name": spec.name, "role": getattr(attack, "role", "other"), "eps": list(spec.eps),
+                               "threat": asdict(attack.threat),
                                "params": {k: v for k, v in attack.hyperparameters().items() if k != "eps"}}
         alpha = spec.options.get("alpha")  # None = eps/4 for each radius (what the attack resolves it to)
         schedule[spec.label] = {"steps": attack.steps, "alpha": "eps/4" if alpha is None else alpha,

@@ -43,12 +43,12 @@ def benchmark(df: pd.DataFrame, manifest: Mapping | None = None) -> pd.DataFrame
     """The benchmark's official figures (data source hf) per attack x ε x compressor x budget, no defense, from
     :func:`robustvtc.data.hf.aggregate`: TextVQA / VQAv2 / GQA score (%), POPE accuracy, precision, recall, F1 and
     yes-ratio (%), MME perception and cognition (points, sums of per-category acc + acc+). Empty without one."""
-    from ..data.hf import aggregate
-
     preset = (((manifest or {}).get("scenario") or {}).get("data") or {}).get("preset")
     keys = ["attack", "eps", "compressor", "budget"]
     if not preset or "score" not in df:
         return pd.DataFrame(columns=keys).set_index(keys)
+    from ..data.hf import aggregate  # after the check: its presets' scoring imports torch
+
     rows = []
     for key, g in _plain(df).groupby(keys, sort=True):
         records = [{"prediction": r["prediction"], "answers": [r["answer"]], "score": r["score"],
