@@ -35,14 +35,16 @@ def command(tree: Path, args: list[str]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--this", type=Path, default=HERE, help="the source tree measured (default: this one)")
     parser.add_argument("--baseline", type=Path, default=None, help="another source tree to pair against")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--results", default=None, help="a campaign folder for report --view (skipped without)")
     args = parser.parse_args()
     commands = [["--help"], ["list", "scenarios"], ["list", "compressors"], ["validate", "quickstart"]]
     if args.results:
-        commands.append(["report", str(Path(args.results).resolve()), "--view", "accuracy"])
-    trees = {"this": HERE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+        results = str(Path(args.results).resolve())
+        commands += [["report", results, "--view", "verdict"], ["report", results, "-o", "/tmp/robustvtc-bench-report"]]
+    trees = {"this": args.this.resolve(), **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     print(f"CLI start-up, {args.rounds} paired rounds, {load()}")
     print("| command | " + " | ".join(f"{n} s (median) | torch, transformers ({n})" for n in trees)
           + (" | this / baseline |" if args.baseline else " |"))
