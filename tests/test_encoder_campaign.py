@@ -177,3 +177,13 @@ def test_images_source_checks(vit_dir, tmp_path):
         parse_scenario({**base, "data": {"source": "images", "path": "x", "split": "test"}})
     with pytest.raises(UserInputError, match="feature_layer, image_mean, image_std"):
         EncoderCampaign(parse_scenario({**base, "samples": 1, "model_kwargs": {"image_size": 64}}))
+
+
+def test_shipped_encoder_screening_scenario(tiny_adapter, tmp_path):
+    from robustvtc.campaign import load_scenario
+
+    s = load_scenario("encoder_screening", {"samples": 2, "steps": 1, "batch_size": 2})
+    assert s.mode == "encoder" and s.budgets == (8, 16, 32, 64) and [a.name for a in s.attacks] == ["fulltoken", "cage"]
+    run_campaign(s, output=tmp_path / "o", adapter=tiny_adapter, quiet=True)
+    records = read_records(tmp_path / "o" / "results.jsonl")
+    assert len(records) == 2 * 2 * 2 * 2 * 4  # samples x attacks x eps x compressors x budgets

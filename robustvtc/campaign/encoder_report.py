@@ -94,9 +94,13 @@ def full_token(df: pd.DataFrame, level: float = stats.DEFAULT_LEVEL) -> pd.DataF
                                        "seconds"])
 
 
-def _interval(value: float, low: float, high: float, scale: float = 1.0, digits: int = 3) -> str:
+def _interval(value: float, low: float, high: float, scale: float = 1.0, digits: int = 3,
+              bounds: tuple[float, float] | None = None) -> str:
+    """``value (low–high)``; ``bounds``: the range the measure lives in, the t interval clipped to it."""
     if pd.isna(value):
         return "–"
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
     f = f"{{:.{digits}f}}"
     return f"{f.format(scale * value)} ({f.format(scale * low)}–{f.format(scale * high)})"
 
@@ -109,10 +113,10 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
     for r in table.itertuples(index=False):
         rows.append({
             "ε": format_eps(r.eps), "cell": f"{r.compressor}@{r.budget}", "attack": r.attack, "n": int(r.n),
-            "kept 1−cos (95% CI)": _interval(r.mean, r.ci_low, r.ci_high),
-            "overlap": _interval(r.overlap, r.overlap_low, r.overlap_high, digits=2),
-            "spearman": _interval(r.spearman, r.spearman_low, r.spearman_high, digits=2),
-            "full 1−cos": _interval(r.full, r.full_low, r.full_high),
+            "kept 1−cos (95% CI)": _interval(r.mean, r.ci_low, r.ci_high, bounds=(0, 2)),
+            "overlap": _interval(r.overlap, r.overlap_low, r.overlap_high, digits=2, bounds=(0, 1)),
+            "spearman": _interval(r.spearman, r.spearman_low, r.spearman_high, digits=2, bounds=(-1, 1)),
+            "full 1−cos": _interval(r.full, r.full_low, r.full_high, bounds=(0, 2)),
             "wins %": ("–" if r.versus is None or pd.isna(r.wins) else
                        f"{100 * r.wins:.0f} ({100 * r.wins_low:.0f}–{100 * r.wins_high:.0f}) vs {r.versus}"),
             "sign p": "–" if pd.isna(r.p_value) else f"{r.p_value:.2g}"})
@@ -144,9 +148,10 @@ def verdict_sentence(table: pd.DataFrame, level: float = stats.DEFAULT_LEVEL) ->
         significant = int(((g["p_value"] < bar) & (g["wins"] > 0.5)).sum())
         fewer = int(((g["p_value"] < bar) & (g["wins"] < 0.5)).sum())
         parts.append(f"{attack} distorts the kept tokens more than {g['versus'].iloc[0]} on most images in {more} of "
-                     f"{len(g)} cells ({significant} significant, {fewer} significantly less)")
-    return head + "; ".join(parts) + (f" (two-sided sign tests, Bonferroni over {cells} comparisons: p < "
-                                      f"{bar:.2g}).")
+                     f"{len(g)} compressor x budget x ε cells ({significant} significantly), and significantly less "
+                     f"in {fewer}")
+    return head + "; ".join(parts) + (f". Significance: two-sided sign tests of the per-image wins, Bonferroni over "
+                                      f"{cells} comparisons (p < {bar:.2g}).")
 
 
 def sections(df: pd.DataFrame, manifest: Mapping | None, table: pd.DataFrame, full: pd.DataFrame,
