@@ -187,3 +187,9 @@ def test_shipped_encoder_screening_scenario(tiny_adapter, tmp_path):
     run_campaign(s, output=tmp_path / "o", adapter=tiny_adapter, quiet=True)
     records = read_records(tmp_path / "o" / "results.jsonl")
     assert len(records) == 2 * 2 * 2 * 2 * 4  # samples x attacks x eps x compressors x budgets
+
+
+def test_an_lvlm_by_name_is_screened_through_its_vision_side():
+    campaign = EncoderCampaign(scenario(model="builtin", samples=1, attacks=["cage"]))
+    assert campaign.adapter.family == "llava" and campaign.adapter.num_visual_tokens == 144
+    assert campaign.cells == [(c, b) for c in ("fastervlm", "visionzip", "random") for b in (16, 32)]
