@@ -211,7 +211,7 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+                holder = _holder(fd)
                 os.close(fd)
                 raise UserInputError(f"{self.folder} is being written by {holder} (lock {self.path}); accepted: "
                                      "wait for it to finish, or another output folder") from None
@@ -249,6 +249,19 @@ class FolderLock:
         self.release()
 
 
+def _holder(fd: int, wait: float = 1.0) -> str:
+    """"pid N on HOST" from a lock file another process holds; the holder writes it just after taking the lock,
+    so an empty file is read again for up to ``wait`` seconds."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        if text or time.monotonic() > deadline:
+            return text or "another process"
+        time.sleep(0.02)
+
+
 def lock_holder(folder: str | Path) -> str | None:
     """Who holds ``folder``'s lock now ("pid N on HOST"), or None when nobody does (stale files included)."""
     import fcntl
@@ -262,7 +275,7 @@ def lock_holder(folder: str | Path) -> str | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            return os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+            return _holder(fd)
         return None
     finally:
         os.close(fd)
