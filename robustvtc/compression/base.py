@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import UserInputError
 from ..models.base import InLLMContext, KeepPlan, VisualTokens  # noqa: F401  (KeepPlan: re-exported)
@@ -123,7 +124,10 @@ class InLLMHook:
     """A bound in-LLM compressor: before each decoder layer of ``schedule`` keep that many visual tokens.
 
     ``last_keep`` (B, budget) holds, after a forward, the original indices (0..N-1, raster order) of the
-    visual tokens that survived the last pruning layer.
+    visual tokens that survived the last pruning layer; a merged token counts as its largest-weight original
+    token (the lowest index among equal weights). ``last_weights`` (B, budget, N) is, for methods that merge
+    (``select`` returning merge weights), what each surviving token is made of over the original tokens, in
+    sequence order; None for pure selection.
     """
 
     def __init__(self, compressor: "InLLMCompressor", schedule: dict[int, int]):
@@ -133,26 +137,44 @@ class InLLMHook:
         self.budget = self.schedule[self.layers[-1]]
         self.position_policy = compressor.position_policy
         self.last_keep: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
         self._alive: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None  # (B, K, N) provenance once a merge happened
+        self._memo: dict = {}
+        self._num = 0
 
     @property
     def layer(self) -> int:
         """The last pruning layer (where the budget is reached)."""
         return self.layers[-1]
 
-    def select(self, ctx: InLLMContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sorted columns of ``ctx.visual_index`` to keep (B, K') and optional relaxed gains (B, K')."""
+    def select(self, ctx: InLLMContext) -> tuple:
+        """``(keep, gain)`` -- sorted columns of ``ctx.visual_index`` to keep (B, K') and optional relaxed gains
+        (B, K') -- or ``(keep, gain, merge)`` for a method that merges (see :class:`robustvtc.models.base.InLLMHook`)."""
         if ctx.layer == self.layers[0]:
             b, n = ctx.visual_index.shape
             self._alive = torch.arange(n, device=ctx.visual_index.device).expand(b, n)
-        keep, gain = self.compressor.select(ctx, self.schedule[ctx.layer])
-        keep, order = keep.sort(dim=1)
-        if gain is not None:
-            gain = gain.gather(1, order)
-        self._alive = self._alive.gather(1, keep)
+            self._weights, self._memo, self._num = None, {}, n
+        ctx.memo = self._memo
+        keep, gain, *merge = self.compressor.select(ctx, self.schedule[ctx.layer])
+        merge = merge[0] if merge else None
+        if merge is None:
+            keep, order = keep.sort(dim=1)
+            if gain is not None:
+                gain = gain.gather(1, order)
+            self._alive = self._alive.gather(1, keep)
+            if self._weights is not None:
+                self._weights = self._weights.gather(1, keep.unsqueeze(-1).expand(-1, -1, self._weights.shape[-1]))
+        else:  # merge rows are in sequence order: keep gives the places only
+            keep = keep.sort(dim=1).values
+            if self._weights is None:
+                self._weights = F.one_hot(self._alive, self._num).float()
+            self._weights = torch.einsum("bkn,bnm->bkm", merge.detach().float(), self._weights)
+            self._alive = self._weights.argmax(dim=-1)
         if ctx.layer == self.layers[-1]:
-            self.last_keep = self._alive.detach()
-        return keep, gain
+            self.last_keep = self._alive.detach().sort(dim=1).values
+            self.last_weights = None if self._weights is None else self._weights.detach()
+        return (keep, gain) if merge is None else (keep, gain, merge)
 
 
 class InLLMCompressor(Compressor):

@@ -229,6 +229,9 @@ class InLLMContext:
     input_embeds: torch.Tensor  # (B, L, D) the LLM's input embeddings (SparseVLM's raters use them)
     current_attention_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # per-forward scratch a bound hook carries from one pruning layer to the next (a multi-stage method's state,
+    # e.g. SparseVLM's raters chosen once at its first layer); the hook sets it, the adapter leaves it empty
+    memo: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -298,5 +301,12 @@ class InLLMHook(Protocol):
     layers: Sequence[int]
     position_policy: str
 
-    def select(self, ctx: "InLLMContext") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sorted columns of the visual tokens to keep at ``ctx.layer``, and optional relaxed gains."""
+    def select(self, ctx: "InLLMContext") -> tuple:
+        """``(keep, gain)`` or ``(keep, gain, merge)`` at ``ctx.layer``.
+
+        ``keep`` (B, K') sorted columns of ``ctx.visual_index``: the sequence places (and, with the "original"
+        position policy, the positions) of the K' visual tokens that go on; ``gain`` (B, K') optional relaxed
+        weights they are scaled by. Without ``merge`` the token at place ``keep[k]`` goes on unchanged; with
+        ``merge`` (B, K', K) the k-th visual token that goes on (sequence order) is the weighted sum
+        ``merge[:, k] @`` the hidden states of the K visual tokens alive at the layer (a one-hot row keeps a
+        token exactly; a row of several weights is a merged token)."""

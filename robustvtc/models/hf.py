@@ -321,9 +321,10 @@ class HFAdapter:
         for i, layer in enumerate(lm.layers):
             if i in prune_at:
                 ctx = self._in_llm_context(i, h, mask, visual_index, text_index, prev, embeds)
-                keep, gain = in_llm.select(ctx)  # sorted columns of visual_index, optional relaxed gains
+                # sorted columns of visual_index, optional relaxed gains, optional merge weights
+                keep, gain, *merge = in_llm.select(ctx)
                 h, mask, positions, visual_index, text_index, idx = _drop_visual(
-                    h, mask, positions, visual_index, text_index, keep, gain)
+                    h, mask, positions, visual_index, text_index, keep, gain, merge[0] if merge else None)
                 if alive is not None:
                     alive = alive.gather(1, idx)
                 if in_llm.position_policy == "contiguous":
@@ -554,11 +555,14 @@ class _RowScorer:
         return logits.softmax(-1).mean(dim=1)
 
 
-def _drop_visual(h, mask, positions, visual_index, text_index, keep, gain):
+def _drop_visual(h, mask, positions, visual_index, text_index, keep, gain, merge=None):
     """Remove the visual tokens not in ``keep`` (B, K', sorted; same count per row); scale kept ones by ``gain``.
 
-    Kept tokens keep their positions (``positions`` is (B, L) or M-RoPE's (3, B, L)); renumbering is the caller's.
+    ``merge`` (B, K', K) (optional): the k-th visual token that goes on becomes ``merge[:, k] @`` the K alive visual
+    tokens' hidden states (one-hot rows are copied exactly, not multiplied), then is scaled by ``gain``.
+    Kept places keep their positions (``positions`` is (B, L) or M-RoPE's (3, B, L)); renumbering is the caller's.
     """
+    old_h, old_visual = h, visual_index
     B, L = mask.shape
     kept_pos = torch.gather(visual_index, 1, keep)
     alive = torch.ones(B, L, dtype=torch.bool, device=h.device)
@@ -574,6 +578,13 @@ def _drop_visual(h, mask, positions, visual_index, text_index, keep, gain):
     rank = alive.long().cumsum(-1) - 1
     visual_index = torch.gather(rank, 1, kept_pos)
     text_index = (torch.gather(rank, 1, text_index[0]), text_index[1])
+    if merge is not None:
+        d = h.shape[-1]
+        alive_h = torch.gather(old_h, 1, old_visual.unsqueeze(-1).expand(-1, -1, d))
+        merged = torch.einsum("bkn,bnd->bkd", merge.to(h.dtype), alive_h)
+        one_hot = (merge == 1).sum(-1, keepdim=True).eq(1) & (merge != 0).sum(-1, keepdim=True).eq(1)
+        copied = torch.gather(alive_h, 1, merge.argmax(-1, keepdim=True).expand(-1, -1, d))
+        h = h.scatter(1, visual_index.unsqueeze(-1).expand(-1, -1, d), torch.where(one_hot, copied, merged))
     if gain is not None:
         scale = torch.ones(B, new_len, 1, dtype=h.dtype, device=h.device)
         h = h * scale.scatter(1, visual_index.unsqueeze(-1), gain.unsqueeze(-1).to(h.dtype))
