@@ -1,5 +1,5 @@
-"""The seed methods of issue 23: TokenCarve's rule (implemented, not registered) against a line-by-line
-re-statement of its reference code; the list of seed methods not registered, and why, as the CLI prints it;
+"""The seed methods of issue 23: TokenCarve's rule (registered, merging through the in-LLM hook) against a
+line-by-line re-statement of its reference code; the list of seed methods not registered, and why, as the CLI prints it;
 every registered compressor states its fidelity."""
 from __future__ import annotations
 
@@ -99,8 +99,43 @@ def test_tokencarve_svd_score_is_the_reference_on_wide_and_the_reduced_svd_on_ta
     assert torch.allclose(tokencarve.svd_contribution(tall), (u * s).abs().sum(1))
 
 
+@pytest.mark.parametrize("nums", [4, 16])
+def test_registered_tokencarve_merges_through_the_hook_as_the_reference(nums):
+    from robustvtc.compression import get_compressor
+    from robustvtc.models.base import InLLMContext
+    from robustvtc.models.hf import _drop_visual
+
+    attn, out, s, n = _case(nums + 3)
+    kept_ref, hidden_ref = tokencarve_reference(attn, out, s, n, nums, 0)
+    L = out.shape[1]
+    avg = attn.mean(1)
+    visual = torch.arange(s, s + n).unsqueeze(0)
+    text = torch.arange(s + n, L).unsqueeze(0)
+    valid = torch.ones_like(text, dtype=torch.bool)
+    ctx = InLLMContext(2, out, torch.ones(1, L, dtype=torch.long), visual, text, valid, lambda q: avg[:, q[0]],
+                       lambda: None, out)
+    hook = get_compressor("tokencarve").bind(nums, n, 4)
+    keep, gain, merge = hook.select(ctx)
+    positions = torch.arange(L).unsqueeze(0)
+    h, _, pos, vis, _, _ = _drop_visual(out, ctx.attention_mask, positions, visual, (text, ctx.text_valid), keep, gain,
+                                        merge)
+    assert pos[0, vis[0]].tolist() == kept_ref  # original positions of the kept places
+    assert torch.allclose(h[0, vis[0]], hidden_ref, atol=1e-6)
+    assert torch.equal(h[0, :s], out[0, :s]) and torch.equal(h[0, -text.shape[1]:], out[0, s + n:])
+    assert hook.last_keep.shape == (1, nums)
+
+
+def test_tokencarve_budget_range():
+    from robustvtc.compression import get_compressor
+    from robustvtc.errors import UserInputError
+
+    assert tokencarve.max_budget(576) == 384 and tokencarve.max_budget(144) == 96
+    with pytest.raises(UserInputError, match="accepted: 2..96"):
+        get_compressor("tokencarve").bind(97, 144, 4)
+
+
 # ---------------------------------------------------------------------------------------------- not registered
-SEEDS = {"tokencarve", "floc", "llava_zip", "vflowopt", "hidrop", "simignore", "gsearch_psigmoid", "look_m",
+SEEDS = {"floc", "llava_zip", "vflowopt", "hidrop", "simignore", "gsearch_psigmoid", "look_m",
          "cdpruner"}
 
 

@@ -27,7 +27,8 @@ QWEN_SPECIAL = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|visio
                 "<|image_pad|>", "<|video_pad|>"]
 # the tiny LLMs have 2 layers: in-LLM methods prune before layer 1 (scored with layer 0)
 TINY_KWARGS = {"fastv": {"layer": 1}, "dart": {"layer": 1}, "sparsevlm": {"layer": 1}, "pdrop": {"layers": (1,)},
-               "vscan": {"shallow_layer": 0, "window": 2}, "hiprune": {"object_layer": 1}}
+               "vscan": {"shallow_layer": 0, "window": 2}, "hiprune": {"object_layer": 1},
+               "tokencarve": {"layer": 1}}
 BUDGET = {"llava": 8, "llava_next": 10, "qwen2_vl": 8, "qwen2_5_vl": 8}  # next: 5 crops x 2
 REFUSED = {"llava": {"flowcut", "visionzip_qwen"}, "llava_next": {"tome", "flowcut", "visionzip_qwen"},
            "qwen2_vl": {"fastervlm", "visionzip", "vispruner", "prumerge", "prumerge_plus", "tome", "flowcut", "vscan",
@@ -279,7 +280,7 @@ def test_incompatible_compressor_message(adapters):
     with pytest.raises(UserInputError, match=r"compressor 'visionzip' needs a CLS token in the vision encoder .*"
                                              r"which the qwen2_vl model .* does not have; compatible compressors: "
                                              r"dart, divprune, fastv, none, pdrop, pooling, random, sparsevlm, "
-                                             r"visionzip_qwen$"):
+                                             r"tokencarve, visionzip_qwen$"):
         Target(a, "visionzip", 8)
     with pytest.raises(UserInputError, match="needs the vision encoder.s CLS token, and this model.s encoder has none"):
         a.encode(pixels_for(a)).cls_attention()

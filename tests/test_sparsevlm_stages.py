@@ -53,7 +53,6 @@ def cluster_and_merge(x, cluster_num, noise=True):
     idx_tmp = torch.arange(cluster_num, device=x.device)[None, :].expand(B, cluster_num)
     idx_cluster[idx_batch.reshape(-1), index_down.reshape(-1)] = idx_tmp.reshape(-1)
     B, N, C = x.shape
-    device = dist_matrix.device
     token_weight = x.new_ones(B, N, 1)
     idx_batch = torch.arange(B, device=x.device)[:, None]
     idx = idx_cluster + idx_batch * cluster_num

@@ -2,8 +2,8 @@
 from ..errors import UserInputError
 from ..models.base import CAPABILITIES
 from . import (  # noqa: F401  (registration)
-    dart, divprune, fastervlm, fastv, flowcut, hiprune, pdrop, pooling, prumerge, simple, sparsevlm, tome, vispruner,
-    visionzip, vscan,
+    dart, divprune, fastervlm, fastv, flowcut, hiprune, pdrop, pooling, prumerge, simple, sparsevlm, tokencarve, tome,
+    vispruner, visionzip, vscan,
 )
 from .base import Compressor, EncoderCompressor, InLLMCompressor, KeepPlan, PreLLMCompressor
 from .registry import COMPRESSORS
@@ -14,9 +14,6 @@ COMPRESSORS.base = Compressor  # module:Class references and entry-point plug-in
 # where its rule is published exactly (official code or paper pseudo-code) and robustvtc can run it as
 # published. `robustvtc list compressors` prints this after its table.
 NOT_REGISTERED: dict[str, str] = {
-    "tokencarve": "rule exact in official code (ShawnTan86/TokenCarve@a57bd59) and implemented in "
-                  "compression/tokencarve.py, but it merges hidden states inside the LLM (A <- mean(A, merged B's) "
-                  "at layer 2); robustvtc's in-LLM hook can only keep, drop or scale tokens",
     "floc": "facility-location lazy greedy (arXiv 2511.00141, video LMMs); no official code found and the "
             "paper's exact similarity (which features, normalisation, per-frame or global) could not be read",
     "llava_zip": "DFMR (arXiv 2412.08771): an image-adaptive pooling factor from patch standard deviations, so "

@@ -150,7 +150,8 @@ class InLLMHook:
 
     def select(self, ctx: InLLMContext) -> tuple:
         """``(keep, gain)`` -- sorted columns of ``ctx.visual_index`` to keep (B, K') and optional relaxed gains
-        (B, K') -- or ``(keep, gain, merge)`` for a method that merges (see :class:`robustvtc.models.base.InLLMHook`)."""
+        (B, K') -- or ``(keep, gain, merge)`` for a method that merges (see
+        :class:`robustvtc.models.base.InLLMHook`)."""
         if ctx.layer == self.layers[0]:
             b, n = ctx.visual_index.shape
             self._alive = torch.arange(n, device=ctx.visual_index.device).expand(b, n)

@@ -1,5 +1,5 @@
 """TokenCarve (Tan et al., "TokenCarve: Information-Preserving Visual Token Compression in Multimodal Large
-Language Models", arXiv 2503.10501) -- its selection and merge rule, NOT registered as a compressor.
+Language Models", arXiv 2503.10501): in-LLM selection and merge, registered as ``tokencarve``.
 
 Rule (reference code ShawnTan86/TokenCarve @ a57bd59, ``TokenCarve/modeling_llama.py`` ``LlamaModel.forward``,
 ``TokenCarve/TokenCarve_model_vqa_loader.py`` for the arguments), batch size 1, at the input of decoder layer
@@ -23,16 +23,21 @@ Rule (reference code ShawnTan86/TokenCarve @ a57bd59, ``TokenCarve/modeling_llam
 With N > D (tiny models) the reference's full-matrix SVD cannot form U S (U is N x N, S has D entries);
 :func:`svd_contribution` uses the reduced SVD, the same numbers whenever N <= D (LLaVA: 576 <= 4096).
 
-Why it is not registered: robustvtc's in-LLM path (``InLLMHook.select`` -> the adapters' ``_drop_visual``)
-can keep, drop and scale visual tokens at a decoder layer, not replace a kept token's hidden state by a mean
-of several; TokenCarve without its merge would be a rule of our own. What is here is exact and tested
-(tests/test_compressors_seed.py) against a line-by-line re-statement of the reference. To register it, the
-in-LLM hook needs a merge output (per kept token, weights over the alive visual tokens) applied to the
-hidden states at the pruning layer; :func:`tokencarve_plan` already returns those weights.
+Registered as ``tokencarve`` through the in-LLM hook's merge output: at decoder layer ``layer`` (= the reference's
+``work_layer``, 2) the hook keeps the K places of A + the unmerged B and gives each its merge weights over the N
+alive image tokens (:func:`tokencarve_plan`), so an A token becomes the mean of itself and the B tokens merged into
+it, with its original position (position policy "original", the reference's ``keep_index_map``). The reference runs
+batch size 1; a batch here is planned image by image. What is here is exact and tested
+(tests/test_compressors_seed.py) against a line-by-line re-statement of the reference.
 """
 from __future__ import annotations
 
 import torch
+
+from ..errors import UserInputError
+from ..models.base import InLLMContext
+from .base import InLLMCompressor
+from .registry import COMPRESSORS
 
 MODES = {0: "tokencarve", 1: "sv", 2: "av"}
 
@@ -95,3 +100,51 @@ def tokencarve_plan(av: torch.Tensor, image_hidden: torch.Tensor, budget: int, m
     kept = torch.cat([a, b[rest]]).sort().values
     w = weights[kept]
     return kept, w / w.sum(dim=-1, keepdim=True)
+
+
+def max_budget(num_tokens: int) -> int:
+    """The largest K with int(1.5 K) <= N (the reference's candidates must fit among the image tokens)."""
+    k = num_tokens
+    while k > 1 and counts(k)[0] > num_tokens:
+        k -= 1
+    return k
+
+
+@COMPRESSORS.register()
+class TokenCarve(InLLMCompressor):
+    name = "tokencarve"
+    fidelity = ("reference rule (ShawnTan86/TokenCarve@a57bd59): AV + SVD rank fusion, bipartite merge into A at "
+                "work_layer 2; batch planned image by image; reduced SVD where N > D")
+    paper = "TokenCarve, arXiv 2503.10501"
+    text_aware = True
+    position_policy = "original"
+    native_knob = "token_carve_image_token_nums = budget (R = int(1.5 K) candidates, int(K / 2) merges)"
+
+    def __init__(self, layer: int = 2, mode: int = 0, weight: float = 0.5):
+        if mode not in MODES:
+            raise UserInputError(f"unknown tokencarve mode {mode!r}; accepted: "
+                                 + ", ".join(f"{k} ({v})" for k, v in MODES.items()))
+        if not 0 <= weight <= 1:
+            raise UserInputError(f"tokencarve weight must be in [0, 1], got {weight!r}")
+        self.layer, self.mode, self.weight = int(layer), mode, float(weight)
+
+    def check_budget(self, budget: int, num_tokens: int) -> int:
+        budget = super().check_budget(budget, num_tokens)
+        top = max_budget(num_tokens)
+        if not 2 <= budget <= top:
+            raise UserInputError(f"budget {budget} out of range for tokencarve: it ranks int(1.5 x budget) candidates "
+                                 f"among the {num_tokens} visual tokens; accepted: 2..{top}")
+        return budget
+
+    def budget_mapping(self, budget: int, num_tokens: int, num_layers: int | None = None) -> dict:
+        r, m = counts(budget)
+        return {**super().budget_mapping(budget, num_tokens, num_layers), "candidates": r, "merges": m,
+                "work_layer": self.layer, "mode": MODES[self.mode]}
+
+    def select(self, ctx: InLLMContext, keep: int):
+        d = ctx.hidden.shape[-1]
+        av = ctx.attention_rows(ctx.text_index[:, -1:])[:, 0].gather(1, ctx.visual_index)  # (B, N) last token
+        image = ctx.hidden.gather(1, ctx.visual_index.unsqueeze(-1).expand(-1, -1, d)).detach()
+        kept, merge = zip(*(tokencarve_plan(av[b].detach().float(), image[b], keep, self.mode, self.weight)
+                            for b in range(av.shape[0])))
+        return torch.stack(kept), None, torch.stack(merge)
