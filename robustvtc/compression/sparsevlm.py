@@ -1,7 +1,8 @@
 """SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model
 Inference", ICML 2025).
 
-Rule (reference code Gumpest/SparseVLMs @ 26a5f48, v1.5 = ``USE_VERSION`` unset, ``modelling_sparse_llama.py``
+Rule (reference code Gumpest/SparseVLMs @ 26a5f48, v1.5: ``USE_VERSION`` unset, i.e. its default ``1_0``, the
+``RETAIN_TOKN=... bash scripts/v1_5/eval/*.sh`` runs of its README; ``modelling_sparse_llama.py``
 ``LlamaDynamicvitModel.forward``, ``score.py``, ``utils.py``), for LLaVA-1.5 (576 visual tokens, 32 layers):
 
 * text raters, once, from the LLM input embeddings: R = softmax over text of V T^T (V visual, T the text
