@@ -588,9 +588,9 @@ def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], 
     if not isinstance(raw, dict) or "name" not in raw:
         c.fail(path, f"expected an attack name or a mapping with 'name', got {_kind(raw)}",
                f"one of {', '.join(registry.names())}, or {{name: ..., eps: ..., steps: ..., <option>: ...}}")
-    if isinstance(raw["name"], str) and raw["name"].startswith("torchattacks."):
-        return _torchattack(c, raw, path, default_eps, schedule)
     name = raw["name"]
+    if isinstance(name, str) and name.startswith("torchattacks."):
+        return _torchattack(c, raw, path, default_eps, schedule)
     cls = _plugin_class(c, name, f"{path}.name", registry)
     options = [*cls._own_parameters(), *(k for k in COMMON_DEFAULTS if k != "eps")]
     if cls.threat.budget_known and not cls.threat.compressor_known:
