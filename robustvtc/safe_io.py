@@ -162,27 +162,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_with(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """``write(temporary_path)`` then fsync and rename onto ``path`` (for writers that want a file name: PIL;
-    the temporary name ends in ``.tmp``, so give the writer the format explicitly)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    refuse_symlink(path)
-    note_in_ledger(path)
-    fd, tmp = _temp_file(path)
-    try:
-        _test_crash_in_atomic_write(fd, b"")  # the crash tests: killed with the temporary file on disk
-        os.close(fd)
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 # ---------------------------------------------------------------------------------------------- lock
 def _alive(pid: int) -> bool:
     try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AbstractSet, Iterator, Sequence
@@ -34,7 +33,8 @@ import torch
 from ..errors import UserInputError
 from ..target import EncodingCache
 from .encoder_scope import list_images, refuse_attack, refuse_compressor
-from .grid import kept_disruption, kept_overlap, kept_sources, make_target, parse_budgets, rank_correlations
+from .grid import (derived_seed, kept_disruption, kept_overlap, kept_sources, make_target, parse_budgets,
+                   rank_correlations, seeded, value_at)
 from .records import NONE
 from .scenario import Scenario
 from .tasks import Item, Task, file_sha256
@@ -298,7 +298,7 @@ class EncoderCampaign:
         threat = self.threats[unit.attack].describe()
         for craft, _ in groups:
             seed = self._seed("craft", unit, craft)
-            with _seeded(seed):
+            with seeded(seed):
                 attack = self._attack(spec, unit.eps, craft, seed)
                 start = time.perf_counter()
                 adv_px = attack(clean_px).adv
@@ -322,38 +322,23 @@ class EncoderCampaign:
                         continue
                     yield {"kind": KIND, "sample": item.id, "attack": unit.attack, "attack_threat": threat,
                            "eps": unit.eps, "steps": attack.steps, "compressor": cell[0], "budget": cell[1],
-                           "defense": NONE, "adaptive": False, "kept_disruption": _at(disruption, b),
-                           "kept_overlap": _at(overlap, b), "rank_spearman": _at(spearman, b),
-                           "rank_kendall": _at(kendall, b), "full_token_disruption": _at(full, b),
+                           "defense": NONE, "adaptive": False, "kept_disruption": value_at(disruption, b),
+                           "kept_overlap": value_at(overlap, b), "rank_spearman": value_at(spearman, b),
+                           "rank_kendall": value_at(kendall, b), "full_token_disruption": value_at(full, b),
                            "linf": linf[b], "l2": l2[b], "seconds": seconds, "budget_mapping": self.mappings[cell]}
 
     @torch.no_grad()
     def _kept(self, cell: Cell, tokens, seed: int) -> torch.Tensor:
         """(B, N) bool: the patches the compressor of ``cell`` keeps on ``tokens`` (a fresh compressor, a
         randomised one seeded with ``seed``)."""
-        with _seeded(seed):
+        with seeded(seed):
             target = make_target(self.adapter, *cell, seed=seed, scenario=self.scenario)
             plan = target.compressor.plan(self.adapter.part(tokens, 0), cell[1])
         return kept_sources(plan)
 
     def _seed(self, *parts) -> int:
-        """A seed derived from the scenario seed and what is being done (independent of execution order)."""
-        text = json.dumps([self.scenario.seed, *map(str, parts)])
-        return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+        return derived_seed(self.scenario.seed, *parts)
 
 
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
-def _at(values: list | None, b: int):
-    import math
-
-    if values is None:
-        return None
-    value = values[b]
-    return None if isinstance(value, float) and not math.isfinite(value) else value

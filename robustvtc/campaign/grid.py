@@ -8,8 +8,10 @@ reused across the whole compressor x budget grid, and only the compression + LLM
 from __future__ import annotations
 
 import inspect
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -137,3 +139,32 @@ def kept_disruption(clean, adv, kept: torch.Tensor | None) -> list[float] | None
     d = 1 - torch.nn.functional.cosine_similarity(adv.features.float(), clean.features.float(), dim=-1)
     k = kept.to(d.device).float()
     return ((d * k).sum(dim=1) / k.sum(dim=1).clamp_min(1)).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+def derived_seed(scenario_seed: int, *parts) -> int:
+    """A seed derived from the scenario seed and what is being done, so a unit's records do not depend on the
+    order units run in."""
+    import hashlib
+    import json
+
+    text = json.dumps([scenario_seed, *map(str, parts)])
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Torch's global RNG set to ``seed`` inside, restored after (randomised compressors and defenses draw
+    from it)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def value_at(values: list | None, b: int):
+    """Item ``b`` of a per-sample measure, None for a missing measure or a non-finite value (JSON-safe)."""
+    if values is None:
+        return None
+    value = values[b]
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the campaign class travels to the workers as an argument: t
     from .runner import Campaign, WorkUnit
 
 from ..errors import UserInputError
+from .records import png_bytes
 
 LOG = logging.getLogger("robustvtc")
 INSTALL = ('executor: ray needs Ray, which is not installed; accepted: pip install "robustvtc[ray]" '
@@ -49,18 +50,6 @@ def import_ray():
     except ImportError:
         raise UserInputError(INSTALL) from None
     return ray
-
-
-def png_bytes(image) -> bytes:
-    """The bytes runner.save_png writes for a (3, H, W) image in [0, 1] (shipped instead of a file)."""
-    import io
-
-    from PIL import Image
-
-    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class _Shipping:

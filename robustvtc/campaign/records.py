@@ -173,3 +173,16 @@ def read_manifest(out: str | Path) -> dict | None:
             f"{path} is not a valid manifest ({str(exc).splitlines()[0][:80]}; cut short by a crash?); accepted: "
             f"`robustvtc rebuild-manifest SCENARIO -o {Path(out)}` rebuilds it from the scenario and the records "
             "(then --resume), or --overwrite to start again") from None
+
+
+def png_bytes(image) -> bytes:
+    """(3, H, W) in [0, 1] -> an 8-bit PNG file's bytes (rounded: the PNG is a quantised copy of a float image);
+    what the runner writes, or a worker ships to it."""
+    import io
+
+    from PIL import Image
+
+    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

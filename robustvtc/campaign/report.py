@@ -378,12 +378,7 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
         return _write_encoder_report(results, out, df, manifest)
     roles = metrics.attack_roles(list(df["attack"].unique()), manifest)
     tables = build_tables(df, n_boot, seed, roles)
-    check_report_folder(results, out, [*(f"tables/{name}.csv" for name in tables), "report.html", "summary.md"],
-                        prepare=True)  # under the lock, before the first file
-    paths = {}
-    for name, table in tables.items():
-        paths[name] = out / "tables" / f"{name}.csv"
-        write_csv(table, paths[name])
+    paths = _write_tables(results, out, tables)
 
     scenario = manifest.get("scenario", {})
     title = f"robustvtc report — {scenario.get('name', results.name)}"
@@ -515,18 +510,24 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
     return paths
 
 
+def _write_tables(results: Path, out: Path, tables: dict[str, pd.DataFrame]) -> dict[str, Path]:
+    """Check the report folder (under the lock, before the first file) and write ``tables/*.csv``."""
+    check_report_folder(results, out, [*(f"tables/{name}.csv" for name in tables), "report.html", "summary.md"],
+                        prepare=True)
+    paths = {}
+    for name, table in tables.items():
+        paths[name] = out / "tables" / f"{name}.csv"
+        write_csv(table, paths[name])
+    return paths
+
+
 def _write_encoder_report(results: Path, out: Path, df: pd.DataFrame, manifest: dict) -> dict[str, Path]:
     """The report of an encoder-only campaign (:mod:`.encoder_report`): no accuracy, the screening's figures."""
     from . import encoder_report
 
     roles = metrics.attack_roles(list(df["attack"].unique()), manifest)
     tables = {"encoder_screening": encoder_report.screening(df, roles), "full_token": encoder_report.full_token(df)}
-    check_report_folder(results, out, [*(f"tables/{name}.csv" for name in tables), "report.html", "summary.md"],
-                        prepare=True)  # under the lock, before the first file
-    paths = {}
-    for name, table in tables.items():
-        paths[name] = out / "tables" / f"{name}.csv"
-        write_csv(table, paths[name])
+    paths = _write_tables(results, out, tables)
     scenario = manifest.get("scenario", {})
     title = f"robustvtc encoder screening — {scenario.get('name', results.name)}"
     screening = tables["encoder_screening"]

@@ -22,31 +22,29 @@ same records whether or not the units before it ran in this process.
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import platform
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import AbstractSet, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..safe_io import (LEDGER_NAME, FolderLock, atomic_write_bytes, atomic_write_text, atomic_write_with, read_ledger,
+from ..safe_io import (LEDGER_NAME, FolderLock, atomic_write_bytes, atomic_write_text, read_ledger,
                        refuse_symlink, remove_stale_temps)
 from .folder import OWN, check_folder, check_report_folder, check_resume, clear, legacy_files, note_written
 from .executor import Executor, make_executor
 from .progress import Progress
-from .grid import CellResult, evaluate_grid, kept_disruption, kept_overlap, make_target, parse_budgets, rank_correlations
+from .grid import (CellResult, derived_seed, evaluate_grid, kept_disruption, kept_overlap, make_target, parse_budgets,
+                   rank_correlations, seeded, value_at)
 from .records import (CLEAN, EXAMPLES, IMAGES, KEY_FIELDS, MANIFEST, NONE, RESULTS, ResultsWriter, example_key,
-                      read_example_keys, read_records, record_key)
+                      png_bytes, read_example_keys, read_records, record_key)
 from .scenario import Scenario, defense_registry
 from ..target import EncodingCache
 from .tasks import Item, Task
@@ -269,7 +267,7 @@ class Campaign:
         spec = self.attacks[unit.attack]
         for craft, against, evals, _ in groups:
             seed = self._seed("craft", unit, craft, against)
-            with _seeded(seed):
+            with seeded(seed):
                 attack = self._attack(spec, unit.eps, craft, against, seed)
                 start = time.perf_counter()
                 adv = attack(clean_px, [i.prompt for i in items], [i.answer for i in items]).adv
@@ -307,7 +305,7 @@ class Campaign:
 
     def _evaluate(self, cells: Sequence[Cell], pixels: torch.Tensor, items: Sequence[Item], defense: str,
                   seed: int, encodings: EncodingCache | None = None) -> dict[Cell, CellResult]:
-        with _seeded(seed):
+        with seeded(seed):
             targets = [make_target(self.adapter, *cell, seed=seed, defenses=self._defense_objects(defense, seed, cell),
                                    scenario=self.scenario) for cell in cells]
             results = evaluate_grid(targets, pixels, lambda t, px, tok: self.task.predict(t, px, items, tok),
@@ -344,8 +342,8 @@ class Campaign:
                     "full_token_correct": self.task.correct(item, full.predictions[b]),
                     "clean_full_token_correct": self.task.correct(item, clean_full.predictions[b]),
                     "flagged": a.flagged[b],
-                    "kept_overlap": _at(overlap, b), "rank_spearman": _at(spearman, b),
-                    "rank_kendall": _at(kendall, b), "kept_disruption": _at(disruption, b),
+                    "kept_overlap": value_at(overlap, b), "rank_spearman": value_at(spearman, b),
+                    "rank_kendall": value_at(kendall, b), "kept_disruption": value_at(disruption, b),
                     "linf": linf[b], "l2": l2[b], "seconds": seconds, "budget_mapping": self.mappings[cell],
                     **self.task.record_fields(item, pred),  # hf benchmarks: score, category, question_id
                 }
@@ -426,36 +424,19 @@ class Campaign:
             self._noted.update(new)
 
     def _seed(self, *parts) -> int:
-        """A seed derived from the scenario seed and what is being done (independent of execution order)."""
-        text = json.dumps([self.scenario.seed, *map(str, parts)])
-        return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+        return derived_seed(self.scenario.seed, *parts)
 
 
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Torch's global RNG set to ``seed`` inside, restored after (randomised defenses draw from it)."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 # ---------------------------------------------------------------------------------------------- per-sample measures
 
 
-def _at(values: list | None, b: int):
-    if values is None:
-        return None
-    value = values[b]
-    return None if isinstance(value, float) and not np.isfinite(value) else value
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
-    """(3, H, W) in [0, 1] -> an 8-bit PNG (rounded: the PNG is a quantised copy of a float image)."""
-    from PIL import Image
-
-    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    atomic_write_with(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    """(3, H, W) in [0, 1] -> an 8-bit PNG, written atomically."""
+    atomic_write_bytes(path, png_bytes(image))
 
 
 def _slug(value) -> str:

@@ -596,7 +596,14 @@ def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], 
     if cls.threat.budget_known and not cls.threat.compressor_known:
         options.remove("budget")  # the campaign sets it to each budget of the grid
     c.keys(raw, path, [*ATTACK_KEYS, *options])
-    label = c.string(raw.get("label", name), f"{path}.label")
+    label, eps, opts = _attack_fields(c, raw, path, cls, default_eps, schedule)
+    return AttackSpec(name, label, eps, _resolve_paths(c, cls, opts, path, base_dir))
+
+
+def _attack_fields(c: _Check, raw: dict, path: str, cls, default_eps: list[float],
+                   schedule: dict) -> tuple[str, tuple[float, ...], dict]:
+    """An attack entry's label, radii and options (the campaign schedule under the entry's overrides)."""
+    label = c.string(raw.get("label", raw["name"]), f"{path}.label")
     if label == "clean":
         c.fail(f"{path}.label", "'clean' is reserved for the unattacked images", "any other label")
     eps = ([c.eps(e, f"{path}.eps[{i}]") for i, e in enumerate(c.listing(raw["eps"], f"{path}.eps", "radii"))]
@@ -604,7 +611,7 @@ def _attack(c: _Check, raw: Any, path: str, registry, default_eps: list[float], 
     opts = {k: v for k, v in raw.items() if k not in ATTACK_KEYS}
     opts.update(_check_schedule(c, {**schedule, **{k: opts[k] for k in SCHEDULE_KEYS if k in opts}}, path))
     _option_types(c, cls, opts, path)
-    return AttackSpec(name, label, tuple(dict.fromkeys(eps)), _resolve_paths(c, cls, opts, path, base_dir))
+    return label, tuple(dict.fromkeys(eps)), opts
 
 
 def _torchattack(c: _Check, raw: dict, path: str, default_eps: list[float], schedule: dict) -> AttackSpec:
@@ -623,15 +630,7 @@ def _torchattack(c: _Check, raw: dict, path: str, default_eps: list[float], sche
         raise UserInputError(f"{c.source}: {path}: {problem}")
     allowed = [*dict.fromkeys([*torch_options(name), *(k for k in COMMON_DEFAULTS if k != "eps")])]
     c.keys(raw, path, [*ATTACK_KEYS, *(k for k in allowed if k != "eps")])
-    label = c.string(raw.get("label", name), f"{path}.label")
-    if label == "clean":
-        c.fail(f"{path}.label", "'clean' is reserved for the unattacked images", "any other label")
-    eps = ([c.eps(e, f"{path}.eps[{i}]") for i, e in enumerate(c.listing(raw["eps"], f"{path}.eps", "radii"))]
-           if "eps" in raw else default_eps)
-    opts = {k: v for k, v in raw.items() if k not in ATTACK_KEYS}
-    opts.update(_check_schedule(c, {**schedule, **{k: opts[k] for k in SCHEDULE_KEYS if k in opts}}, path))
-    _option_types(c, cls, opts, path)
-    return AttackSpec(name, label, tuple(dict.fromkeys(eps)), opts)
+    return AttackSpec(name, *_attack_fields(c, raw, path, cls, default_eps, schedule))
 
 
 def _defense(c: _Check, raw: Any, path: str, base_dir: Path | None = None) -> DefenseSpec | None:
