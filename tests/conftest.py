@@ -18,6 +18,17 @@ def tiny_adapter():
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The built-in architecture with random weights (seed 0) saved in Hugging Face format: what a scenario's
+    ``model:`` or a Ray worker loads by path."""
+    from robustvtc.models.builtin import new_builtin, save_builtin
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    save_builtin(new_builtin(seed=0), path, {})
+    return path
+
+
+@pytest.fixture(scope="session")
 def builtin_adapter():
     """The shipped, trained built-in model loaded through from_pretrained (offline)."""
     from robustvtc.models import load_model

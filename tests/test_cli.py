@@ -64,16 +64,6 @@ import yaml  # noqa: E402
 
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """The built-in architecture with random weights saved in Hugging Face format (what `run --model` loads)."""
-    from robustvtc.models.builtin import new_builtin, save_builtin
-
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_builtin(new_builtin(seed=0), path, {})
-    return path
-
-
 @pytest.fixture(scope="module")
 def scenario_file(tiny_model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "s.yaml"

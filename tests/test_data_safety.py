@@ -27,15 +27,6 @@ BASE = {"compressors": ["fastervlm"], "budgets": [16], "samples": 3, "batch_size
         "attacks": ["fulltoken"], "examples": 1}  # 3 chunks x (clean + fulltoken) x 2 cells = 12 records
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from robustvtc.models.builtin import new_builtin, save_builtin
-
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_builtin(new_builtin(seed=0), path, {})
-    return path
-
-
 def _strip(records):
     return {record_key(r): {k: v for k, v in r.items() if k != "seconds"} for r in records}
 
@@ -172,8 +163,8 @@ def _mc(root: Path, rows=None, images=("a.png", "b.png")) -> Path:
     return path
 
 
-def _scenario(root: Path, model_dir, **changes) -> Path:
-    doc = {**BASE, "model": str(model_dir), "samples": 2, **changes}
+def _scenario(root: Path, tiny_model_dir, **changes) -> Path:
+    doc = {**BASE, "model": str(tiny_model_dir), "samples": 2, **changes}
     path = root / "s.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -186,18 +177,18 @@ def _records_folder(root: Path, lines: list[str]) -> Path:
     return folder
 
 
-def _file_data(root, model_dir, image_writer):
+def _file_data(root, tiny_model_dir, image_writer):
     image_writer(root / "b.png")
     _mc(root)
-    return ["run", str(_scenario(root, model_dir, data={"source": "multiple_choice", "path": "mc.jsonl"}))]
+    return ["run", str(_scenario(root, tiny_model_dir, data={"source": "multiple_choice", "path": "mc.jsonl"}))]
 
 
-def _held_lock(root, model_dir):
+def _held_lock(root, tiny_model_dir):
     out = root / "out"
     lock = FolderLock(out).acquire()
     root.joinpath("keep").write_text("")  # the lock stays held for the test's duration
     _held_lock.locks.append(lock)
-    return ["run", str(_scenario(root, model_dir)), "-o", str(out)]
+    return ["run", str(_scenario(root, tiny_model_dir)), "-o", str(out)]
 
 
 _held_lock.locks = []
@@ -208,31 +199,31 @@ def _truncated(path):
     path.write_bytes(path.read_bytes()[:300])
 
 
-def _symlinked_results(root, model_dir):
+def _symlinked_results(root, tiny_model_dir):
     elsewhere = root / "elsewhere.txt"
     elsewhere.write_text("my notes, one line")
     (root / "out").mkdir()
     (root / "out" / "results.jsonl").symlink_to(elsewhere)
-    return ["run", str(_scenario(root, model_dir)), "-o", str(root / "out"), "--resume"]
+    return ["run", str(_scenario(root, tiny_model_dir)), "-o", str(root / "out"), "--resume"]
 
 
-def _foreign_results(root, model_dir):
+def _foreign_results(root, tiny_model_dir):
     (root / "out").mkdir()
     (root / "out" / "results.jsonl").write_text("not json at all")
-    return ["run", str(_scenario(root, model_dir)), "-o", str(root / "out")]
+    return ["run", str(_scenario(root, tiny_model_dir)), "-o", str(root / "out")]
 
 
-def _foreign_report(root, model_dir):
+def _foreign_report(root, tiny_model_dir):
     (root / "out" / "report").mkdir(parents=True)
     (root / "out" / "report" / "report.html").write_text("<p>my own report</p>")
-    return ["run", str(_scenario(root, model_dir)), "-o", str(root / "out")]
+    return ["run", str(_scenario(root, tiny_model_dir)), "-o", str(root / "out")]
 
 
-def _corrupt_manifest(root, model_dir):
+def _corrupt_manifest(root, tiny_model_dir):
     (root / "out").mkdir()
     (root / "out" / "manifest.json").write_text('{"format": "robustvtc-campaign/1", "scen')
     (root / "out" / "results.jsonl").write_text("")
-    return ["run", str(_scenario(root, model_dir)), "-o", str(root / "out"), "--resume"]
+    return ["run", str(_scenario(root, tiny_model_dir)), "-o", str(root / "out"), "--resume"]
 
 
 def _corrupt_manifest_with_records(root):
@@ -246,13 +237,13 @@ RECORD = {"sample": 0, "attack": "clean", "eps": 0.0, "compressor": "none", "bud
           "adaptive": False, "correct": True, "clean_correct": True, "full_token_correct": True}
 
 
-def _records_without_manifest(root, model_dir):
+def _records_without_manifest(root, tiny_model_dir):
     (root / "out").mkdir()
     (root / "out" / "results.jsonl").write_text(json.dumps(RECORD) + "\n")
-    return ["run", str(_scenario(root, model_dir)), "-o", str(root / "out"), "--set", "attacks.0.steps=3"]
+    return ["run", str(_scenario(root, tiny_model_dir)), "-o", str(root / "out"), "--set", "attacks.0.steps=3"]
 
 
-def _alias_bomb(root, model_dir):
+def _alias_bomb(root, tiny_model_dir):
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for i, (prev, name) in enumerate(zip("abcdefgh", "bcdefghi")):
         lines.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
@@ -315,10 +306,10 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-def _weightless(root: Path, model_dir: Path) -> Path:
+def _weightless(root: Path, tiny_model_dir: Path) -> Path:
     folder = root / "weightless"
     folder.mkdir()
-    shutil.copy(model_dir / "config.json", folder / "config.json")
+    shutil.copy(tiny_model_dir / "config.json", folder / "config.json")
     return folder
 
 
@@ -333,7 +324,7 @@ def _snapshot(root: Path) -> dict:
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, model_dir, tmp_path, monkeypatch):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tiny_model_dir, tmp_path, monkeypatch):
     import torch
 
     if case == "device cuda without CUDA" and torch.cuda.is_available():
@@ -342,7 +333,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, model_dir, tmp
     root = tmp_path / "work"
     root.mkdir()
     monkeypatch.chdir(root)  # the default output folder (runs/<name>) would land here
-    args = make(root, model_dir)
+    args = make(root, tiny_model_dir)
     before = _snapshot(tmp_path)
     try:
         result = CliRunner().invoke(main, [*args, *(["-q", "--no-report"] if args[0] == "run" else [])])
@@ -548,7 +539,7 @@ def test_csv_and_markdown_cells_are_neutralised(tiny_adapter, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- reports
-def test_run_writes_its_report_while_it_holds_the_folder_lock(model_dir, tmp_path, monkeypatch):
+def test_run_writes_its_report_while_it_holds_the_folder_lock(tiny_model_dir, tmp_path, monkeypatch):
     """`robustvtc run` writes report/ before it releases the lock: a second writer cannot come in between."""
     import socket
 
@@ -563,7 +554,7 @@ def test_run_writes_its_report_while_it_holds_the_folder_lock(model_dir, tmp_pat
         return real(results, out, 10, seed)
     monkeypatch.setattr(R, "_write_report", spy)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["run", str(_scenario(tmp_path, model_dir, samples=1)), "-o", str(out), "-q"])
+    result = CliRunner().invoke(main, ["run", str(_scenario(tmp_path, tiny_model_dir, samples=1)), "-o", str(out), "-q"])
     assert result.exit_code == 0, (result.output, result.exception)
     assert seen == [f"pid {os.getpid()} on {socket.gethostname()}"]
     assert (out / "report" / "report.html").is_file() and lock_holder(out) is None

@@ -37,19 +37,9 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The tiny random-weight built-in saved to disk: workers load it by path, as they would a checkpoint."""
-    from robustvtc.models.builtin import new_builtin, save_builtin
-
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_builtin(new_builtin(seed=0), path, {})
-    return path
-
-
-@pytest.fixture(scope="module")
-def local_run(model_dir, tmp_path_factory):
+def local_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "out"
-    run_campaign(parse_scenario({**BASE, "model": str(model_dir)}), output=out, quiet=True)
+    run_campaign(parse_scenario({**BASE, "model": str(tiny_model_dir)}), output=out, quiet=True)
     return out
 
 
@@ -71,12 +61,12 @@ def _side_files(out: Path) -> dict:
     return files
 
 
-def test_ray_records_equal_a_local_run(cluster, model_dir, local_run, tmp_path):
+def test_ray_records_equal_a_local_run(cluster, tiny_model_dir, local_run, tmp_path):
     """The identical-records test: 2 workers, records (but for ``seconds``), example maps, PNGs and the ledger
     equal a local run's; units were spread over both workers; the manifest says complete."""
     out = tmp_path / "ray"
     executor = RayExecutor(cpus_per_unit=1, keep_workers=True)  # the next test reuses the workers
-    run_campaign(parse_scenario({**BASE, "model": str(model_dir), "executor": {"type": "ray"}}), output=out,
+    run_campaign(parse_scenario({**BASE, "model": str(tiny_model_dir), "executor": {"type": "ray"}}), output=out,
                  quiet=True, executor=executor)
     local = read_records(local_run / "results.jsonl")
     assert len(local) == 24
@@ -90,11 +80,11 @@ def test_ray_records_equal_a_local_run(cluster, model_dir, local_run, tmp_path):
     assert manifest["scenario_hash"] == json.loads((local_run / "manifest.json").read_text())["scenario_hash"]
 
 
-def test_a_killed_worker_is_replaced_and_its_unit_run_again(cluster, model_dir, local_run, tmp_path):
+def test_a_killed_worker_is_replaced_and_its_unit_run_again(cluster, tiny_model_dir, local_run, tmp_path):
     cluster["arm"].touch()  # the first worker to start a unit SIGKILLs itself
     out = tmp_path / "ray"
     executor = RayExecutor(keep_workers=True)
-    run_campaign(parse_scenario({**BASE, "model": str(model_dir), "executor": "ray"}), output=out, quiet=True,
+    run_campaign(parse_scenario({**BASE, "model": str(tiny_model_dir), "executor": "ray"}), output=out, quiet=True,
                  executor=executor)
     assert not cluster["arm"].exists() and executor.stats["retries"] == 1
     lines = (out / "results.jsonl").read_text().splitlines()
@@ -102,12 +92,12 @@ def test_a_killed_worker_is_replaced_and_its_unit_run_again(cluster, model_dir, 
     assert _strip(read_records(out / "results.jsonl")) == _strip(read_records(local_run / "results.jsonl"))
 
 
-def test_a_killed_driver_resumes_under_ray_with_the_same_records(cluster, model_dir, local_run, tmp_path):
+def test_a_killed_driver_resumes_under_ray_with_the_same_records(cluster, tiny_model_dir, local_run, tmp_path):
     """`robustvtc run --executor ray` SIGKILLed after 9 records (mid-unit), then `--resume --executor ray`:
     the local run's records, each once, and the dead driver's lock taken over."""
     release_workers()  # the kept workers hold the cluster's 2 CPUs
     scenario = tmp_path / "s.yaml"
-    scenario.write_text(yaml.safe_dump({**BASE, "model": str(model_dir)}))
+    scenario.write_text(yaml.safe_dump({**BASE, "model": str(tiny_model_dir)}))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "robustvtc", "run", str(scenario), "-o", str(out), "--executor", "ray",
                "--address", cluster["address"], "--set", "executor.workers=1", "--no-report", "-q", "--threads", "1"]
