@@ -38,6 +38,10 @@ NOT_REGISTERED: dict[str, str] = {
     "cdpruner": "selection rule exact in compression/cdpruner.py (Theia-4869/CDPruner@9541616), but its "
                 "relevance needs the instruction text and CLIP's text tower and visual projection, which "
                 "pre-LLM compressors do not get and llava-hf checkpoints do not ship",
+    "holitom": "a video method (cokeshao/HoliTom: temporal segmentation and merging across frames, per-frame "
+               "DPC-kNN spatial merging on SigLIP's last layer, inner-LLM merging at layer 18 for LLaVA-OneVision "
+               "video); its single-image path was not separated from the video pipeline against the official "
+               "code, so it is not registered under its name",
 }
 
 
