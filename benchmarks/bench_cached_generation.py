@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
 import torch
+
+from _bench import paired, ratio
 
 WORDS = ["user", ":", "assistant", "what", "color", "is", "the", "circle", "?", "red", "blue", "yes", "no"]
 
@@ -47,15 +48,6 @@ def tiny_llava(path: str, llm_layers: int, width: int) -> None:
     fast.save_pretrained(path)
 
 
-def seconds(fn) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -83,17 +75,10 @@ def main() -> None:
     for n in args.tokens:
         run = {c: (lambda c=c: adapter.generate_ids(embeds, question, n, cache=c)) for c in (False, True)}
         assert run[False]() == run[True]()  # warm-up, and the same tokens
-        times = {False: [], True: []}
-        ratios = []
-        for r in range(args.rounds):
-            order = (False, True) if r % 2 == 0 else (True, False)
-            t = {c: seconds(run[c]) for c in order}
-            for c in t:
-                times[c].append(t[c])
-            ratios.append(t[False] / t[True])
-        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        times = paired(run, args.rounds, warmup=0)
+        med, q1, q3 = ratio(times[False], times[True])
         print(f"| {n} | {statistics.median(times[False]):.3f} | {statistics.median(times[True]):.3f} | "
-              f"{statistics.median(ratios):.2f}x | {q1:.2f}-{q3:.2f} |")
+              f"{med:.2f}x | {q1:.2f}-{q3:.2f} |")
 
 
 if __name__ == "__main__":

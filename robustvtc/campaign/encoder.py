@@ -33,7 +33,7 @@ import torch
 from ..errors import UserInputError
 from ..target import EncodingCache
 from .encoder_scope import list_images, refuse_attack, refuse_compressor
-from .grid import (derived_seed, kept_disruption, kept_overlap, kept_sources, make_target, parse_budgets,
+from .grid import (campaign_budgets, chunked, derived_seed, kept_disruption, kept_overlap, kept_sources, make_target,
                    rank_correlations, seeded, value_at)
 from .records import NONE
 from .scenario import Scenario
@@ -202,13 +202,9 @@ class EncoderCampaign:
                                  "model with one token grid (LLaVA-1.5-style, or a bare vision encoder)")
         self.task = ImageTask(scenario.data, scenario.samples) if scenario.data.source == "images" else \
             Task(scenario.data, scenario.samples)
-        items = self.task.items
-        self.chunks = [items[i:i + scenario.batch_size] for i in range(0, len(items), scenario.batch_size)]
+        self.chunks = chunked(self.task.items, scenario.batch_size)
         n = self.adapter.num_visual_tokens
-        try:
-            self.budgets = list(dict.fromkeys(parse_budgets(scenario.budgets, n)))
-        except UserInputError as exc:
-            raise UserInputError(f"budgets: {exc}") from None
+        self.budgets = campaign_budgets(scenario.budgets, n)
         self.cells: list[Cell] = [(c, b) for c in scenario.compressors if c != NONE for b in self.budgets]
         if not self.cells:
             raise UserInputError("compressors: none besides 'none'; accepted: one or more compressors that plan "

@@ -38,6 +38,20 @@ def parse_budgets(budgets: Iterable[int | str], num_tokens: int) -> list[int]:
     return out
 
 
+def campaign_budgets(budgets: Iterable[int | str], num_tokens: int) -> list[int]:
+    """A scenario's budgets as distinct ints for a model with ``num_tokens`` visual tokens (one line naming
+    the ``budgets`` key otherwise)."""
+    try:
+        return list(dict.fromkeys(parse_budgets(budgets, num_tokens)))
+    except UserInputError as exc:
+        raise UserInputError(f"budgets: {exc}") from None
+
+
+def chunked(items: Sequence, size: int) -> list:
+    """Fixed consecutive chunks of ``size`` items: a chunk's composition never depends on what already ran."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def make_target(adapter, compressor: str, budget: int | None = None, seed: int = 0,
                 defenses: Sequence = (), scenario=None) -> Target:
     """A target with a fresh compressor (a randomised one seeded with ``seed``) and optional defenses.

@@ -496,13 +496,20 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
             "image and on the adversarial one; kept-set overlap = |kept_adv ∩ kept_clean| / K.", None,
             plot_examples(results / EXAMPLES, examples))
     sections += masking.report_sections(df)
+    head = (f"{len(df)} records, {df['sample'].nunique()} samples, model {manifest.get('model', {}).get('name')}, "
+            f"status {manifest.get('status')}.")
+    return _write_documents(out, paths, title, head, sections, manifest)
+
+
+def _write_documents(out: Path, paths: dict[str, Path], title: str, head: str, sections: list[Section],
+                     manifest: dict) -> dict[str, Path]:
+    """Append the reproducibility and glossary sections; write report.html and summary.md from the templates."""
     meta = {k: manifest.get(k) for k in ("scenario_hash", "seed", "dtype", "device", "batch_size", "versions", "git",
                                          "started", "status", "records")}
     meta["model"] = manifest.get("model", {}).get("name")
-    sections.append(Section("Reproducibility", [Block("pre", text=json.dumps(meta, indent=2, default=str)),
-                                                Block("pre", text=json.dumps(scenario, indent=2))]))
-    sections.append(_glossary())
-    head = f"{len(df)} records, {df['sample'].nunique()} samples, model {meta['model']}, status {meta['status']}."
+    sections = [*sections, Section("Reproducibility", [
+        Block("pre", text=json.dumps(meta, indent=2, default=str)),
+        Block("pre", text=json.dumps(manifest.get("scenario", {}), indent=2))]), _glossary()]
     paths["html"] = out / "report.html"
     atomic_write_text(paths["html"], render("report.html.j2", title=title, head=head, sections=sections, css=CSS))
     paths["markdown"] = out / "summary.md"
@@ -539,19 +546,10 @@ def _write_encoder_report(results: Path, out: Path, df: pd.DataFrame, manifest: 
             "Each attack's resolved options as the manifest records them. " + (
                 f"Schedules differ: {'; '.join(differ)}." if differ else "All attacks share one schedule (steps, "
                 "step size, random start).")), table_block(settings.astype(str), formatted=True)]))
-    meta = {k: manifest.get(k) for k in ("scenario_hash", "seed", "dtype", "device", "batch_size", "versions", "git",
-                                         "started", "status", "records")}
-    meta["model"] = manifest.get("model", {}).get("name")
-    sections.append(Section("Reproducibility", [Block("pre", text=json.dumps(meta, indent=2, default=str)),
-                                                Block("pre", text=json.dumps(scenario, indent=2))]))
-    sections.append(_glossary())
-    head = (f"{len(df)} records, {df['sample'].nunique()} images, encoder of {meta['model']} "
-            f"({manifest.get('model', {}).get('num_visual_tokens')} tokens), status {meta['status']}.")
-    paths["html"] = out / "report.html"
-    atomic_write_text(paths["html"], render("report.html.j2", title=title, head=head, sections=sections, css=CSS))
-    paths["markdown"] = out / "summary.md"
-    atomic_write_text(paths["markdown"], render("summary.md.j2", title=title, head=head, sections=sections))
-    return paths
+    model = manifest.get("model", {})
+    head = (f"{len(df)} records, {df['sample'].nunique()} images, encoder of {model.get('name')} "
+            f"({model.get('num_visual_tokens')} tokens), status {manifest.get('status')}.")
+    return _write_documents(out, paths, title, head, sections, manifest)
 
 
 def _verdict_section(df: pd.DataFrame, roles: dict, manifest: dict, num_tokens: int | None, gate: str) -> Section:

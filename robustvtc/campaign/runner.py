@@ -41,8 +41,8 @@ from ..safe_io import (LEDGER_NAME, FolderLock, atomic_write_bytes, atomic_write
 from .folder import OWN, check_folder, check_report_folder, check_resume, clear, legacy_files, note_written
 from .executor import Executor, make_executor
 from .progress import Progress
-from .grid import (CellResult, derived_seed, evaluate_grid, kept_disruption, kept_overlap, make_target, parse_budgets,
-                   rank_correlations, seeded, value_at)
+from .grid import (CellResult, campaign_budgets, chunked, derived_seed, evaluate_grid, kept_disruption, kept_overlap,
+                   make_target, rank_correlations, seeded, value_at)
 from .records import (CLEAN, EXAMPLES, IMAGES, KEY_FIELDS, MANIFEST, NONE, RESULTS, ResultsWriter, example_key,
                       png_bytes, read_example_keys, read_records, record_key)
 from .scenario import Scenario, defense_registry
@@ -84,13 +84,9 @@ class Campaign:
         self.adapter = adapter if adapter is not None else load_model(
             scenario.model, device=scenario.device, dtype=scenario.dtype, **scenario.model_kwargs)
         self.task = Task(scenario.data, scenario.samples)
-        items = self.task.items
-        self.chunks = [items[i:i + scenario.batch_size] for i in range(0, len(items), scenario.batch_size)]
+        self.chunks = chunked(self.task.items, scenario.batch_size)
         n = self.adapter.num_visual_tokens
-        try:
-            self.budgets = list(dict.fromkeys(parse_budgets(scenario.budgets, n)))
-        except UserInputError as exc:
-            raise UserInputError(f"budgets: {exc}") from None
+        self.budgets = campaign_budgets(scenario.budgets, n)
         self.cells: list[Cell] = [(NONE, n)] + [(c, b) for c in scenario.compressors if c != NONE for b in self.budgets]
         self.full = self.cells[0]
         self.mappings = {}
