@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from robustvtc.errors import UserInputError
-from robustvtc.models.base import VisualTokens
+from robustvtc.models.base import CAPABILITIES, VisualTokens
 from robustvtc.registry import Registry
 from robustvtc.target import Target
 
@@ -135,6 +135,8 @@ class Attack:
     defaults: ClassVar[dict[str, Any]] = {}
     # what a campaign compares it as: "baseline" (full-token), "compression_aligned", "whitebox", "stealth", "other"
     role: ClassVar[str] = "other"
+    # what the objective reads from the model (keys of robustvtc.models.base.CAPABILITIES), e.g. CLS attention
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model, **common: Any):
         unknown = sorted(set(common) - set(COMMON_DEFAULTS))
@@ -163,10 +165,25 @@ class Attack:
         if opts["evade_detection"] not in ("auto", True, False):
             raise UserInputError(f"evade_detection must be 'auto', true or false, got {opts['evade_detection']!r}")
         self.evade_detection = opts["evade_detection"]
+        self._require(self.requires)
 
     @property
     def adapter(self):
         return self.target.adapter
+
+    def _require(self, capabilities, option: str = "") -> None:
+        """Refuse a model without what the objective reads, in one line naming what runs on it instead."""
+        adapter = self.adapter
+        missing = [c for c in capabilities if c not in adapter.capabilities]
+        if not missing:
+            return
+        if option:
+            accepted = "score='norm' (the feature norm)"
+        else:
+            runnable = [n for n in ATTACKS.names() if set(ATTACKS.get(n).requires) <= set(adapter.capabilities)]
+            accepted = f"a model that has it, or {', '.join(runnable)} (cage and known_budget with score='norm')"
+        raise UserInputError(f"{self.name}{option} needs {CAPABILITIES[missing[0]]}, which the {adapter.family} model "
+                             f"{adapter.name!r} does not have; accepted: {accepted}")
 
     # ------------------------------------------------------------------ what subclasses provide
     def prepare(self, clean: torch.Tensor, questions: Sequence[str] | None, answers: Sequence[str] | None,
@@ -361,6 +378,7 @@ def check_choice(value: Any, accepted: Sequence[str], what: str) -> str:
 
 
 IMPORTANCE_SCORES = ("attention", "norm", "received")
+SCORE_REQUIRES = {"attention": {"cls_token"}, "received": {"received_attention"}, "norm": set()}
 
 
 def importance(tokens: VisualTokens, score: str = "attention", layer: int | None = None) -> torch.Tensor:

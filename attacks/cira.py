@@ -131,6 +131,7 @@ class CIRA(EncoderAttack):
     paper = "CIRA, arXiv 2609.35002 (Still There, No Longer Seen)"
     threat = ThreatModel(gradients="encoder", compressor_known=False, budget_known=False, uses_question=False)
     defaults = {"eps": "4/255", "alpha": "1/255", "steps": 100, "random_start": False}
+    requires = frozenset({"cls_token"})  # the rank score is CLS attention summed over heads, averaged over layers
 
     def __init__(self, model, *, k_min: int | None = None, k_max: int | None = None, lam: float = 0.8,
                  layers: Sequence[int] | None = None, eps_s: float = 1e-6, eps_h: float = 1e-6,

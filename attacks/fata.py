@@ -74,6 +74,7 @@ class FATA(EncoderAttack):
     paper = "FATA, arXiv 2609.39134 (Feature-Aware Token Attack)"
     threat = ThreatModel(gradients="encoder", compressor_known=False, budget_known=False, uses_question=False)
     defaults = {"eps": "2/255", "alpha": "0.5/255", "steps": 100, "random_start": True}
+    requires = frozenset({"cls_token"})  # eq. 1 ranks tokens by CLS attention
 
     def __init__(self, model, *, m: int | None = None, lam: float = 1.0, layer: int = -1, **common):
         super().__init__(model, **common)

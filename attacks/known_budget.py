@@ -12,7 +12,8 @@ import torch
 from robustvtc.errors import UserInputError
 from robustvtc.models.base import VisualTokens
 
-from .base import ATTACKS, EncoderAttack, IMPORTANCE_SCORES, ThreatModel, check_choice, descending_rank, importance
+from .base import (ATTACKS, IMPORTANCE_SCORES, SCORE_REQUIRES, EncoderAttack, ThreatModel, check_choice, descending_rank,
+                   importance)
 
 
 @ATTACKS.register()
@@ -42,6 +43,7 @@ class KnownBudget(EncoderAttack):
         self.budget = budget
         self.layer = layer
         self.score = check_choice(score, IMPORTANCE_SCORES, "importance score")
+        self._require(SCORE_REQUIRES[self.score], f" with score={self.score!r}")
 
     def signal_layers(self) -> tuple[int, ...]:
         return () if self.layer is None else (self.layer,)

@@ -349,7 +349,7 @@ def test_fastv_keeps_the_top_last_token_attention_of_eager_attention(tiny_adapte
     target = Target(tiny_adapter, "fastv", 20)
     fwd = target.forward(pixels)
     tiny_adapter.candidate_logprobs(fwd.embeds, questions, ["yes"], in_llm=fwd.in_llm)
-    embeds, mask, vis, _ = tiny_adapter._assemble(list(fwd.embeds.unbind(0)), questions, None)
+    embeds, mask, vis, *_ = tiny_adapter._assemble(list(fwd.embeds.unbind(0)), questions, None)
     tiny_adapter.model.set_attn_implementation("eager")
     try:
         out = tiny_adapter.model.model.language_model(
@@ -382,7 +382,7 @@ def test_pdrop_prunes_in_stages_and_renumbers(tiny_adapter, batch):
         return keep, gain
 
     fwd.in_llm.select = spy
-    embeds, mask, _, _ = tiny_adapter._assemble(list(fwd.embeds.unbind(0)), questions, None)
+    embeds, mask, *_ = tiny_adapter._assemble(list(fwd.embeds.unbind(0)), questions, None)
     _, mask_out = tiny_adapter.hidden_states(fwd.embeds, questions, in_llm=fwd.in_llm)
     assert seen == [(1, 144, 72), (2, 72, 36)]
     assert mask_out.shape[1] == mask.shape[1] - (144 - 36)

@@ -15,11 +15,12 @@ from robustvtc.compression import COMPRESSORS
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "docs" / "recipes").glob("*.yaml"))
 FAMILIES = {"llava15": "llava", "llava_next": "llava_next", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl",
-            "internvl3_5": "internvl", "llava_onevision": "llava_onevision"}
+            "internvl3_5": "internvl", "llava_onevision": "llava_onevision", "gemma3": "gemma3"}
 # what each family's adapter offers (robustvtc.models: LlavaAdapter with CLIP, LlavaNextAdapter, Qwen2.5-VL,
-# Qwen3-VL, InternVL, OneVision with SigLIP) -- a recipe lists only compressors its model runs
+# Qwen3-VL, InternVL, OneVision with SigLIP, Gemma 3) -- a recipe lists only compressors its model runs
 CAPABILITIES = {"llava": {"cls_token", "encoder_rerun"}, "llava_next": {"cls_token"},
-                "qwen2_5_vl": {"received_attention"}, "qwen3_vl": set(), "internvl": set(), "llava_onevision": set()}
+                "qwen2_5_vl": {"received_attention"}, "qwen3_vl": set(), "internvl": set(), "llava_onevision": set(),
+                "gemma3": set()}
 IN_ENCODER_ONE_CROP = {"llava_next"}  # tome / flowcut act inside one crop's encoder
 
 

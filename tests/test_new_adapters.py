@@ -1,4 +1,4 @@
-"""Qwen3-VL (+ MoE), InternVL and LLaVA-OneVision adapters on tiny random models saved with save_pretrained and
+"""Qwen3-VL (+ MoE), InternVL, LLaVA-OneVision and Gemma 3 adapters on tiny random models saved with save_pretrained and
 loaded through load_model(path), offline: the model's own logits with all tokens, the pruned path equal to the
 model with dropped tokens masked, differentiable preprocessing equal to the HF processor, bf16, and every
 compressor run or refused in one line."""
@@ -12,18 +12,24 @@ import torch
 
 from robustvtc.compression import compatible_compressors, list_compressors
 from robustvtc.errors import UserInputError
-from robustvtc.models import InternVLAdapter, LlavaOnevisionAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter, load_model
+from robustvtc.models import (Gemma3Adapter, InternVLAdapter, LlavaOnevisionAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter,
+                              load_model)
 from robustvtc.models.qwen2_vl import Qwen2VLAdapter
 from robustvtc.target import Target
 from test_real_adapters import CANDIDATES, LLAVA_SPECIAL, QUESTIONS, QWEN_SPECIAL, TINY_KWARGS, tiny_tokenizer
 
-FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl", "llava_onevision"]
+FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl", "llava_onevision", "gemma3"]
 CLASSES = {"qwen3_vl": Qwen3VLAdapter, "qwen3_vl_moe": Qwen3VLMoeAdapter, "internvl": InternVLAdapter,
-           "llava_onevision": LlavaOnevisionAdapter}
-BUDGET = {"qwen3_vl": 8, "qwen3_vl_moe": 8, "internvl": 8, "llava_onevision": 10}
+           "llava_onevision": LlavaOnevisionAdapter, "gemma3": Gemma3Adapter}
+BUDGET = {"qwen3_vl": 8, "qwen3_vl_moe": 8, "internvl": 8, "llava_onevision": 10, "gemma3": 8}
 CLS_METHODS = {"fastervlm", "visionzip", "vispruner", "prumerge", "prumerge_plus", "tome", "flowcut", "vscan", "hiprune"}
 RECEIVED_METHODS = {"visionzip_qwen"}  # VisionZip's CLS-free port: published for Qwen2.5-VL (and Qwen2-VL's tower)
 INTERNVL_SPECIAL = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+GEMMA3_SPECIAL = ["<pad>", "<unk>", "<bos>", "</s>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                  "<end_of_image>", "<image_soft_token>"]
+# Gemma 3 in small: a sliding layer of window 8 (a prompt is ~30 tokens, the image 16), then a global one that
+# reads what the image tokens made of each other in it
+GEMMA3_WINDOW = 8
 
 
 def tiny_model(family: str):
@@ -46,6 +52,20 @@ def tiny_model(family: str):
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
         cfg = T.Qwen3VLMoeConfig(vision_config=vision, text_config=text, **ids)
         return T.Qwen3VLMoeForConditionalGeneration(cfg), tok
+    if family == "gemma3":
+        tok, vocab = tiny_tokenizer(GEMMA3_SPECIAL, "<bos>")
+        vision = T.SiglipVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, hidden_size=64,
+                                      intermediate_size=128, num_attention_heads=4)
+        text = T.Gemma3TextConfig(**{**text, "bos_token_id": 2, "eos_token_id": 3}, head_dim=16,
+                                  query_pre_attn_scalar=16, sliding_window=GEMMA3_WINDOW,
+                                  layer_types=["sliding_attention", "full_attention"])
+        cfg = T.Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16,
+                             image_token_id=vocab["<image_soft_token>"], boi_token_id=vocab["<start_of_image>"],
+                             eoi_token_id=vocab["<end_of_image>"])
+        model = T.Gemma3ForConditionalGeneration(cfg)
+        # transformers initialises the input projection to zeros (the image would not reach the LLM)
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.1)
+        return model, tok
     if family == "internvl":
         tok, vocab = tiny_tokenizer(INTERNVL_SPECIAL, None)
         vision = T.InternVLVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -95,6 +115,8 @@ def hf_inputs(a, pixels, ids):
         thw = torch.tensor([[1, a.grid[0] * a.merge, a.grid[1] * a.merge]])
         return dict(pixel_values=a.patchify(a.normalize(pixels)), image_grid_thw=thw,
                     mm_token_type_ids=(ids == a.image_token_id).int())
+    if isinstance(a, Gemma3Adapter):  # as the processor marks the image: its tokens attend both ways
+        return dict(pixel_values=a.normalize(pixels), token_type_ids=(ids == a.image_token_id).long())
     return dict(pixel_values=a.normalize(pixels))
 
 
@@ -120,6 +142,26 @@ def test_onevision_geometry(adapters, saved):
         load_model(str(saved["internvl"]), image_size=64)
 
 
+# Gemma 3's chat template, cut to the image / text / turn rules
+GEMMA3_CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+               "m['role'] }}\n{% for item in m['content'] %}{% if item['type'] == 'image' %}<start_of_image>{% elif "
+               "item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+               "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_gemma3_prompt_from_its_chat_template(saved, tmp_path):
+    """The template writes <start_of_image>; the prompt holds the processor's expansion of it around the image."""
+    import shutil
+
+    path = tmp_path / "gemma3"
+    shutil.copytree(saved["gemma3"], path)
+    (path / "chat_template.jinja").write_text(GEMMA3_CHAT)
+    a = load_model(str(path))
+    assert a.prompt_source == "chat_template"
+    assert a.prompt_template == ("<start_of_turn>user\n\n\n<start_of_image><image_soft_token><end_of_image>\n\n"
+                                 "{question}<end_of_turn>\n<start_of_turn>model\n")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_loads_and_scores(saved, family):
     a = load_model(str(saved[family]), dtype="bf16", image_size=32 if family.startswith("qwen") else None)
@@ -143,7 +185,7 @@ def test_all_tokens_give_the_models_own_logits(adapters, family):
         torch.testing.assert_close(ours[b], ref[cand], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma3"])  # gemma3: its window counts fed tokens
 def test_pruned_path_equals_the_model_with_dropped_tokens_masked(adapters, family):
     a = adapters[family]
     px = pixels_for(a, batch=1)
@@ -168,6 +210,79 @@ def test_pruned_path_equals_the_model_with_dropped_tokens_masked(adapters, famil
     ref = a.model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).logits[0, -1].log_softmax(-1)
     cand = [a.continuation_ids(QUESTIONS[0], c)[0] for c in CANDIDATES]
     torch.testing.assert_close(ours, ref[cand], atol=1e-5, rtol=1e-5)
+
+
+def gemma3_ids(a, question: str, image_tokens: int) -> torch.Tensor:
+    text = a.prompt_template.format(question=question).replace(a.image_placeholder, a.image_placeholder * image_tokens)
+    return a.tokenizer(text, return_tensors="pt").input_ids
+
+
+def test_gemma3_pruned_path_equals_the_model_fed_only_the_kept_tokens(adapters):
+    """A compressed Gemma 3 reads a shorter sequence: the sliding window counts the tokens it is fed, and the
+    kept image tokens attend to each other both ways -- as the model's own forward does on those tokens."""
+    a = adapters["gemma3"]
+    px = pixels_for(a, batch=1)
+    fwd = Target(a, "random", BUDGET["gemma3"], seed=1).forward(px)
+    ours = a.candidate_logprobs(fwd.embeds, QUESTIONS[:1], CANDIDATES)[0]
+    ids = gemma3_ids(a, QUESTIONS[0], BUDGET["gemma3"])
+    assert ids.shape[1] > 2 * GEMMA3_WINDOW  # the window matters
+    image = ids == a.image_token_id
+    embeds = a.model.get_input_embeddings()(ids)
+    embeds[image] = a._visual_rows(fwd.embeds).embeds[0]
+    ref = a.model(inputs_embeds=embeds, token_type_ids=image.long()).logits[0, -1].log_softmax(-1)
+    cand = [a.continuation_ids(QUESTIONS[0], c)[0] for c in CANDIDATES]
+    torch.testing.assert_close(ours, ref[cand], atol=1e-5, rtol=1e-5)
+
+
+class CaptureRows:
+    """An in-LLM hook at layer 1 that keeps every visual token and records the attention rows of every query."""
+
+    layers, position_policy = (1,), "original"
+
+    def select(self, ctx):
+        every = torch.arange(ctx.hidden.shape[1]).expand(ctx.hidden.shape[0], -1)
+        self.rows = ctx.attention_rows(every), ctx.current_attention_rows(every)
+        return torch.arange(ctx.visual_index.shape[1]).expand(ctx.visual_index.shape[0], -1), None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_in_llm_attention_rows_equal_the_models_eager_attention(adapters, family):
+    """What in-LLM methods score with is the model's own attention: q/k norms (Qwen3, Gemma 3), Gemma 3's sliding
+    window and its image tokens attending both ways -- every query row, image rows included."""
+    a = adapters[family]
+    px = pixels_for(a, batch=1)
+    fwd = Target(a, "none").forward(px)
+    hook = CaptureRows()
+    a.hidden_states(fwd.embeds, QUESTIONS[:1], in_llm=hook)
+    text = a.prompt_template.format(question=QUESTIONS[0]).replace(a.image_placeholder,
+                                                                   a.image_placeholder * placeholder_count(a))
+    ids = a.tokenizer(text, return_tensors="pt").input_ids
+    a.model.set_attn_implementation("eager")
+    try:
+        out = a.model(input_ids=ids, output_attentions=True, **hf_inputs(a, px, ids))
+    finally:
+        a.model.set_attn_implementation("sdpa")
+    for ours, theirs in zip(hook.rows, out.attentions):
+        torch.testing.assert_close(ours[0], theirs[0].mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_gemma3_greedy_answers_equal_the_models_generate(adapters):
+    """Cached decoding through the sliding window (the prompt alone outgrows it) gives ``model.generate``'s
+    tokens; with a pre-LLM compressor, the uncached path's; with FastV, the re-pruning path's first token."""
+    a = adapters["gemma3"]
+    px = pixels_for(a, batch=1)
+    ids = gemma3_ids(a, QUESTIONS[0], a.num_visual_tokens)
+    ref = a.model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, **hf_inputs(a, px, ids))
+    ref = ref[0, ids.shape[1]:].tolist()
+    stops = [i for i, t in enumerate(ref) if t in a.stop_ids()]
+    ref = ref[:stops[0]] if stops else ref
+    ours = a.generate_ids(Target(a, "none").forward(px).embeds, QUESTIONS[:1], 12)[0]
+    assert len(ours) >= 4 and ours == ref
+    pruned = Target(a, "random", 8, seed=1).forward(pixels_for(a)).embeds
+    assert a.generate_ids(pruned, QUESTIONS, 12) == a.generate_ids(pruned, QUESTIONS, 12, cache=False)
+    fastv = Target(a, "fastv", 8, **TINY_KWARGS["fastv"]).forward(pixels_for(a))  # prunes once, in the prefill
+    cached = a.generate_ids(fastv.embeds, QUESTIONS, 6, in_llm=fastv.in_llm)
+    assert [c[:1] for c in cached] == a.generate_ids(fastv.embeds, QUESTIONS, 1, in_llm=fastv.in_llm, cache=False)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -218,6 +333,20 @@ def test_internvl_matches_the_hf_processor(adapters):
     torch.testing.assert_close(a.normalize(a.load_image(image)), ref, atol=1e-5, rtol=0)
 
 
+def test_gemma3_matches_the_hf_processor(adapters):
+    from PIL import Image
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    a = adapters["gemma3"]
+    image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    proc = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.5, 0.4, 0.3],
+                                   image_std=[0.2, 0.25, 0.3])
+    ref = proc(images=Image.fromarray(image), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(a.normalize(a.load_image(image)), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.project(a.encode(a.load_image(image)).features),  # the model's own image features
+                               a.model.get_image_features(ref).pooler_output, atol=1e-5, rtol=1e-5)
+
+
 def test_onevision_crops_match_the_hf_processor(adapters):
     from PIL import Image
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
@@ -260,3 +389,24 @@ def test_every_compressor_runs_or_is_refused(adapters, family, name):
         assert fwd.plan.weights.shape == (2, budget, a.num_visual_tokens + 1)
     loss.sum().backward()
     assert px.grad is not None and px.grad.abs().sum() > 0 and torch.isfinite(px.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------- attacks
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name,kwargs", [("fulltoken", {}), ("cage", {"score": "norm"}), ("known_budget",
+                                         {"score": "norm", "budget": 4}), ("stealth", {}), ("cira", {}), ("fata", {})])
+def test_attacks_run_or_are_refused_on_every_family(adapters, family, name, kwargs):
+    """The recipes' attacks (and the stealth one against a compressed target) run within epsilon on every family;
+    CIRA and FATA rank by CLS attention, which none of these models has: refused in one line at construction."""
+    from robustvtc.attacks import get_attack
+
+    a = adapters[family]
+    px = pixels_for(a, batch=1)
+    if name in ("cira", "fata"):
+        with pytest.raises(UserInputError, match=rf"^{name} needs a CLS token .* accepted: a model that has it, or "):
+            get_attack(name, a, eps="4/255", steps=1, **kwargs)
+        return
+    model = Target(a, "pooling", 5 if family == "llava_onevision" else 4) if name == "stealth" else a
+    result = get_attack(name, model, eps="4/255", steps=2, random_start=True, **kwargs)(px, QUESTIONS[:1], ["yes"])
+    assert result.loss_trace.shape == (3, 1) and torch.isfinite(result.loss_trace).all()
+    assert 0 < (result.adv - px).abs().max() <= 4 / 255 + 1e-6

@@ -2,7 +2,8 @@
 
 The adapter is chosen by the checkpoint's ``config.model_type``: llava -> :class:`LlavaAdapter`, llava_next ->
 :class:`LlavaNextAdapter`, qwen2_vl -> :class:`Qwen2VLAdapter`, qwen2_5_vl -> :class:`Qwen25VLAdapter`, qwen3_vl (and qwen3_vl_moe) ->
-:class:`Qwen3VLAdapter`, internvl -> :class:`InternVLAdapter`, llava_onevision -> :class:`LlavaOnevisionAdapter`.
+:class:`Qwen3VLAdapter`, internvl -> :class:`InternVLAdapter`, llava_onevision -> :class:`LlavaOnevisionAdapter`, gemma3 ->
+:class:`Gemma3Adapter`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from ..errors import UserInputError
 from .builtin import BUILTIN_DEIT_DIR, BUILTIN_DIR
+from .gemma3 import Gemma3Adapter
 from .hf import HFAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -21,7 +23,7 @@ from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 BUILTIN_MODELS = {"builtin": BUILTIN_DIR, "builtin-deit": BUILTIN_DEIT_DIR}
 ADAPTERS: dict[str, type[HFAdapter]] = {
     cls.family: cls for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter,
-                                Qwen3VLMoeAdapter, InternVLAdapter, LlavaOnevisionAdapter)}
+                                Qwen3VLMoeAdapter, InternVLAdapter, LlavaOnevisionAdapter, Gemma3Adapter)}
 
 
 def load_model(name: str = "builtin", *, device: str = "cpu", dtype: str = "float32", **kwargs) -> HFAdapter:
@@ -97,6 +99,6 @@ def list_models() -> list[str]:
     return sorted(BUILTIN_MODELS)
 
 
-__all__ = ["ADAPTERS", "HFAdapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
+__all__ = ["ADAPTERS", "Gemma3Adapter", "HFAdapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
            "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "Qwen3VLMoeAdapter",
            "list_models", "load_model"]

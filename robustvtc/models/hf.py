@@ -10,7 +10,7 @@ by layer with in-LLM pruning, answer scoring and greedy generation -- one code p
 from __future__ import annotations
 
 import functools
-
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -87,6 +87,8 @@ class HFAdapter:
     default_prompt: ClassVar[str]
     default_placeholder: ClassVar[str] = "<image>"
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    # the image's tokens attend to each other both ways, the text causally (Gemma 3's token_type_ids mask)
+    bidirectional_visual: ClassVar[bool] = False
 
     def __init__(self, model, tokenizer, *, image_mean: Sequence[float] = CLIP_MEAN,
                  image_std: Sequence[float] = CLIP_STD, prompt_template: str | None = None, name: str | None = None,
@@ -106,10 +108,8 @@ class HFAdapter:
             raise UserInputError(f"prompt_template must contain {self.image_placeholder!r} and '{{question}}'")
         self.prompt_template = prompt_template
         self.prompt_source = prompt_source  # "argument", "preprocessor_config", "chat_template" or "default"
-        lm = self.model.model.language_model
-        if getattr(lm, "has_sliding_layers", False):
-            raise UserInputError("language models with sliding-window attention layers are not supported")
         self.num_llm_layers = int(cfg.text_config.num_hidden_layers)
+        self._attention = _DecoderAttention(self.model.model.language_model, self.num_llm_layers)
         self._mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
         embedding = model.get_input_embeddings().weight
@@ -145,11 +145,16 @@ class HFAdapter:
             prompt_template, source = pre["robustvtc_prompt_template"], "preprocessor_config"
         if prompt_template is None:
             placeholder = tokenizer.convert_ids_to_tokens(int(model.config.image_token_id))
-            prompt_template = chat_template_prompt(tokenizer, cls._chat_template(path, tokenizer), placeholder)
+            prompt_template = cls._template_prompt(tokenizer, cls._chat_template(path, tokenizer), placeholder)
             source = "chat_template"
         return cls(model, tokenizer, image_mean=pre.get("image_mean", CLIP_MEAN),
                    image_std=pre.get("image_std", CLIP_STD), prompt_template=prompt_template, prompt_source=source,
                    name=name or str(path), image_size=image_size)
+
+    @classmethod
+    def _template_prompt(cls, tokenizer, template: str | None, placeholder: str) -> str | None:
+        """The prompt format string a chat template gives (None when it gives none): one user turn, one image."""
+        return chat_template_prompt(tokenizer, template, placeholder)
 
     @staticmethod
     def _chat_template(path: str | Path, tokenizer) -> str | None:
@@ -245,7 +250,8 @@ class HFAdapter:
 
     def _assemble(self, visual, questions: Sequence[str], continuations: Sequence[Sequence[int]] | None):
         """Left-padded input embeddings [prefix | visual | suffix | continuation] and their bookkeeping:
-        (embeds, mask, visual_index or None when counts differ, (text_index, text_valid))."""
+        (embeds, mask, visual_index or None when counts differ, (text_index, text_valid), blocks); ``blocks`` (B, L)
+        is 0 at the image's tokens and -1 elsewhere for a family whose image attends both ways, else None."""
         rows = self._visual_rows(visual)
         embed = self.model.get_input_embeddings()
         seqs, vis_pos, txt_pos = [], [], []
@@ -263,7 +269,12 @@ class HFAdapter:
         mask = torch.stack([torch.arange(length, device=self.device) >= pad for pad in pads]).long()
         visual_index, visual_valid = _index_rows(vis_pos, pads)
         text_index, text_valid = _index_rows(txt_pos, pads)
-        return embeds, mask, (visual_index if bool(visual_valid.all()) else None), (text_index, text_valid)
+        blocks = None
+        if self.bidirectional_visual:
+            # short rows repeat their last visual position in visual_index: amax keeps a valid entry's mark
+            blocks = torch.zeros_like(mask).scatter_reduce(1, visual_index, visual_valid.long(), "amax") - 1
+        return (embeds, mask, (visual_index if bool(visual_valid.all()) else None), (text_index, text_valid),
+                blocks)
 
     def _positions(self, mask: torch.Tensor, rows: VisualEmbeds, questions: Sequence[str]) -> torch.Tensor:
         """LLM position ids of an assembled batch: contiguous over the real tokens (B, L)."""
@@ -284,10 +295,10 @@ class HFAdapter:
         rows = self._visual_rows(visual_embeds)
         if len(rows.embeds) != len(questions):
             raise UserInputError(f"{len(rows.embeds)} images but {len(questions)} questions")
-        embeds, mask, visual_index, text_index = self._assemble(rows, questions, continuations)
+        embeds, mask, visual_index, text_index, blocks = self._assemble(rows, questions, continuations)
         positions = self._positions(mask, rows, questions)
         residuals = self._layer_residuals(rows, mask, questions)
-        return self._decode(embeds, mask, positions, visual_index, text_index, in_llm, residuals, cache)
+        return self._decode(embeds, mask, positions, visual_index, text_index, in_llm, residuals, cache, blocks)
 
     def attach_aux(self, embeds, tokens: VisualTokens, plan: KeepPlan | None):
         """The laid-out visual embeddings with ``tokens.aux`` (per-patch features beside the tokens) merged by
@@ -300,22 +311,23 @@ class HFAdapter:
         visual positions; None for families without it."""
         return None
 
-    def _decode(self, embeds, mask, positions, visual_index, text_index, in_llm, residuals=None, cache=None):
+    def _decode(self, embeds, mask, positions, visual_index, text_index, in_llm, residuals=None, cache=None,
+                blocks=None):
         """The decoder layer by layer, with in-LLM pruning before the hook's layers and ``residuals[i]`` added to
-        layer i's output. Returns (final-norm hidden states, mask, record); the record lists the stages (first
-        layer, 2-D mask, positions) between pruning layers, which cached decoding continues from."""
-        from transformers.masking_utils import create_causal_mask
-
-        no_cache = _no_cache_argument(create_causal_mask)
+        layer i's output. Each layer gets the mask of its type (causal, or causal within the sliding window; the
+        image's tokens both ways when ``blocks`` marks them). Returns (final-norm hidden states, mask, record);
+        the record lists the stages (first layer, 2-D mask, positions) between pruning layers, which cached
+        decoding continues from."""
         lm = self.model.model.language_model
+        attention = self._attention
         prune_at = set(in_llm.layers) if in_llm is not None else set()
         if prune_at and visual_index is None:
             raise UserInputError("in-LLM compression needs the same number of visual tokens in every sample")
         h = embeds
         B, L = mask.shape
         alive = torch.arange(L, device=h.device).expand(B, L) if residuals else None  # original index of each row
-        prev = None  # (input of the previous layer, its cos/sin, its 2-D mask)
-        causal = cos_sin = None
+        prev = None  # (input of the previous layer, its cos/sin per layer type, its 2-D mask, its blocks)
+        masks = rope = None
         stages = []
         layer_kwargs = {} if cache is None else {"cache": cache}
         for i, layer in enumerate(lm.layers):
@@ -327,17 +339,19 @@ class HFAdapter:
                     h, mask, positions, visual_index, text_index, keep, gain, merge[0] if merge else None)
                 if alive is not None:
                     alive = alive.gather(1, idx)
+                if blocks is not None:
+                    blocks = blocks.gather(1, idx)
                 if in_llm.position_policy == "contiguous":
                     positions = self._renumber(mask, positions)
-                causal = None
+                masks = None
             flat = positions if positions.dim() == 2 else None  # M-RoPE ids are 3-D; masks want 1-D ones
-            if causal is None:
-                causal = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=mask,
-                                            position_ids=flat, **no_cache)
-                cos_sin = lm.rotary_emb(h, position_ids=positions)
+            if masks is None:
+                masks = attention.masks(h, mask, flat, blocks)
+                rope = attention.rope(h, positions)
                 stages.append((i, mask, positions))
-            prev = (h, cos_sin, mask)
-            h = layer(h, attention_mask=causal, position_ids=flat, position_embeddings=cos_sin, **layer_kwargs)
+            kind = attention.types[i]
+            prev = (h, rope, mask, blocks)
+            h = layer(h, attention_mask=masks[kind], position_ids=flat, position_embeddings=rope[kind], **layer_kwargs)
             if residuals is not None and i < len(residuals):
                 add = residuals[i] if alive.shape[1] == L else residuals[i].gather(
                     1, alive.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
@@ -347,9 +361,11 @@ class HFAdapter:
     def _in_llm_context(self, i, h, mask, visual_index, text_index, prev, embeds) -> InLLMContext:
         """Signals at the input of decoder layer ``i``; h has the layout of ``prev`` (nothing dropped between)."""
         lm = self.model.model.language_model
-        prev_h, (cos, sin), prev_mask = prev
-        previous = _RowScorer(lm.layers[i - 1], prev_h, cos, sin, prev_mask)
-        current = _RowScorer(lm.layers[i], h, cos, sin, prev_mask)
+        prev_h, rope, prev_mask, blocks = prev
+        kinds = self._attention.types
+        previous = _RowScorer(lm.layers[i - 1], prev_h, rope[kinds[i - 1]], prev_mask, blocks,
+                              self._attention.window(i - 1))
+        current = _RowScorer(lm.layers[i], h, rope[kinds[i]], prev_mask, blocks, self._attention.window(i))
         return InLLMContext(i, h, mask, visual_index, text_index[0], text_index[1], previous.rows,
                             previous.keys, embeds, current.rows, lm.norm)
 
@@ -460,16 +476,18 @@ class HFAdapter:
         """One new token (B, 1, D) through every layer against the cache; ``stages`` hold each stage's 2-D mask
         and positions with the new token appended. Returns the final-norm hidden state (B, 1, D)."""
         starts = [s[0] for s in stages]
+        attention = self._attention
         for i, layer in enumerate(lm.layers):
             if i in starts:
                 _, mask_s, pos_s = stages[starts.index(i)]
                 pos = pos_s[..., -1:]
-                cos_sin = lm.rotary_emb(h, position_ids=pos)
-                allowed = mask_s.bool()[:, None, None, :]
-                additive = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(
-                    ~allowed, torch.finfo(h.dtype).min)
+                rope = attention.rope(h, pos)
+                masks = {kind: _additive(_allowed(mask_s, mask_s.new_full((mask_s.shape[0], 1), mask_s.shape[1] - 1),
+                                                  None, attention.window_of(kind))[:, None], h.dtype)
+                         for kind in rope}
                 flat = pos if pos.dim() == 2 else None
-            h = layer(h, attention_mask=additive, position_ids=flat, position_embeddings=cos_sin, cache=kv)
+            kind = attention.types[i]
+            h = layer(h, attention_mask=masks[kind], position_ids=flat, position_embeddings=rope[kind], cache=kv)
         return lm.norm(h)  # DeepStack residuals are zero at text tokens
 
     def _generate_uncached(self, visual_embeds, questions, max_new_tokens, in_llm) -> list[str]:
@@ -519,10 +537,13 @@ def _index_rows(positions: list[torch.Tensor], pads: list[int]) -> tuple[torch.T
 
 class _RowScorer:
     """Queries/keys of one decoder layer on its input, computed on first use: head-averaged attention rows
-    of chosen queries without materialising the full attention (SDPA/FA stay usable)."""
+    of chosen queries without materialising the full attention (SDPA/FA stay usable). The rows follow the
+    layer's own attention: per-head q/k norms (Qwen3, Gemma 3), logit soft-capping, a sliding window, and the
+    image's tokens attending both ways where ``blocks`` marks them."""
 
-    def __init__(self, layer, hidden, cos, sin, mask):
-        self.layer, self.hidden, self.cos, self.sin, self.mask = layer, hidden, cos, sin, mask
+    def __init__(self, layer, hidden, cos_sin, mask, blocks=None, window: int | None = None):
+        self.layer, self.hidden, self.mask, self.blocks, self.window = layer, hidden, mask, blocks, window
+        self.cos, self.sin = cos_sin
         self._qk = None
 
     def _project(self):
@@ -531,9 +552,11 @@ class _RowScorer:
             rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the family's own RoPE
             normed = self.layer.input_layernorm(self.hidden)
             shape = (*normed.shape[:-1], -1, attn.head_dim)
-            q = attn.q_proj(normed).view(shape).transpose(1, 2)
-            k = attn.k_proj(normed).view(shape).transpose(1, 2)
-            self._qk = rotate(q, k, self.cos, self.sin)
+            q = attn.q_proj(normed).view(shape)
+            k = attn.k_proj(normed).view(shape)
+            if hasattr(attn, "q_norm"):  # per-head RMSNorm before RoPE
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            self._qk = rotate(q.transpose(1, 2), k.transpose(1, 2), self.cos, self.sin)
         return self._qk
 
     def keys(self) -> torch.Tensor:
@@ -549,10 +572,94 @@ class _RowScorer:
         k = repeat_kv(k, attn.num_key_value_groups)
         idx = query_index.unsqueeze(1).unsqueeze(-1).expand(-1, q.shape[1], -1, q.shape[-1])
         logits = torch.gather(q, 2, idx) @ k.transpose(-1, -2) * attn.scaling  # (B, H, Q, L)
-        cols = torch.arange(k.shape[2], device=k.device)
-        allowed = (cols.view(1, 1, -1) <= query_index.unsqueeze(-1)) & self.mask.bool().unsqueeze(1)
+        cap = getattr(attn, "attn_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        allowed = _allowed(self.mask, query_index, self.blocks, self.window)
         logits = logits.float().masked_fill(~allowed.unsqueeze(1), torch.finfo(torch.float32).min)
         return logits.softmax(-1).mean(dim=1)
+
+
+class _DecoderAttention:
+    """What differs between a decoder's layers: each layer's type (full or sliding-window attention), its
+    rotary embedding (one, or one per layer type as in Gemma 3) and its mask."""
+
+    KINDS = ("full_attention", "sliding_attention")
+
+    def __init__(self, lm, num_layers: int):
+        self.lm = lm
+        config = lm.config
+        self.types = list(getattr(config, "layer_types", None) or ["full_attention"] * num_layers)
+        unknown = sorted(set(self.types) - set(self.KINDS))
+        if unknown:
+            raise UserInputError(f"decoder layer types {', '.join(unknown)} are not supported; accepted: "
+                                 f"{', '.join(self.KINDS)}")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise UserInputError("text_config.use_bidirectional_attention=True makes an encoder, not a generative "
+                                 "LVLM; accepted: a causal decoder")
+        self.sliding_window = int(config.sliding_window) if "sliding_attention" in self.types else None
+        self._rope_per_type = "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters
+
+    def window_of(self, kind: str) -> int | None:
+        return self.sliding_window if kind == "sliding_attention" else None
+
+    def window(self, layer: int) -> int | None:
+        return self.window_of(self.types[layer])
+
+    def rope(self, h: torch.Tensor, positions: torch.Tensor) -> dict:
+        """(cos, sin) per layer type present."""
+        kinds = dict.fromkeys(self.types)
+        if self._rope_per_type:
+            return {kind: self.lm.rotary_emb(h, position_ids=positions, layer_type=kind) for kind in kinds}
+        cos_sin = self.lm.rotary_emb(h, position_ids=positions)
+        return dict.fromkeys(kinds, cos_sin)
+
+    def masks(self, h: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None, blocks) -> dict:
+        """Each layer type's attention mask as transformers builds it for the attention implementation in use:
+        causal (OR the image block both ways), AND the sliding window for sliding layers -- Gemma 3's order."""
+        from transformers.masking_utils import create_causal_mask
+
+        both_ways = _same_block(blocks) if blocks is not None else None
+        return {kind: create_causal_mask(config=self.lm.config, inputs_embeds=h, attention_mask=mask,
+                                         position_ids=positions, or_mask_function=both_ways,
+                                         and_mask_function=_within(self.window_of(kind)),
+                                         **_no_cache_argument(create_causal_mask))
+                for kind in dict.fromkeys(self.types)}
+
+
+def _same_block(blocks: torch.Tensor):
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        q_block = blocks[batch_idx, q_idx]
+        return (q_block == blocks[batch_idx, kv_idx]) & (q_block >= 0)
+    return inner
+
+
+def _within(window: int | None):
+    if window is None:
+        return None
+
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx > q_idx - window
+    return inner
+
+
+def _allowed(mask: torch.Tensor, query_index: torch.Tensor, blocks: torch.Tensor | None,
+             window: int | None) -> torch.Tensor:
+    """(B, Q, L) which keys the queries at ``query_index`` (B, Q) attend to: the same rule as
+    :meth:`_DecoderAttention.masks` -- (causal OR same image block) AND window AND not padding."""
+    cols = torch.arange(mask.shape[1], device=mask.device).view(1, 1, -1)
+    rows = query_index.unsqueeze(-1)
+    allowed = cols <= rows
+    if blocks is not None:
+        q_block = blocks.gather(1, query_index).unsqueeze(-1)
+        allowed = allowed | ((blocks.unsqueeze(1) == q_block) & (q_block >= 0))
+    if window is not None:
+        allowed = allowed & (cols > rows - window)
+    return allowed & mask.bool().unsqueeze(1)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _drop_visual(h, mask, positions, visual_index, text_index, keep, gain, merge=None):
