@@ -5,7 +5,9 @@ A family adapter (LLaVA, LLaVA-NeXT, Qwen2-VL) supplies how pixels become :class
 (``compress``, ``_plain_layout``) and the LLM positions of a layout (``_positions``, ``_renumber``).
 :class:`HFAdapter` owns the rest: loading (dtype, device, ``device_map``), the prompt (chat template),
 splicing visual embeddings between the prompt's text embeddings with left padding, the decoder run layer
-by layer with in-LLM pruning, answer scoring and greedy generation -- one code path for every family.
+by layer with in-LLM pruning (each layer with the mask and RoPE of its type: full or sliding-window attention,
+the image's tokens attending both ways where the family does so, as Gemma 3), answer scoring and greedy
+generation -- one code path for every family.
 """
 from __future__ import annotations
 
