@@ -234,6 +234,20 @@ def test_gemma3_pruned_path_equals_the_model_fed_only_the_kept_tokens(adapters):
     torch.testing.assert_close(ours, ref[cand], atol=1e-5, rtol=1e-5)
 
 
+def test_decoders_it_cannot_follow_are_refused_in_one_line():
+    """Layer types other than full and sliding-window attention (Qwen3.5's linear attention), or an encoder-style
+    Gemma 3 (bidirectional text), are named and refused rather than run with the wrong mask."""
+    model, tok = tiny_model("gemma3")
+    config = model.model.language_model.config
+    config.layer_types = ["linear_attention", "full_attention"]
+    with pytest.raises(UserInputError, match=r"^decoder layer types linear_attention are not supported; accepted: "
+                                             r"full_attention, sliding_attention$"):
+        Gemma3Adapter(model, tok)
+    config.layer_types, config.use_bidirectional_attention = ["sliding_attention", "full_attention"], True
+    with pytest.raises(UserInputError, match="use_bidirectional_attention=True makes an encoder"):
+        Gemma3Adapter(model, tok)
+
+
 class CaptureRows:
     """An in-LLM hook at layer 1 that keeps every visual token and records the attention rows of every query."""
 

@@ -599,7 +599,13 @@ class _DecoderAttention:
         if getattr(config, "use_bidirectional_attention", False):
             raise UserInputError("text_config.use_bidirectional_attention=True makes an encoder, not a generative "
                                  "LVLM; accepted: a causal decoder")
-        self.sliding_window = int(config.sliding_window) if "sliding_attention" in self.types else None
+        self.sliding_window = None
+        if "sliding_attention" in self.types:
+            window = getattr(config, "sliding_window", None)
+            if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+                raise UserInputError(f"text_config.sliding_window must be a positive integer for the decoder's "
+                                     f"sliding-attention layers, got {window!r}")
+            self.sliding_window = window
         self._rope_per_type = "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters
 
     def window_of(self, kind: str) -> int | None:
