@@ -16,7 +16,8 @@ from robustvtc.models import (Gemma3Adapter, InternVLAdapter, LlavaOnevisionAdap
                               load_model)
 from robustvtc.models.qwen2_vl import Qwen2VLAdapter
 from robustvtc.target import Target
-from test_real_adapters import CANDIDATES, LLAVA_SPECIAL, QUESTIONS, QWEN_SPECIAL, TINY_KWARGS, tiny_tokenizer
+from test_real_adapters import (CANDIDATES, LLAVA_SPECIAL, QUESTIONS, QWEN_SPECIAL, TINY_KWARGS,
+                                assert_rows_equal_eager_attention, tiny_tokenizer)
 
 FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl", "llava_onevision", "gemma3"]
 CLASSES = {"qwen3_vl": Qwen3VLAdapter, "qwen3_vl_moe": Qwen3VLMoeAdapter, "internvl": InternVLAdapter,
@@ -248,36 +249,16 @@ def test_decoders_it_cannot_follow_are_refused_in_one_line():
         Gemma3Adapter(model, tok)
 
 
-class CaptureRows:
-    """An in-LLM hook at layer 1 that keeps every visual token and records the attention rows of every query."""
-
-    layers, position_policy = (1,), "original"
-
-    def select(self, ctx):
-        every = torch.arange(ctx.hidden.shape[1]).expand(ctx.hidden.shape[0], -1)
-        self.rows = ctx.attention_rows(every), ctx.current_attention_rows(every)
-        return torch.arange(ctx.visual_index.shape[1]).expand(ctx.visual_index.shape[0], -1), None
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_in_llm_attention_rows_equal_the_models_eager_attention(adapters, family):
     """What in-LLM methods score with is the model's own attention: q/k norms (Qwen3, Gemma 3), Gemma 3's sliding
     window and its image tokens attending both ways -- every query row, image rows included."""
     a = adapters[family]
     px = pixels_for(a, batch=1)
-    fwd = Target(a, "none").forward(px)
-    hook = CaptureRows()
-    a.hidden_states(fwd.embeds, QUESTIONS[:1], in_llm=hook)
     text = a.prompt_template.format(question=QUESTIONS[0]).replace(a.image_placeholder,
                                                                    a.image_placeholder * placeholder_count(a))
     ids = a.tokenizer(text, return_tensors="pt").input_ids
-    a.model.set_attn_implementation("eager")
-    try:
-        out = a.model(input_ids=ids, output_attentions=True, **hf_inputs(a, px, ids))
-    finally:
-        a.model.set_attn_implementation("sdpa")
-    for ours, theirs in zip(hook.rows, out.attentions):
-        torch.testing.assert_close(ours[0], theirs[0].mean(0), atol=1e-5, rtol=1e-4)
+    assert_rows_equal_eager_attention(a, px, dict(input_ids=ids, **hf_inputs(a, px, ids)))
 
 
 def test_gemma3_greedy_answers_equal_the_models_generate(adapters):

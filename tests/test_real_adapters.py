@@ -115,8 +115,9 @@ def pixels_for(adapter, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, *adapter.input_size, generator=torch.Generator().manual_seed(seed))
 
 
-def hf_last_logprobs(a, pixels: torch.Tensor, question: str) -> torch.Tensor:
-    """The transformers model's own forward on input_ids with the right number of image placeholders."""
+def hf_model_inputs(a, pixels: torch.Tensor, question: str) -> dict:
+    """What the transformers model's own forward takes: input_ids with the right number of image placeholders,
+    and the pixel inputs."""
     if isinstance(a, LlavaNextAdapter):
         count = a.num_visual_tokens + a.tiles[0] * a.grid[0]  # + one newline per high-resolution row
         inputs = dict(pixel_values=a.normalize(a.crops(pixels)).unsqueeze(0), image_sizes=torch.tensor([a.image_size]))
@@ -130,7 +131,36 @@ def hf_last_logprobs(a, pixels: torch.Tensor, question: str) -> torch.Tensor:
     ids = a.tokenizer(text, return_tensors="pt").input_ids
     if isinstance(a, Qwen2VLAdapter):
         inputs["mm_token_type_ids"] = (ids == a.image_token_id).int()
-    return a.model(input_ids=ids, **inputs).logits[0, -1].log_softmax(-1)
+    return dict(input_ids=ids, **inputs)
+
+
+def hf_last_logprobs(a, pixels: torch.Tensor, question: str) -> torch.Tensor:
+    """The transformers model's own next-token log-probabilities after the prompt."""
+    return a.model(**hf_model_inputs(a, pixels, question)).logits[0, -1].log_softmax(-1)
+
+
+class CaptureRows:
+    """An in-LLM hook at layer 1 that keeps every visual token and records the attention rows of every query."""
+
+    layers, position_policy = (1,), "original"
+
+    def select(self, ctx):
+        every = torch.arange(ctx.hidden.shape[1]).expand(ctx.hidden.shape[0], -1)
+        self.rows = ctx.attention_rows(every), ctx.current_attention_rows(every)
+        return torch.arange(ctx.visual_index.shape[1]).expand(ctx.visual_index.shape[0], -1), None
+
+
+def assert_rows_equal_eager_attention(a, pixels: torch.Tensor, inputs: dict) -> None:
+    """The attention rows in-LLM methods score with (layers 0 and 1, every query) = the model's eager attention."""
+    hook = CaptureRows()
+    a.hidden_states(Target(a, "none").forward(pixels).embeds, QUESTIONS[:1], in_llm=hook)
+    a.model.set_attn_implementation("eager")
+    try:
+        out = a.model(**inputs, output_attentions=True)
+    finally:
+        a.model.set_attn_implementation("sdpa")
+    for ours, theirs in zip(hook.rows, out.attentions):
+        torch.testing.assert_close(ours[0], theirs[0].mean(0), atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -192,6 +222,13 @@ def test_all_tokens_give_the_models_own_logits(adapters, family):
         ref = hf_last_logprobs(a, px[b:b + 1], q)
         cand = [a.continuation_ids(q, c)[0] for c in CANDIDATES]
         torch.testing.assert_close(ours[b], ref[cand], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_in_llm_attention_rows_equal_the_models_eager_attention(adapters, family):
+    a = adapters[family]
+    px = pixels_for(a, batch=1)
+    assert_rows_equal_eager_attention(a, px, hf_model_inputs(a, px, QUESTIONS[0]))
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
