@@ -73,3 +73,25 @@ def test_validate_checks_budgets_against_a_readable_config(tmp_path):
     bad = CliRunner().invoke(main, ["validate", str(recipe), "--set", f"model={tmp_path / 'llava'}",
                                     "--set", "budgets=[192, 600]"])
     assert bad.exit_code != 0 and "budgets[1]: 600 exceeds the 576 visual tokens" in bad.output
+
+
+@pytest.mark.parametrize("recipe,tokens", [("gemma3", 256), ("internvl3_5", 256)])
+def test_validate_reads_fixed_token_counts_of_gemma3_and_internvl(tmp_path, recipe, tokens):
+    """Gemma 3 (its projector's mm_tokens_per_image) and InternVL (one 448 tile, pixel shuffle 0.5) have a fixed
+    token count in their config: validate checks the budgets against it, as for LLaVA."""
+    import transformers as T
+
+    text = dict(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1, num_key_value_heads=1)
+    if recipe == "gemma3":
+        config = T.Gemma3Config(text_config=T.Gemma3TextConfig(**text, head_dim=8))  # the released 896 px, 256 tokens
+    else:
+        vision = T.InternVLVisionConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1,
+                                        image_size=[448, 448], patch_size=[14, 14])
+        config = T.InternVLConfig(vision_config=vision, text_config=T.Qwen2Config(**text), downsample_ratio=0.5)
+    config.save_pretrained(tmp_path / recipe)
+    path = RECIPES[[p.stem for p in RECIPES].index(recipe)]
+    ok = CliRunner().invoke(main, ["validate", str(path), "--set", f"model={tmp_path / recipe}"])
+    assert ok.exit_code == 0 and f"({tokens} visual tokens)" in ok.output, ok.output
+    bad = CliRunner().invoke(main, ["validate", str(path), "--set", f"model={tmp_path / recipe}",
+                                    "--set", f"budgets=[16, {tokens + 1}]"])
+    assert bad.exit_code == 2 and f"budgets[1]: {tokens + 1} exceeds the {tokens} visual tokens" in bad.output

@@ -13,30 +13,41 @@ from .scenario import Scenario
 
 
 def visual_tokens_from_config(model: str) -> int | None:
-    """The visual token count a LLaVA-layout checkpoint gives its LLM, read from its config alone; None where
-    the count depends on the image (dynamic-resolution families) or the config cannot be read offline."""
+    """The visual token count a fixed-resolution checkpoint gives its LLM -- LLaVA, InternVL (one tile), Gemma 3
+    -- read from its config alone; None where the count depends on the image (dynamic-resolution families) or
+    the config cannot be read offline."""
     from ..models import BUILTIN_MODELS
 
     path = BUILTIN_MODELS.get(model, Path(model).expanduser())
     config = _config_json(path)  # config.json as written: transformers is imported only to fill in defaults
-    vision = config.get("vision_config") if config else None
-    if not isinstance(vision, dict) or not {"image_size", "patch_size", "vision_feature_select_strategy"} <= {
-            *vision, *config}:
+    count = _token_count(config) if config else None
+    if count is None and (config is None or config.get("model_type") in ("llava", "internvl", "gemma3")):
         try:
             from transformers import AutoConfig
 
-            full = AutoConfig.from_pretrained(str(path))
+            count = _token_count(AutoConfig.from_pretrained(str(path)).to_dict())
         except (OSError, ValueError):
             return None
-        config = full.to_dict()
-        vision = config.get("vision_config")
-    if config.get("model_type") != "llava" or not isinstance(vision, dict):
+    return count
+
+
+def _token_count(config: dict) -> int | None:
+    """The family's token count from a config dict; None when a key it needs is missing."""
+    kind, vision = config.get("model_type"), config.get("vision_config")
+    if not isinstance(vision, dict):
         return None
-    size, patch = vision.get("image_size"), vision.get("patch_size")
+    if kind == "gemma3":  # the projector pools the patch grid to mm_tokens_per_image tokens
+        count = config.get("mm_tokens_per_image")
+        return count if isinstance(count, int) and not isinstance(count, bool) else None
+    size, patch = (v[0] if isinstance(v, list) and v else v for v in (vision.get("image_size"), vision.get("patch_size")))
     if not isinstance(size, int) or not isinstance(patch, int) or patch <= 0:
         return None
-    extra = 1 if config.get("vision_feature_select_strategy", "default") == "full" else 0
-    return (size // patch) ** 2 + extra
+    if kind == "internvl":  # one tile, pixel-shuffled by downsample_ratio per side
+        ratio = config.get("downsample_ratio")
+        return int(size // patch * ratio) ** 2 if isinstance(ratio, (int, float)) else None
+    if kind == "llava" and "vision_feature_select_strategy" in config:
+        return (size // patch) ** 2 + (1 if config["vision_feature_select_strategy"] == "full" else 0)
+    return None
 
 
 def _config_json(path: Path) -> dict | None:
