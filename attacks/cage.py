@@ -33,8 +33,8 @@ import torch
 from robustvtc.errors import UserInputError
 from robustvtc.models.base import VisualTokens
 
-from .base import (ATTACKS, IMPORTANCE_SCORES, SCORE_REQUIRES, EncoderAttack, ThreatModel, check_choice, descending_rank,
-                   importance)
+from .base import (ATTACKS, IMPORTANCE_SCORES, SCORE_REQUIRES, EncoderAttack, ThreatModel, check_choice,
+                   descending_rank, importance)
 
 REFERENCE_TOKENS = 576  # LLaVA-1.5's 24x24 grid, the scale of the reference budget interval [16, 192]
 REFERENCE_K = (16, 192)  # the official argparse defaults --k_min 16 --k_max 192

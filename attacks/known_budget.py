@@ -12,8 +12,8 @@ import torch
 from robustvtc.errors import UserInputError
 from robustvtc.models.base import VisualTokens
 
-from .base import (ATTACKS, IMPORTANCE_SCORES, SCORE_REQUIRES, EncoderAttack, ThreatModel, check_choice, descending_rank,
-                   importance)
+from .base import (ATTACKS, IMPORTANCE_SCORES, SCORE_REQUIRES, EncoderAttack, ThreatModel, check_choice,
+                   descending_rank, importance)
 
 
 @ATTACKS.register()

@@ -13,39 +13,28 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 
 import torch
 
-from _bench import paired, ratio
+from _bench import paired, ratio, tokenizer
 
-WORDS = ["user", ":", "assistant", "what", "color", "is", "the", "circle", "?", "red", "blue", "yes", "no"]
-
-
-def tiny_llava(path: str, llm_layers: int, width: int) -> None:
-    """A random LLaVA (CLIP 336/14, 2 layers; Llama with ``llm_layers`` layers) and a word-level tokenizer."""
+def tiny_llava(llm_layers: int, width: int, device: str):
+    """A random LLaVA (CLIP 336/14, 2 layers; Llama with ``llm_layers`` layers) with :func:`_bench.tokenizer`."""
     import transformers as T
-    from tokenizers import Tokenizer, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
 
-    special = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-    vocab = {w: i for i, w in enumerate(special + WORDS)}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    tok.add_special_tokens(special)
-    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                     eos_token="</s>")
+    from robustvtc.models.llava import LlavaAdapter
+
+    tok = tokenizer()
     vision = T.CLIPVisionConfig(image_size=336, patch_size=14, num_hidden_layers=2, hidden_size=64,
                                 intermediate_size=128, num_attention_heads=4, projection_dim=64)
-    text = T.LlamaConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+    text = T.LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
                          num_hidden_layers=llm_layers, num_attention_heads=4, num_key_value_heads=4,
                          max_position_embeddings=2048, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     cfg = T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=4, image_seq_length=576,
                         vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
-    T.LlavaForConditionalGeneration(cfg).save_pretrained(path)
-    fast.save_pretrained(path)
+    model = T.LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").to(device)
+    return LlavaAdapter(model, tok, name="tiny LLaVA")
 
 
 def main() -> None:
@@ -57,12 +46,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    from robustvtc.models import load_model
     from robustvtc.target import Target
 
-    with tempfile.TemporaryDirectory() as path:
-        tiny_llava(path, args.llm_layers, args.width)
-        adapter = load_model(path, device=args.device)
+    adapter = tiny_llava(args.llm_layers, args.width, args.device)
     adapter.stop_ids = lambda: set()  # exactly n new tokens
     assert adapter.num_visual_tokens == 576
     pixels = torch.rand(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))

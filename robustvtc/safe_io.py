@@ -64,11 +64,19 @@ def note_in_ledger(path: str | Path) -> None:
     for folder in list(path.parents)[:3]:
         ledger = folder / LEDGER_NAME
         if ledger.is_file() and not ledger.is_symlink():
-            name = path.relative_to(folder).as_posix()
-            if name not in ledger.read_text(encoding="utf-8", errors="replace").splitlines():
-                with open(ledger, "a", encoding="utf-8") as f:
-                    f.write(name + "\n")
+            note_written(folder, [path.relative_to(folder).as_posix()])
             return
+
+
+def note_written(out: Path, names) -> None:
+    """Add paths (relative to ``out``) to the folder's ledger of campaign files, before they are written."""
+    known = set(read_ledger(out))
+    new = [str(n) for n in names if str(n) not in known]
+    if new:
+        refuse_symlink(out / LEDGER_NAME)
+        with open(out / LEDGER_NAME, "a", encoding="utf-8") as f:
+            f.write("".join(n + "\n" for n in new))
+            f.flush()
 
 
 def read_ledger(folder: str | Path) -> list[str]:
@@ -137,12 +145,14 @@ def _temp_file(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp", dir=path.parent)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, note: bool = True) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename; noted in the
+    enclosing campaign folder's ledger first unless ``note=False`` (a caller that noted it already)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     refuse_symlink(path)
-    note_in_ledger(path)
+    if note:
+        note_in_ledger(path)
     fd, tmp = _temp_file(path)
     try:
         _test_crash_in_atomic_write(fd, data)

@@ -7,6 +7,7 @@ from robustvtc.data.synthetic import ANSWERS
 from robustvtc.errors import UserInputError
 from robustvtc.images import to_pixels as image_to_pixels
 from robustvtc.target import Target
+from test_real_adapters import eager_attentions
 
 QUESTIONS = ["what color is the circle ?", "is the red circle left of the blue square ?"]
 
@@ -28,13 +29,8 @@ def test_cls_attention_matches_eager_attention_maps(tiny_adapter):
     a = tiny_adapter
     px = torch.rand(2, 3, 96, 96)
     tokens = a.encode(px)
-    tower = a.model.model.vision_tower
-    tower.set_attn_implementation("eager")
-    try:
-        out = tower(pixel_values=a.normalize(px), output_attentions=True)
-    finally:
-        tower.set_attn_implementation("sdpa")
-    ref = out.attentions[a.feature_layer][:, :, 0, 1:]
+    attentions = eager_attentions(a.model.model.vision_tower, pixel_values=a.normalize(px))
+    ref = attentions[a.feature_layer][:, :, 0, 1:]
     torch.testing.assert_close(tokens.cls_attention(reduce="none"), ref, atol=1e-6, rtol=1e-5)
     assert tokens.num_tokens == 144 and tokens.grid == (12, 12)
     assert a.feature_layer == 2  # vision_feature_layer = -2 of a 4-layer tower

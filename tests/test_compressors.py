@@ -19,6 +19,7 @@ from robustvtc.data.synthetic import generate_sample, to_pixels
 from robustvtc.errors import UserInputError
 from robustvtc.models.base import InLLMContext, LayerSignals, VisualTokens
 from robustvtc.target import Target
+from test_real_adapters import eager_attentions
 
 FEATURE_LAYER, NUM_LAYERS = 2, 4
 
@@ -350,14 +351,9 @@ def test_fastv_keeps_the_top_last_token_attention_of_eager_attention(tiny_adapte
     fwd = target.forward(pixels)
     tiny_adapter.candidate_logprobs(fwd.embeds, questions, ["yes"], in_llm=fwd.in_llm)
     embeds, mask, vis, *_ = tiny_adapter._assemble(list(fwd.embeds.unbind(0)), questions, None)
-    tiny_adapter.model.set_attn_implementation("eager")
-    try:
-        out = tiny_adapter.model.model.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            output_attentions=True)
-    finally:
-        tiny_adapter.model.set_attn_implementation("sdpa")
-    scores = out.attentions[1][:, :, -1].mean(1).gather(1, vis)  # layer K-1 = 1, last prompt token
+    attentions = eager_attentions(tiny_adapter.model, tiny_adapter.model.model.language_model, inputs_embeds=embeds,
+                                  attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    scores = attentions[1][:, :, -1].mean(1).gather(1, vis)  # layer K-1 = 1, last prompt token
     assert torch.equal(fwd.in_llm.last_keep, scores.topk(20).indices.sort().values)
 
 

@@ -318,6 +318,23 @@ def _dup_rows(root):
     return [{"id": "same", "image": "a.png", "question": "Q?", "options": ["x", "y"], "answer": 0}] * 2
 
 
+def _one_line_error(args: list[str], expected: str) -> str:
+    """Invoke the CLI (releasing any lock an arrangement holds) and check it refused in one line: exit 2, no
+    traceback, ``expected`` in the line. Returns the line."""
+    try:
+        result = CliRunner().invoke(main, args)
+    finally:
+        for lock in _held_lock.locks:
+            lock.release()
+        _held_lock.locks.clear()
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
 def _snapshot(root: Path) -> dict:
     return {str(p.relative_to(root)): (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
             for p in sorted(root.rglob("*")) if p.name != LOCK_NAME}
@@ -335,17 +352,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tiny_model_dir
     monkeypatch.chdir(root)  # the default output folder (runs/<name>) would land here
     args = make(root, tiny_model_dir)
     before = _snapshot(tmp_path)
-    try:
-        result = CliRunner().invoke(main, [*args, *(["-q", "--no-report"] if args[0] == "run" else [])])
-    finally:
-        for lock in _held_lock.locks:
-            lock.release()
-        _held_lock.locks.clear()
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    assert expected in lines[0], lines[0]
-    assert "Traceback" not in result.output and "import " not in lines[0] and ".convert(" not in lines[0]
+    line = _one_line_error([*args, *(["-q", "--no-report"] if args[0] == "run" else [])], expected)
+    assert "import " not in line and ".convert(" not in line
     assert _snapshot(tmp_path) == before  # nothing written, changed or deleted, anywhere
 
 
@@ -618,15 +626,7 @@ def test_report_refuses_links_foreign_files_and_a_held_folder(case, small_campai
     arrange, expected = REPORT_BAD[case]
     extra = arrange(run, tmp_path) or []
     before = _snapshot(tmp_path)
-    try:
-        result = CliRunner().invoke(main, ["report", str(run), "--bootstrap", "10", *extra])
-    finally:
-        for lock in _held_lock.locks:
-            lock.release()
-        _held_lock.locks.clear()
-    lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    _one_line_error(["report", str(run), "--bootstrap", "10", *extra], expected)
     assert _snapshot(tmp_path) == before
 
 

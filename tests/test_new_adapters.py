@@ -1,10 +1,9 @@
-"""Qwen3-VL (+ MoE), InternVL, LLaVA-OneVision and Gemma 3 adapters on tiny random models saved with save_pretrained and
-loaded through load_model(path), offline: the model's own logits with all tokens, the pruned path equal to the
-model with dropped tokens masked, differentiable preprocessing equal to the HF processor, bf16, and every
-compressor run or refused in one line."""
+"""Qwen3-VL (+ MoE), InternVL, LLaVA-OneVision and Gemma 3 adapters on tiny random models saved with
+save_pretrained and loaded through load_model(path), offline: the model's own logits with all tokens, the pruned
+path equal to the model with dropped tokens masked (Gemma 3: fed only the kept tokens), the in-LLM attention rows
+equal to eager attention, differentiable preprocessing equal to the HF processor, bf16, and every compressor run or
+refused in one line."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -17,7 +16,8 @@ from robustvtc.models import (Gemma3Adapter, InternVLAdapter, LlavaOnevisionAdap
 from robustvtc.models.qwen2_vl import Qwen2VLAdapter
 from robustvtc.target import Target
 from test_real_adapters import (CANDIDATES, LLAVA_SPECIAL, QUESTIONS, QWEN_SPECIAL, TINY_KWARGS,
-                                assert_rows_equal_eager_attention, tiny_tokenizer)
+                                assert_rows_equal_eager_attention, hf_model_inputs, load_tiny, pixels_for, save_tiny,
+                                tiny_tokenizer)
 
 FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl", "llava_onevision", "gemma3"]
 CLASSES = {"qwen3_vl": Qwen3VLAdapter, "qwen3_vl_moe": Qwen3VLMoeAdapter, "internvl": InternVLAdapter,
@@ -87,42 +87,12 @@ def tiny_model(family: str):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    out = {}
-    for family in FAMILIES:
-        torch.manual_seed(0)
-        model, tok = tiny_model(family)
-        path = tmp_path_factory.mktemp(family)
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-        (path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.4, 0.3],
-                                                                   "image_std": [0.2, 0.25, 0.3]}))
-        out[family] = path
-    return out
+    return save_tiny(tiny_model, FAMILIES, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def adapters(saved):
-    return {f: load_model(str(p), image_size=32 if f.startswith("qwen") else None) for f, p in saved.items()}
-
-
-def pixels_for(adapter, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.rand(batch, 3, *adapter.input_size, generator=torch.Generator().manual_seed(seed))
-
-
-def hf_inputs(a, pixels, ids):
-    if isinstance(a, LlavaOnevisionAdapter):
-        return dict(pixel_values=a.normalize(a.crops(pixels)).unsqueeze(0), image_sizes=torch.tensor([a.image_size]))
-    if isinstance(a, Qwen2VLAdapter):
-        thw = torch.tensor([[1, a.grid[0] * a.merge, a.grid[1] * a.merge]])
-        return dict(pixel_values=a.patchify(a.normalize(pixels)), image_grid_thw=thw,
-                    mm_token_type_ids=(ids == a.image_token_id).int())
-    if isinstance(a, Gemma3Adapter):  # as the processor marks the image: its tokens attend both ways
-        return dict(pixel_values=a.normalize(pixels), token_type_ids=(ids == a.image_token_id).long())
-    return dict(pixel_values=a.normalize(pixels))
-
-
-def placeholder_count(a) -> int:
-    return a.num_visual_tokens + (a.tiles[0] * a.grid[0] if isinstance(a, LlavaOnevisionAdapter) else 0)
+    return load_tiny(saved)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -179,9 +149,7 @@ def test_all_tokens_give_the_models_own_logits(adapters, family):
     px = pixels_for(a)
     ours = Target(a, "none").candidate_logprobs(px, QUESTIONS, CANDIDATES)
     for b, q in enumerate(QUESTIONS):
-        text = a.prompt_template.format(question=q).replace(a.image_placeholder, a.image_placeholder * placeholder_count(a))
-        ids = a.tokenizer(text, return_tensors="pt").input_ids
-        ref = a.model(input_ids=ids, **hf_inputs(a, px[b:b + 1], ids)).logits[0, -1].log_softmax(-1)
+        ref = a.model(**hf_model_inputs(a, px[b:b + 1], q)).logits[0, -1].log_softmax(-1)
         cand = [a.continuation_ids(q, c)[0] for c in CANDIDATES]
         torch.testing.assert_close(ours[b], ref[cand], atol=1e-5, rtol=1e-5)
 
@@ -193,16 +161,15 @@ def test_pruned_path_equals_the_model_with_dropped_tokens_masked(adapters, famil
     fwd = Target(a, "random", BUDGET[family], seed=1).forward(px)
     ours = a.candidate_logprobs(fwd.embeds, QUESTIONS[:1], CANDIDATES)[0]
     full = a._visual_rows(a.project(a.encode(px).features))
-    n = placeholder_count(a)
-    text = a.prompt_template.format(question=QUESTIONS[0]).replace(a.image_placeholder, a.image_placeholder * n)
-    ids = a.tokenizer(text, return_tensors="pt").input_ids
+    extra = hf_model_inputs(a, px, QUESTIONS[0])
+    ids = extra.pop("input_ids")
+    n = int((ids == a.image_token_id).sum())
     start = ids[0].tolist().index(a.image_token_id)
     keep = torch.ones(ids.shape[1], dtype=torch.bool)
     kept = fwd.embeds.sources[0] if hasattr(fwd.embeds, "sources") else fwd.plan.primary_sources()[0]
     keep[start:start + n] = torch.isin(full.sources[0], kept) | (full.sources[0] < 0)
     assert int(keep.sum()) == ids.shape[1] - a.num_visual_tokens + BUDGET[family]
     mask = keep.long().unsqueeze(0)
-    extra = hf_inputs(a, px, ids)
     if isinstance(a, Qwen2VLAdapter):
         positions, _ = a.model.model.get_rope_index(ids, extra["mm_token_type_ids"], extra["image_grid_thw"])
         torch.testing.assert_close(a._positions(torch.ones_like(ids), full, QUESTIONS[:1]), positions)
@@ -213,11 +180,6 @@ def test_pruned_path_equals_the_model_with_dropped_tokens_masked(adapters, famil
     torch.testing.assert_close(ours, ref[cand], atol=1e-5, rtol=1e-5)
 
 
-def gemma3_ids(a, question: str, image_tokens: int) -> torch.Tensor:
-    text = a.prompt_template.format(question=question).replace(a.image_placeholder, a.image_placeholder * image_tokens)
-    return a.tokenizer(text, return_tensors="pt").input_ids
-
-
 def test_gemma3_pruned_path_equals_the_model_fed_only_the_kept_tokens(adapters):
     """A compressed Gemma 3 reads a shorter sequence: the sliding window counts the tokens it is fed, and the
     kept image tokens attend to each other both ways -- as the model's own forward does on those tokens."""
@@ -225,7 +187,7 @@ def test_gemma3_pruned_path_equals_the_model_fed_only_the_kept_tokens(adapters):
     px = pixels_for(a, batch=1)
     fwd = Target(a, "random", BUDGET["gemma3"], seed=1).forward(px)
     ours = a.candidate_logprobs(fwd.embeds, QUESTIONS[:1], CANDIDATES)[0]
-    ids = gemma3_ids(a, QUESTIONS[0], BUDGET["gemma3"])
+    ids = hf_model_inputs(a, px, QUESTIONS[0], image_tokens=BUDGET["gemma3"])["input_ids"]
     assert ids.shape[1] > 2 * GEMMA3_WINDOW  # the window matters
     image = ids == a.image_token_id
     embeds = a.model.get_input_embeddings()(ids)
@@ -255,10 +217,7 @@ def test_in_llm_attention_rows_equal_the_models_eager_attention(adapters, family
     window and its image tokens attending both ways -- every query row, image rows included."""
     a = adapters[family]
     px = pixels_for(a, batch=1)
-    text = a.prompt_template.format(question=QUESTIONS[0]).replace(a.image_placeholder,
-                                                                   a.image_placeholder * placeholder_count(a))
-    ids = a.tokenizer(text, return_tensors="pt").input_ids
-    assert_rows_equal_eager_attention(a, px, dict(input_ids=ids, **hf_inputs(a, px, ids)))
+    assert_rows_equal_eager_attention(a, px, hf_model_inputs(a, px, QUESTIONS[0]))
 
 
 def test_gemma3_greedy_answers_equal_the_models_generate(adapters):
@@ -266,9 +225,8 @@ def test_gemma3_greedy_answers_equal_the_models_generate(adapters):
     tokens; with a pre-LLM compressor, the uncached path's; with FastV, the re-pruning path's first token."""
     a = adapters["gemma3"]
     px = pixels_for(a, batch=1)
-    ids = gemma3_ids(a, QUESTIONS[0], a.num_visual_tokens)
-    ref = a.model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, **hf_inputs(a, px, ids))
-    ref = ref[0, ids.shape[1]:].tolist()
+    inputs = hf_model_inputs(a, px, QUESTIONS[0])
+    ref = a.model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
     stops = [i for i, t in enumerate(ref) if t in a.stop_ids()]
     ref = ref[:stops[0]] if stops else ref
     ours = a.generate_ids(Target(a, "none").forward(px).embeds, QUESTIONS[:1], 12)[0]

@@ -11,7 +11,8 @@ import torch
 from robustvtc.compression import compatible_compressors, list_compressors
 from robustvtc.data.loaders import load_multiple_choice, load_pixels, load_vqa_folder, load_vqa_jsonl
 from robustvtc.errors import UserInputError
-from robustvtc.models import LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen2VLAdapter, load_model
+from robustvtc.models import (Gemma3Adapter, LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen2VLAdapter,
+                              load_model)
 from robustvtc.models.base import VisualEmbeds
 from robustvtc.scoring import exact_match, normalize_answer, option_logprobs, vqa_accuracy
 from robustvtc.target import Target
@@ -90,13 +91,13 @@ def tiny_model(family: str):
     return T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)), tok
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """family -> directory of a saved tiny checkpoint (model, tokenizer, preprocessor_config.json)."""
+def save_tiny(make, families, tmp_path_factory) -> dict:
+    """family -> directory of a saved tiny checkpoint (``make(family)``'s model and tokenizer, and a
+    preprocessor_config.json with a non-CLIP normalisation, so reading it is tested)."""
     out = {}
-    for family in FAMILIES:
+    for family in families:
         torch.manual_seed(0)
-        model, tok = tiny_model(family)
+        model, tok = make(family)
         path = tmp_path_factory.mktemp(family)
         model.save_pretrained(path)
         tok.save_pretrained(path)
@@ -106,31 +107,44 @@ def saved(tmp_path_factory):
     return out
 
 
+def load_tiny(saved: dict) -> dict:
+    """family -> adapter loaded through load_model(path); Qwen's dynamic resolution fixed at 32 px."""
+    return {f: load_model(str(p), image_size=32 if f.startswith("qwen") else None) for f, p in saved.items()}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return save_tiny(tiny_model, FAMILIES, tmp_path_factory)
+
+
 @pytest.fixture(scope="module")
 def adapters(saved):
-    return {f: load_model(str(p), image_size=32 if f.startswith("qwen") else None) for f, p in saved.items()}
+    return load_tiny(saved)
 
 
 def pixels_for(adapter, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, *adapter.input_size, generator=torch.Generator().manual_seed(seed))
 
 
-def hf_model_inputs(a, pixels: torch.Tensor, question: str) -> dict:
-    """What the transformers model's own forward takes: input_ids with the right number of image placeholders,
-    and the pixel inputs."""
-    if isinstance(a, LlavaNextAdapter):
-        count = a.num_visual_tokens + a.tiles[0] * a.grid[0]  # + one newline per high-resolution row
+def hf_model_inputs(a, pixels: torch.Tensor, question: str, image_tokens: int | None = None) -> dict:
+    """What the transformers model's own forward takes, as its processor gives it: input_ids with the image's
+    placeholders (``image_tokens``, else every visual token and LLaVA-NeXT's row newlines) and the pixel inputs."""
+    count = a.num_visual_tokens
+    if isinstance(a, LlavaNextAdapter):  # and LLaVA-OneVision
+        count += a.tiles[0] * a.grid[0]  # one newline per high-resolution row
         inputs = dict(pixel_values=a.normalize(a.crops(pixels)).unsqueeze(0), image_sizes=torch.tensor([a.image_size]))
     elif isinstance(a, Qwen2VLAdapter):
-        count = a.num_visual_tokens
         thw = torch.tensor([[1, a.grid[0] * a.merge, a.grid[1] * a.merge]])
         inputs = dict(pixel_values=a.patchify(a.normalize(pixels)), image_grid_thw=thw)
     else:
-        count, inputs = a.num_visual_tokens, dict(pixel_values=a.normalize(pixels))
+        inputs = dict(pixel_values=a.normalize(pixels))
+    count = count if image_tokens is None else image_tokens
     text = a.prompt_template.format(question=question).replace(a.image_placeholder, a.image_placeholder * count)
     ids = a.tokenizer(text, return_tensors="pt").input_ids
     if isinstance(a, Qwen2VLAdapter):
         inputs["mm_token_type_ids"] = (ids == a.image_token_id).int()
+    if isinstance(a, Gemma3Adapter):  # the image's tokens attend both ways
+        inputs["token_type_ids"] = (ids == a.image_token_id).long()
     return dict(input_ids=ids, **inputs)
 
 
@@ -150,16 +164,21 @@ class CaptureRows:
         return torch.arange(ctx.visual_index.shape[1]).expand(ctx.visual_index.shape[0], -1), None
 
 
+def eager_attentions(model, forward=None, **inputs) -> tuple[torch.Tensor, ...]:
+    """The softmax attention maps ``model`` computes with its eager implementation, per layer (``forward``: the
+    submodule to call, default the model), SDPA restored after -- the reference for attention read without them."""
+    model.set_attn_implementation("eager")
+    try:
+        return (forward or model)(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 def assert_rows_equal_eager_attention(a, pixels: torch.Tensor, inputs: dict) -> None:
     """The attention rows in-LLM methods score with (layers 0 and 1, every query) = the model's eager attention."""
     hook = CaptureRows()
     a.hidden_states(Target(a, "none").forward(pixels).embeds, QUESTIONS[:1], in_llm=hook)
-    a.model.set_attn_implementation("eager")
-    try:
-        out = a.model(**inputs, output_attentions=True)
-    finally:
-        a.model.set_attn_implementation("sdpa")
-    for ours, theirs in zip(hook.rows, out.attentions):
+    for ours, theirs in zip(hook.rows, eager_attentions(a.model, **inputs)):
         torch.testing.assert_close(ours[0], theirs[0].mean(0), atol=1e-5, rtol=1e-4)
 
 

@@ -14,7 +14,7 @@ from robustvtc.models import load_model
 from robustvtc.models.towers import load_encoder
 from robustvtc.target import Target
 
-from test_real_adapters import CANDIDATES, LLAVA_SPECIAL, QUESTIONS, tiny_tokenizer
+from test_real_adapters import CANDIDATES, LLAVA_SPECIAL, QUESTIONS, eager_attentions, tiny_tokenizer
 
 SMALL = dict(image_size=32, patch_size=8, num_hidden_layers=3, hidden_size=32, num_attention_heads=4)
 # tower -> (config class, extra config, LLaVA feature strategy, non-patch tokens the LLM reads, has CLS)
@@ -94,15 +94,10 @@ def test_cls_row_equals_eager_attention(adapters, tower):
     a = adapters[tower]
     px = pixels()
     tokens = a.encode(px, signal_layers=(0,))
-    vision = a.model.model.vision_tower
-    vision.set_attn_implementation("eager")
-    try:
-        out = vision(pixel_values=a.normalize(px), output_attentions=True)
-    finally:
-        vision.set_attn_implementation("sdpa")
+    attentions = eager_attentions(a.model.model.vision_tower, pixel_values=a.normalize(px))
     first_patch = 1 + TOWERS[tower][3]
     for layer in (0, a.feature_layer):
-        ref = out.attentions[layer][:, :, 0, first_patch:]
+        ref = attentions[layer][:, :, 0, first_patch:]
         torch.testing.assert_close(tokens.cls_attention(layer, reduce="none"), ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(tokens.keys(reduce="none").shape[2], 16)
 

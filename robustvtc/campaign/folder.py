@@ -145,17 +145,6 @@ def check_report_folder(results: str | Path, out: str | Path, names=REPORT_FILES
     return root
 
 
-def note_written(out: Path, names) -> None:
-    """Add paths (relative to ``out``) to the folder's ledger of campaign files, before they are written."""
-    known = set(read_ledger(out))
-    new = [str(n) for n in names if str(n) not in known]
-    if new:
-        refuse_symlink(out / LEDGER_NAME)
-        with open(out / LEDGER_NAME, "a", encoding="utf-8") as f:
-            f.write("".join(n + "\n" for n in new))
-            f.flush()
-
-
 # what campaigns of robustvtc before the ledger wrote (a manifest without "files", no ledger)
 
 

@@ -39,7 +39,8 @@ def _token_count(config: dict) -> int | None:
     if kind == "gemma3":  # the projector pools the patch grid to mm_tokens_per_image tokens
         count = config.get("mm_tokens_per_image")
         return count if isinstance(count, int) and not isinstance(count, bool) else None
-    size, patch = (v[0] if isinstance(v, list) and v else v for v in (vision.get("image_size"), vision.get("patch_size")))
+    size, patch = (v[0] if isinstance(v, list) and v else v  # InternVL writes [height, width]
+                   for v in (vision.get("image_size"), vision.get("patch_size")))
     if not isinstance(size, int) or not isinstance(patch, int) or patch <= 0:
         return None
     if kind == "internvl":  # one tile, pixel-shuffled by downsample_ratio per side

@@ -36,9 +36,9 @@ from typing import AbstractSet, Iterator, Sequence
 import torch
 
 from ..errors import UserInputError
-from ..safe_io import (LEDGER_NAME, FolderLock, atomic_write_bytes, atomic_write_text, read_ledger,
+from ..safe_io import (LEDGER_NAME, FolderLock, atomic_write_bytes, atomic_write_text, note_written, read_ledger,
                        refuse_symlink, remove_stale_temps)
-from .folder import OWN, check_folder, check_report_folder, check_resume, clear, legacy_files, note_written
+from .folder import OWN, check_folder, check_report_folder, check_resume, clear, legacy_files
 from .executor import Executor, make_executor
 from .progress import Progress
 from .grid import (CellResult, campaign_budgets, chunked, derived_seed, evaluate_grid, kept_disruption, kept_overlap,
@@ -382,7 +382,7 @@ class Campaign:
     def _write_png(self, name: str, image: torch.Tensor) -> None:
         """A PNG at ``name`` (relative to the output folder), noted in the ledger before it is written."""
         self._note([name])
-        save_png(image, self.output / name)
+        atomic_write_bytes(self.output / name, png_bytes(image), note=False)
 
     def _append_examples(self, lines: list[dict]) -> None:
         """Append kept-token map entries to examples.jsonl, each key once (a unit run again on resume)."""
@@ -406,7 +406,7 @@ class Campaign:
         for entry in files:
             if entry[0] == "png":
                 self._note([entry[1]])
-                atomic_write_bytes(self.output / entry[1], entry[2])
+                atomic_write_bytes(self.output / entry[1], entry[2], note=False)
             elif entry[0] == "examples":
                 self._append_examples(entry[1])
 
@@ -421,18 +421,6 @@ class Campaign:
 
     def _seed(self, *parts) -> int:
         return derived_seed(self.scenario.seed, *parts)
-
-
-
-
-# ---------------------------------------------------------------------------------------------- per-sample measures
-
-
-
-
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """(3, H, W) in [0, 1] -> an 8-bit PNG, written atomically."""
-    atomic_write_bytes(path, png_bytes(image))
 
 
 def _slug(value) -> str:

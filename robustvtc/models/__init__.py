@@ -1,9 +1,7 @@
 """Model loading: ``load_model("builtin")`` (or ``"builtin-deit"``), a local Hugging Face directory or a hub id.
 
-The adapter is chosen by the checkpoint's ``config.model_type``: llava -> :class:`LlavaAdapter`, llava_next ->
-:class:`LlavaNextAdapter`, qwen2_vl -> :class:`Qwen2VLAdapter`, qwen2_5_vl -> :class:`Qwen25VLAdapter`, qwen3_vl (and qwen3_vl_moe) ->
-:class:`Qwen3VLAdapter`, internvl -> :class:`InternVLAdapter`, llava_onevision -> :class:`LlavaOnevisionAdapter`, gemma3 ->
-:class:`Gemma3Adapter`.
+The adapter is chosen by the checkpoint's ``config.model_type`` (:data:`ADAPTERS`): llava, llava_next, qwen2_vl,
+qwen2_5_vl, qwen3_vl, qwen3_vl_moe, internvl, llava_onevision and gemma3, each with the adapter class of that name.
 """
 from __future__ import annotations
 
@@ -99,6 +97,6 @@ def list_models() -> list[str]:
     return sorted(BUILTIN_MODELS)
 
 
-__all__ = ["ADAPTERS", "Gemma3Adapter", "HFAdapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter",
-           "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "Qwen3VLMoeAdapter",
+__all__ = ["ADAPTERS", "Gemma3Adapter", "HFAdapter", "InternVLAdapter", "LlavaAdapter", "LlavaNextAdapter",
+           "LlavaOnevisionAdapter", "Qwen25VLAdapter", "Qwen2VLAdapter", "Qwen3VLAdapter", "Qwen3VLMoeAdapter",
            "list_models", "load_model"]

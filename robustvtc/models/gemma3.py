@@ -25,8 +25,8 @@ from ..errors import UserInputError
 from .base import VisualTokens
 from .hf import CLIP_MEAN, CLIP_STD, HFAdapter, chat_template_prompt
 
-GEMMA3_PROMPT = ("<start_of_turn>user\n\n\n<start_of_image><image_soft_token><end_of_image>\n\n{question}<end_of_turn>\n"
-                 "<start_of_turn>model\n")
+GEMMA3_PROMPT = ("<start_of_turn>user\n\n\n<start_of_image><image_soft_token><end_of_image>\n\n{question}"
+                 "<end_of_turn>\n<start_of_turn>model\n")
 
 
 class Gemma3Adapter(HFAdapter):
@@ -80,7 +80,7 @@ class Gemma3Adapter(HFAdapter):
         if validate:
             pixels = self.check_pixels(pixels)
         hidden = self.model.model.vision_tower(pixel_values=self.normalize(pixels)).last_hidden_state
-        b, n, d = hidden.shape
+        b, _, d = hidden.shape
         side = self._projector.patches_per_image
         grid = hidden.transpose(1, 2).reshape(b, d, side, side)
         features = self._projector.avg_pool(grid).flatten(2).transpose(1, 2)
