@@ -395,9 +395,10 @@ def importance(tokens: VisualTokens, score: str = "attention", layer: int | None
     return tokens.norms().float()
 
 
-def descending_rank(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of every entry in descending order along the last axis (0 = most important), no gradient."""
-    order = scores.detach().argsort(dim=-1, descending=True)
+def descending_rank(scores: torch.Tensor, stable: bool = False) -> torch.Tensor:
+    """Rank of every entry in descending order along the last axis (0 = most important), no gradient; ``stable``:
+    ties keep their index order."""
+    order = scores.detach().argsort(dim=-1, descending=True, stable=stable)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return rank

@@ -40,19 +40,11 @@ from robustvtc.errors import UserInputError
 from robustvtc.models.base import VisualTokens
 from robustvtc.target import Target
 
-from .base import ATTACKS, EncoderAttack, ThreatModel
+from .base import ATTACKS, EncoderAttack, ThreatModel, descending_rank
 
 REFERENCE_TOKENS = 576
 REFERENCE_K = (32, 192)  # Appendix B.4, "candidate budget range"
 SCORE_LAYERS = (-1, -3, -5)  # Appendix B.4, eq. 13
-
-
-def rank_ascending_from_one(scores: torch.Tensor) -> torch.Tensor:
-    """Descending rank, 1 = highest score, along the last axis (no gradient)."""
-    order = scores.detach().argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(1, order.shape[-1] + 1, device=order.device).expand_as(order))
-    return rank
 
 
 def standardize(u: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -65,7 +57,7 @@ def standardize(u: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def inverse_priority(clean_scores: torch.Tensor) -> torch.Tensor:
     """R(s^c)_i = (r^c_i - 1) / (N - 1): 0 for the clean top token, 1 for the last (eq. 4)."""
     n = clean_scores.shape[-1]
-    return (rank_ascending_from_one(clean_scores).float() - 1) / max(n - 1, 1)
+    return descending_rank(clean_scores, stable=True).float() / max(n - 1, 1)
 
 
 def selection_hijacking(adv_scores: torch.Tensor, clean_scores: torch.Tensor, eps_s: float = 1e-6) -> torch.Tensor:
@@ -100,7 +92,8 @@ def cira_objective(adv_scores: torch.Tensor, clean_scores: torch.Tensor, adv_fea
     gsh = selection_hijacking(adv_scores, clean_scores, eps_s)
     if lam == 0:
         return gsh
-    w = displacement_weights(rank_ascending_from_one(clean_scores), rank_ascending_from_one(adv_scores), k_min, k_max)
+    clean_rank, adv_rank = (descending_rank(s, stable=True) + 1 for s in (clean_scores, adv_scores))  # 1 = highest
+    w = displacement_weights(clean_rank, adv_rank, k_min, k_max)
     return gsh + lam * evidence_preservation(half_cosine_drift(adv_features, clean_features), w, eps_h)
 
 

@@ -56,24 +56,25 @@ class RankingInstability(DetectionDefense):
             return min(self.top, n)
         return target.budget if target.budget < n else max(1, n // 4)
 
+    def _scores(self, target: "Target", pixels: torch.Tensor, validate: bool = True):
+        """The input's CLS-attention importance (B, N) and each shifted copy's, aligned back to the input's grid."""
+        views, shifts = shifted_views(pixels, self.shift, self.views)
+        tokens = target.adapter.encode(torch.cat([pixels, views]), validate=validate)
+        scores = tokens.cls_attention().float()
+        b = pixels.shape[0]
+        return scores[:b], view_scores_aligned(scores[b:], tokens.grid, tuple(pixels.shape[-2:]), shifts)
+
     @torch.no_grad()
     def statistic(self, target: "Target", pixels: torch.Tensor) -> torch.Tensor:
         """(B,) 1 - mean top-k overlap between the input's CLS-attention importance and its shifted copies'."""
-        views, shifts = shifted_views(pixels, self.shift, self.views)
-        tokens = target.adapter.encode(torch.cat([pixels, views]))
-        scores = tokens.cls_attention().float()
-        b, k = pixels.shape[0], self._k(target)
-        aligned = view_scores_aligned(scores[b:], tokens.grid, tuple(pixels.shape[-2:]), shifts)
-        return 1 - torch.stack([topk_overlap(scores[:b], a, k) for a in aligned]).mean(dim=0)
+        scores, aligned = self._scores(target, pixels)
+        k = self._k(target)
+        return 1 - torch.stack([topk_overlap(scores, a, k) for a in aligned]).mean(dim=0)
 
     def surrogate(self, target: "Target", pixels: torch.Tensor) -> torch.Tensor:
         """(B,) differentiable stand-in for the statistic: 1 - the mean Pearson correlation between the input's
         importance and each shifted copy's (aligned); the top-k overlap itself has no gradient."""
-        views, shifts = shifted_views(pixels, self.shift, self.views)
-        tokens = target.adapter.encode(torch.cat([pixels, views]), validate=False)
-        scores = tokens.cls_attention().float()
-        b = pixels.shape[0]
-        aligned = view_scores_aligned(scores[b:], tokens.grid, tuple(pixels.shape[-2:]), shifts)
+        scores, aligned = self._scores(target, pixels, validate=False)
         centre = lambda x: x - x.mean(dim=-1, keepdim=True)  # noqa: E731
-        corr = [torch.nn.functional.cosine_similarity(centre(scores[:b]), centre(a), dim=-1) for a in aligned]
+        corr = [torch.nn.functional.cosine_similarity(centre(scores), centre(a), dim=-1) for a in aligned]
         return 1 - torch.stack(corr).mean(dim=0)

@@ -33,7 +33,6 @@ intervals and the paired fulltoken - cage gap (Newcombe) from :mod:`robustvtc.st
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -133,9 +132,9 @@ class ViTClassifier:
             raise UserInputError(f"{self.name}: {x.shape[1] - n} non-patch tokens; accepted: CLS only (ViT format)")
         state = _State(x)
         if method == "tome":
-            from .compression.tome import bipartite_soft_matching
+            from .compression.tome import bipartite_soft_matching, merge_schedule
 
-            schedule = tome_schedule(n, budget, self.num_layers)
+            schedule = merge_schedule(n, budget, self.num_layers)
             state.size = torch.ones(*x.shape[:2], 1, dtype=x.dtype, device=x.device)
             for layer, r in zip(self.layers, schedule):
                 attn, keys = self._attention(layer, state)
@@ -208,34 +207,6 @@ class ViTClassifier:
     def predict(self, pixels: torch.Tensor, method: str = "none", budget: int | None = None, **kwargs) -> torch.Tensor:
         """(B,) top-1 class indices."""
         return self.logits(pixels, method, budget, **kwargs).argmax(dim=-1)
-
-
-def _most_removable(tokens: int, layers: int) -> int:
-    """Patches ToMe can remove from ``tokens`` (+ CLS) in ``layers`` layers, halving the matchable ones each."""
-    t, removed = tokens + 1, 0
-    for _ in range(layers):
-        r = (t - 1) // 2
-        t, removed = t - r, removed + r
-    return removed
-
-
-def tome_schedule(num_tokens: int, budget: int, num_layers: int) -> list[int]:
-    """r per layer taking ``num_tokens`` patches to ``budget``: as even as possible (ToMe's constant r), each
-    layer taking more only where the later layers' 50 % caps could not finish the job."""
-    if num_tokens - budget > _most_removable(num_tokens, num_layers):
-        floor = num_tokens - _most_removable(num_tokens, num_layers)
-        raise UserInputError(f"tome cannot reach budget {budget} in {num_layers} layers; accepted: {floor}..{num_tokens}")
-    t, left, plan = num_tokens + 1, num_tokens - budget, []
-    for layer in range(num_layers):
-        later = num_layers - layer - 1
-        even = math.ceil(left / (later + 1))
-        r = even
-        while r < (t - 1) // 2 and left - r > _most_removable(t - 1 - r, later):
-            r += 1
-        r = min(r, (t - 1) // 2, left)
-        plan.append(r)
-        t, left = t - r, left - r
-    return plan
 
 
 # ---------------------------------------------------------------------------------------------- attack table

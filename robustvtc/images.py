@@ -130,7 +130,7 @@ def to_pixels(image: Any, size: int | tuple[int, int], resize: bool = False) -> 
     """
     h, w = (size, size) if isinstance(size, int) else size
     if isinstance(image, (str, Path)):
-        image = open_image(image)
+        image = np.asarray(open_image(image))  # already an RGB copy
     if type(image).__module__.startswith("PIL."):
         if 0 in image.size:
             raise UserInputError(f"image is empty ({image.size[0]}x{image.size[1]} pixels); accepted: {ACCEPTED}")

@@ -62,7 +62,7 @@ class Registry(Generic[T]):
 
     # ------------------------------------------------------------------ plug-ins
     def _plugins(self) -> dict[str, object]:
-        """Entry points of ``group`` not shadowed by a built-in name (read once; :meth:`refresh` re-reads)."""
+        """Entry points of ``group`` not shadowed by a built-in name (read once per process)."""
         if self._entry_points is None:
             self._entry_points = {}
             if self.group:
@@ -75,10 +75,6 @@ class Registry(Generic[T]):
                     else:
                         self._entry_points.setdefault(ep.name, ep)
         return self._entry_points
-
-    def refresh(self) -> None:
-        """Re-read the installed entry points (after installing a plug-in in a running process)."""
-        self._entry_points = None
 
     def _load_entry_point(self, name: str) -> T:
         ep = self._plugins()[name]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from robustvtc.target import Target
 from test_real_adapters import QUESTIONS, TINY_KWARGS, adapters, pixels_for, saved  # noqa: F401  (fixtures)

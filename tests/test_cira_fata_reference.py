@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from robustvtc.attacks import CIRA, FATA, get_attack
-from robustvtc.attacks.cira import cira_objective, displacement_weights, rank_ascending_from_one
+from robustvtc.attacks.base import descending_rank
+from robustvtc.attacks.cira import cira_objective, displacement_weights
 from robustvtc.attacks.fata import fata_loss, target_set
 from robustvtc.data.synthetic import to_pixels
 from robustvtc.target import Target
@@ -78,7 +79,7 @@ def test_cira_hand_example():
     # 4 tokens; clean priority order 0 > 1 > 2 > 3, adversarial order reversed: 3 > 2 > 1 > 0
     s_c = torch.tensor([[4.0, 3.0, 2.0, 1.0]], dtype=torch.float64)
     s_a = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
-    assert rank_ascending_from_one(s_c).tolist() == [[1, 2, 3, 4]]
+    assert (descending_rank(s_c, stable=True) + 1).tolist() == [[1, 2, 3, 4]]
     # r_c = (1,2,3,4), r_a = (4,3,2,1); K in {1,2}: token 0 hidden at K=1,2 (1<=K<4); token 1 at K=2 (2<=K<3)
     assert displacement_weights(torch.tensor([1, 2, 3, 4]), torch.tensor([4, 3, 2, 1]), 1, 2).tolist() == [1.0, 0.5,
                                                                                                            0.0, 0.0]

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustvtc.classifier import ViTClassifier, attack_table, paired_gaps, tome_schedule
+from robustvtc.classifier import ViTClassifier, attack_table, paired_gaps
+from robustvtc.compression.tome import merge_schedule
 from robustvtc.errors import UserInputError
 
 DEIT = Path(__file__).resolve().parents[2] / "shared/models/deit-tiny-patch16-224"
@@ -40,9 +41,9 @@ def test_full_tokens_are_the_checkpoints_own_forward(clf, pixels):
 def test_reductions_keep_their_budget(clf, pixels):
     assert ViTClassifier.keep_counts(16, 3, 196) == [85, 37, 16]
     for k in (8, 16, 64):
-        assert 196 - sum(tome_schedule(196, k, 12)) == k
+        assert 196 - sum(merge_schedule(196, k, 12)) == k
     with pytest.raises(UserInputError, match="tome cannot reach budget 0"):
-        tome_schedule(196, 0, 12)
+        merge_schedule(196, 0, 12)
     state = {}
     reduce = ViTClassifier._reduce
 

@@ -678,7 +678,6 @@ def _image_inputs():
 def test_grey_palette_and_alpha_images_become_rgb_in_the_api_and_from_files(index, tiny_adapter, tmp_path):
     import numpy as np
     import torch
-    from PIL import Image
 
     from robustvtc.images import open_image, to_pixels
 

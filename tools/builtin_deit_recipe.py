@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from robustvtc.data import synthetic as S
-from robustvtc.models.builtin import CLIP_MEAN, PROMPT_TEMPLATE, build_tokenizer  # noqa: F401  (CLIP_MEAN: docs)
+from robustvtc.models.builtin import PROMPT_TEMPLATE, build_tokenizer
 from robustvtc.models.llava import LlavaAdapter
 
 from .builtin_recipe import TrainConfig, _train_llava, quick_accuracy

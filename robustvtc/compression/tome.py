@@ -28,19 +28,31 @@ from .base import EncoderCompressor, KeepPlan
 from .registry import COMPRESSORS
 
 
+def _most_removable(tokens: int, layers: int) -> int:
+    """Patches ToMe can remove from ``tokens`` (+ CLS) in ``layers`` layers, halving the matchable ones each."""
+    t, removed = tokens + 1, 0
+    for _ in range(layers):
+        r = (t - 1) // 2
+        t, removed = t - r, removed + r
+    return removed
+
+
 def merge_schedule(num_tokens: int, budget: int, num_layers: int) -> list[int]:
-    """Tokens removed per layer (r_l) so that ``num_tokens`` patches (+ protected CLS) end at ``budget``."""
+    """Tokens removed per layer (r_l) so that ``num_tokens`` patches (+ protected CLS) end at ``budget``: as even
+    as possible (ToMe's constant r), a layer taking more only where the later layers' 50 % caps could not finish."""
+    if num_tokens - budget > _most_removable(num_tokens, num_layers):
+        raise UserInputError(f"tome cannot reach budget {budget} in {num_layers} encoder layers (at most half the "
+                             f"tokens merge per layer); accepted: "
+                             f"{num_tokens - _most_removable(num_tokens, num_layers)}..{num_tokens}")
     t, left, plan = num_tokens + 1, num_tokens - budget, []
     for layer in range(num_layers):
-        r = min((t - 1) // 2, math.ceil(left / (num_layers - layer)))
+        later = num_layers - layer - 1
+        r = math.ceil(left / (later + 1))
+        while r < (t - 1) // 2 and left - r > _most_removable(t - 1 - r, later):
+            r += 1
+        r = min(r, (t - 1) // 2, left)
         plan.append(r)
         t, left = t - r, left - r
-    if left:
-        floor = num_tokens + 1
-        for _ in range(num_layers):
-            floor -= (floor - 1) // 2
-        raise UserInputError(f"tome cannot reach budget {budget} in {num_layers} encoder layers (at most half the "
-                             f"tokens merge per layer); accepted: {floor - 1}..{num_tokens}")
     return plan
 
 

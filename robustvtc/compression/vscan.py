@@ -147,7 +147,7 @@ class VScan(PreLLMCompressor):
     def plan(self, tokens: VisualTokens, budget: int, projected: torch.Tensor | None = None) -> KeepPlan:
         if projected is None:
             raise ValueError("vscan merges projected features; call compress() or pass projected")
-        B, N = tokens.batch_size, tokens.num_tokens
+        N = tokens.num_tokens
         index, gain = self.select(tokens, budget)
         plan = KeepPlan.from_indices(index, N, space="projected")
         if index.shape[1] < N:

@@ -26,7 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..scoring import normalize_answer
+from ..scoring import exact_match, vqa_accuracy as soft_accuracy
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
@@ -35,16 +35,12 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """The official VQA accuracy: mean over leave-one-out annotator subsets of min(1, matches / 3)."""
-    pred = normalize_answer(prediction)
-    refs = [normalize_answer(a) for a in answers]
-    if len(refs) == 1:
-        return float(pred == refs[0])
-    accs = []
-    for i in range(len(refs)):
-        others = refs[:i] + refs[i + 1:]
-        accs.append(min(1.0, sum(a == pred for a in others) / 3.0))
-    return sum(accs) / len(accs)
+    """The official VQA accuracy: :func:`robustvtc.scoring.vqa_accuracy`, min(1, matches / 3), averaged over the
+    leave-one-out annotator subsets; exact match for a single reference."""
+    answers = list(answers)
+    if len(answers) == 1:
+        return exact_match(prediction, answers)
+    return sum(soft_accuracy(prediction, answers[:i] + answers[i + 1:]) for i in range(len(answers))) / len(answers)
 
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")

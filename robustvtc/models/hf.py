@@ -444,8 +444,9 @@ class HFAdapter:
         rows = self._visual_rows(visual_embeds)
         kv = DynamicCache()
         hidden, _, record = self._run(rows, questions, in_llm=in_llm, cache=kv)
-        prompt_mask = self._assemble(rows, questions, None)[1]
         stages = [[first, m, p] for first, m, p in record["stages"]]
+        # stage 0 (layer 0, never pruned) has the uncached layout; each new token is text, one position further
+        last_prompt_position = stages[0][2][..., -1:]
         policy = in_llm.position_policy if in_llm is not None else "original"
         generated: list[list[int]] = [[] for _ in questions]
         done = [False] * len(questions)
@@ -462,11 +463,11 @@ class HFAdapter:
             if all(done) or step == max_new_tokens - 1:
                 break
             # the new token's position in the uncached layout, then per stage as the uncached path renumbers it
-            ones = prompt_mask.new_ones(prompt_mask.shape[0], step + 1)
-            original = self._positions(torch.cat([prompt_mask, ones], 1), rows, questions)[..., -1:]
+            original = last_prompt_position + step + 1
+            one = stages[0][1].new_ones(len(questions), 1)
             h = embed(nxt.unsqueeze(1))
             for s, stage in enumerate(stages):
-                mask_s = torch.cat([stage[1], ones[:, :1]], 1)
+                mask_s = torch.cat([stage[1], one], 1)
                 pos_s = torch.cat([stage[2], original], -1)
                 if s > 0 and policy == "contiguous":
                     pos_s = self._renumber(mask_s, pos_s)

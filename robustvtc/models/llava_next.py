@@ -83,15 +83,18 @@ class LlavaNextAdapter(LlavaAdapter):
         return torch.cat([base.unsqueeze(1), tiles], dim=1).flatten(0, 1)
 
     def encode(self, pixels: torch.Tensor, signal_layers: Sequence[int] = (), validate: bool = True) -> VisualTokens:
-        """All crops through the vision tower; tokens in LLM order, signals per crop."""
+        """All crops through the vision tower; tokens in LLM order, CLS (None for a tower without) and signals
+        per crop."""
         if validate:
             pixels = self.check_pixels(pixels)
         b = pixels.shape[0]
         hidden, captured = self._encode_crops(self.normalize(self.crops(pixels)), signal_layers)
+        cls, _, patches = self.reader.split(hidden)
         order = self.crop_order.to(hidden.device)
-        features = hidden[:, 1:].reshape(b, self.num_visual_tokens, -1)[:, order]
-        return VisualTokens(features, hidden[:, 0].reshape(b, self.num_crops, -1), self.grid, self.feature_layer,
-                            captured, self.num_vision_layers, self.num_crops, order)
+        features = patches.reshape(b, self.num_visual_tokens, -1)[:, order]
+        cls = None if cls is None else cls.reshape(b, self.num_crops, -1)
+        return VisualTokens(features, cls, self.grid, self.feature_layer, captured, self.num_vision_layers,
+                            self.num_crops, order)
 
     # ------------------------------------------------------------------ compression and layout
     @property

@@ -12,12 +12,8 @@ layout can follow -- pinpoints past that are refused, and the default is the lar
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
-import torch
 
 from ..errors import UserInputError
-from .base import VisualTokens
 from .llava_next import LlavaNextAdapter
 
 ONEVISION_PROMPT = "<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -60,15 +56,3 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                                  "interpolating the token grid; accepted: pinpoints of at most "
                                  f"{self.max_crops} tiles (x 1.21)")
         super()._set_geometry(size)
-
-    def encode(self, pixels: torch.Tensor, signal_layers: Sequence[int] = (), validate: bool = True) -> VisualTokens:
-        if validate:
-            pixels = self.check_pixels(pixels)
-        b = pixels.shape[0]
-        hidden, captured = self._encode_crops(self.normalize(self.crops(pixels)), signal_layers)
-        cls, _, patches = self.reader.split(hidden)
-        order = self.crop_order.to(hidden.device)
-        features = patches.reshape(b, self.num_visual_tokens, -1)[:, order]
-        cls = None if cls is None else cls.reshape(b, self.num_crops, -1)
-        return VisualTokens(features, cls, self.grid, self.feature_layer, captured, self.num_vision_layers,
-                            self.num_crops, order)
