@@ -171,11 +171,16 @@ def _conclude(gate, unreliable: list[str], on_inconclusive: str) -> None:
         sys.exit(EXIT_GATE)
 
 
-def _summary(df, manifest: dict | None, out, gate, unreliable: list[str]) -> dict:
-    """The machine-readable summary of a campaign: records, verdict, gate."""
+def _verdict(df, manifest: dict | None) -> dict:
+    """:func:`~robustvtc.campaign.metrics.verdict` of the records, with the roles of their attacks."""
     from .campaign import metrics
 
-    verdict = metrics.verdict(df, metrics.attack_roles(list(df["attack"].unique()), manifest))
+    return metrics.verdict(df, metrics.attack_roles(list(df["attack"].unique()), manifest))
+
+
+def _summary(df, manifest: dict | None, out, gate, unreliable: list[str], verdict: dict | None = None) -> dict:
+    """The machine-readable summary of a campaign: records, verdict (``verdict``: when already computed), gate."""
+    verdict = verdict if verdict is not None else _verdict(df, manifest)
     return {"folder": str(out), "records": len(df), "samples": int(df["sample"].nunique()),
             "status": (manifest or {}).get("status"),
             "verdict": {"sentence": verdict["sentence"], "level": verdict["level"], "cells": verdict["cells"],
@@ -287,7 +292,10 @@ def run(scenario, model, samples, seed, device, dtype, batch_size, eot_samples, 
 
 
 def _encoder_outcome(df, manifest, out, as_json: bool, quiet: bool, tables: dict | None = None) -> None:
-    """An encoder-only campaign's summary: its screening table and sentence (JSON on stdout with ``as_json``)."""
+    """An encoder-only campaign's summary: its screening table and sentence (JSON on stdout with ``as_json``;
+    else printed, unless ``quiet`` or views were printed)."""
+    if not as_json and (quiet or tables is not None):
+        return
     from .campaign import encoder_report, metrics
 
     table = encoder_report.screening(df, metrics.attack_roles(list(df["attack"].unique()), manifest))
@@ -299,9 +307,9 @@ def _encoder_outcome(df, manifest, out, as_json: bool, quiet: bool, tables: dict
         if tables is not None:
             data["views"] = {name: json.loads(t.reset_index().to_json(orient="records")) for name, t in tables.items()}
         _emit_json(data)
-    elif not quiet and tables is None:
+    else:
         click.echo("Kept-token distortion (encoder screening); wins = share of images beating the baseline")
-        click.echo(encoder_report.view(df, manifest).to_string(na_rep="–"))
+        click.echo(encoder_report.view(df, manifest, table).to_string(na_rep="–"))
         click.echo("\n" + sentence)
 
 
@@ -311,9 +319,7 @@ def _print_summary(df, manifest) -> None:
     click.echo("Accuracy (%) without defense; columns compressor@budget")
     click.echo(views.attacks(df, manifest).to_string(na_rep="–"))
     if (df["attack"] != "clean").any():
-        from .campaign import metrics
-
-        click.echo("\n" + metrics.verdict(df, metrics.attack_roles(list(df["attack"].unique()), manifest))["sentence"])
+        click.echo("\n" + _verdict(df, manifest)["sentence"])
 
 
 @main.command()
@@ -407,7 +413,7 @@ def report_cmd(results, out, view_names, bootstrap, seed, fail_under, confidence
 
     if is_encoder_campaign(df, manifest):
         return _encoder_report(results, out, df, manifest, view_names, fail_under, as_json)
-    paths = {}
+    paths, verdict = {}, None
     if view_names:
         tables = {name: views.VIEWS[name](df, manifest) for name in view_names}
         if not as_json:
@@ -416,14 +422,15 @@ def report_cmd(results, out, view_names, bootstrap, seed, fail_under, confidence
     else:
         from .campaign.report import write_report
 
-        paths = write_report(results, out, n_boot=bootstrap, seed=seed)
+        verdict = _verdict(df, manifest)  # once: for the report and the JSON summary
+        paths = write_report(results, out, n_boot=bootstrap, seed=seed, df=df, manifest=manifest, verdict=verdict)
         LOG.info(f"{paths['html']}\n{paths['markdown']}")
     gate = _robustness_gate(df, fail_under, confidence)
     if fail_on_unreliable is None:
         fail_on_unreliable = bool(((manifest or {}).get("scenario") or {}).get("fail_on_unreliable"))
     unreliable = _unreliable(df, fail_on_unreliable)
     if as_json:
-        data = _summary(df, manifest, results, gate, unreliable)
+        data = _summary(df, manifest, results, gate, unreliable, verdict)
         data["report"] = {k: str(v) for k, v in paths.items()}
         if view_names:
             data["views"] = {name: json.loads(table.reset_index().to_json(orient="records"))
@@ -450,7 +457,7 @@ def _encoder_report(results, out, df, manifest, view_names, fail_under, as_json)
     if not view_names:
         from .campaign.report import write_report
 
-        paths = write_report(results, out)
+        paths = write_report(results, out, df=df, manifest=manifest)
         LOG.info(f"{paths['html']}\n{paths['markdown']}")
     _encoder_outcome(df, manifest, results, as_json, quiet=True, tables=tables if view_names else None)
 

@@ -124,13 +124,16 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 def _level(value: str) -> float:
     import argparse
 
+    from .stats import check_level
+
     try:
-        level = float(value)
+        level: Any = float(value)
     except ValueError:
-        level = 0.0
-    if not 0.5 <= level < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a confidence level in [0.5, 1), e.g. 0.95")
-    return level
+        level = value  # check_level refuses it, naming what is accepted
+    try:
+        return check_level(level)
+    except UserInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(value: str) -> int:
@@ -571,18 +574,16 @@ def _evaluate(target: DeploymentTarget, attacks: Sequence[str], eps: str | float
     """Run the campaign of one check (only its units not yet computed this session)."""
     import yaml
 
-    from .attacks import ATTACKS
+    from .attacks import attack_class
     from .attacks.base import parse_eps
+    from .campaign.formatting import format_eps
     from .campaign.metrics import frame
-    from .campaign.report import format_eps
 
     _deployment(target)
     entries = [_attack_entry(a) for a in attacks]
     attacks = [label for label, _ in entries]
     for _, entry in entries:
-        name = entry["name"]
-        if name not in ATTACKS and not str(name).startswith("torchattacks."):
-            raise UserInputError(f"unknown attack {name!r}; accepted: {', '.join(ATTACKS.names())}")
+        attack_class(entry["name"])  # UserInputError naming the accepted attacks
     radius = parse_eps(eps)
     if not 0 < radius <= 1:
         raise UserInputError(f"eps {eps!r} out of range; accepted: 0 < eps <= 1 (L-inf radius in [0, 1] pixel "

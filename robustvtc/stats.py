@@ -20,11 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
-from scipy import stats as _scipy
-
+# numpy and scipy are imported where used: the pytest plugin calls check_level at every pytest start
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
-OUTCOMES = (PASS, FAIL, INCONCLUSIVE)
 DEFAULT_LEVEL = 0.95
 CORRECTION = "Bonferroni"
 MAX_SAMPLES = 1_000_000  # beyond this, "no realistic sample size decides it"
@@ -41,6 +38,8 @@ def check_level(level: float) -> float:
 # ---------------------------------------------------------------------------------------------- intervals
 def clopper_pearson(k: int, n: int, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
     """Exact two-sided interval of a binomial proportion k / n."""
+    from scipy import stats as _scipy
+
     if n <= 0:
         return float("nan"), float("nan")
     alpha = 1 - level
@@ -49,11 +48,15 @@ def clopper_pearson(k: int, n: int, level: float = DEFAULT_LEVEL) -> tuple[float
     return low, high
 
 
-def wilson(k: float, n: float, level: float = DEFAULT_LEVEL) -> tuple[float, float]:
-    """Wilson score interval of k / n (the building block of Newcombe's difference intervals)."""
+def wilson(k: float, n: float, level: float = DEFAULT_LEVEL, *, z: float | None = None) -> tuple[float, float]:
+    """Wilson score interval of k / n (the building block of Newcombe's difference intervals); ``z``: the
+    normal quantile to use instead of the two-sided one of ``level``."""
     if n <= 0:
         return float("nan"), float("nan")
-    z = float(_scipy.norm.ppf(1 - (1 - level) / 2))
+    if z is None:
+        from scipy import stats as _scipy
+
+        z = float(_scipy.norm.ppf(1 - (1 - level) / 2))
     p = k / n
     centre = p + z * z / (2 * n)
     spread = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0))
@@ -71,6 +74,8 @@ class PairedCounts:
 
     @classmethod
     def of(cls, x: Sequence[float], y: Sequence[float]) -> "PairedCounts":
+        import numpy as np
+
         x, y = np.asarray(x, dtype=float) > 0.5, np.asarray(y, dtype=float) > 0.5
         return cls(int((x & y).sum()), int((x & ~y).sum()), int((~x & y).sum()), int((~x & ~y).sum()))
 
@@ -125,6 +130,8 @@ def mcnemar_exact(counts: PairedCounts) -> float:
     discordant = counts.first + counts.second
     if discordant == 0:
         return 1.0
+    from scipy import stats as _scipy
+
     return float(_scipy.binomtest(counts.first, discordant, 0.5).pvalue)
 
 
@@ -189,6 +196,8 @@ def smallest_detectable_gap(n: int, discordant_share: float, level: float = DEFA
     ``discordant_share`` of pairs disagree (the McNemar normal approximation: z * sqrt(share / n))."""
     if n <= 0:
         return float("nan")
+    from scipy import stats as _scipy
+
     z = float(_scipy.norm.ppf(1 - (1 - level) / 2))
     share = max(discordant_share, 1 / n)
     return z * math.sqrt(share / n)
@@ -196,6 +205,9 @@ def smallest_detectable_gap(n: int, discordant_share: float, level: float = DEFA
 
 def mean_ci(values: Sequence[float], level: float = DEFAULT_LEVEL) -> tuple[float, float]:
     """Student-t interval of the mean of continuous per-sample values (NaN dropped; one value: a point)."""
+    import numpy as np
+    from scipy import stats as _scipy
+
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
     if len(x) == 0:

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from robustvtc.campaign import metrics as M
+from robustvtc.campaign.gates import comparison_gate
 
 EPS = 8 / 255
 N = 40
@@ -98,9 +99,9 @@ def test_bootstrap_is_seeded_and_handles_edges():
 def test_compare_and_clean_table(df):
     worse = df.copy()
     worse.loc[(worse["attack"] == "cage") & (worse["compressor"] == "visionzip"), "correct"] = 0.0
-    table = M.compare(df, worse)
-    assert cell(table, attack="cage", compressor="visionzip")["change"] == pytest.approx(-0.25)
-    assert cell(table, attack="fulltoken", compressor="none")["change"] == 0
+    table = comparison_gate(df, worse, 0).cells  # what `robustvtc compare` shows: change = -drop
+    assert -cell(table, attack="cage", compressor="visionzip")["drop"] == pytest.approx(-0.25)
+    assert -cell(table, attack="fulltoken", compressor="none")["drop"] == 0
     clean = M.clean_accuracy(df)
     assert list(clean["accuracy"]) == [1.0, 1.0]
 

@@ -555,11 +555,11 @@ def test_run_writes_its_report_while_it_holds_the_folder_lock(tiny_model_dir, tm
 
     real, seen = R._write_report, []
 
-    def spy(results, out, n_boot, seed):
+    def spy(results, out, n_boot, seed, **given):
         seen.append(lock_holder(results))
         with pytest.raises(UserInputError, match="is being written by"):
             FolderLock(results).acquire()  # a second writer, now
-        return real(results, out, 10, seed)
+        return real(results, out, 10, seed, **given)
     monkeypatch.setattr(R, "_write_report", spy)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["run", str(_scenario(tmp_path, tiny_model_dir, samples=1)), "-o", str(out), "-q"])

@@ -38,12 +38,13 @@ def _attacked(df: pd.DataFrame) -> pd.DataFrame:
     return df[(df["defense"] == NONE) & ~df["adaptive"].astype(bool) & (df["attack"] != "clean")]
 
 
-def screening(df: pd.DataFrame, roles: Mapping[str, str], level: float = stats.DEFAULT_LEVEL) -> pd.DataFrame:
+def screening(df: pd.DataFrame, roles: Mapping[str, str], level: float = stats.DEFAULT_LEVEL,
+              compared: str | None = None) -> pd.DataFrame:
     """One row per ε x compressor x budget x attack: the kept-token distortion (mean, t interval), the kept-set
     overlap, Spearman rank correlation and full-token distortion (each with its t interval), and for every attack
-    that is not a baseline its paired wins over the strongest baseline (share, Clopper--Pearson, ties, sign-test
-    p-value). Works on any records carrying ``kept_disruption`` (full campaigns: ``full_token_disruption`` is
-    NaN)."""
+    that is not a baseline (with ``compared``: every attack of that role) its paired wins over the strongest
+    baseline (share, Clopper--Pearson, ties, sign-test p-value). Works on any records carrying ``kept_disruption``
+    (full campaigns: ``full_token_disruption`` is NaN)."""
     plain = _attacked(df).dropna(subset=["kept_disruption"])
     if "full_token_disruption" not in plain:
         plain = plain.assign(full_token_disruption=np.nan)
@@ -63,7 +64,8 @@ def screening(df: pd.DataFrame, roles: Mapping[str, str], level: float = stats.D
                 row[f"{'ci' if name == 'mean' else name}_low"], row[f"{'ci' if name == 'mean' else name}_high"] = lo, hi
             row.update(versus=None, wins=float("nan"), wins_low=float("nan"), wins_high=float("nan"),
                        ties=float("nan"), p_value=float("nan"))
-            if versus is not None and attack != versus and roles.get(attack) != metrics.BASELINE:
+            role = roles.get(attack)
+            if versus is not None and attack != versus and (role == compared if compared else role != metrics.BASELINE):
                 base = g[g["attack"] == versus][["sample", "kept_disruption"]]
                 pair = a[["sample", "kept_disruption"]].merge(base, on="sample", suffixes=("", "_base"))
                 won = int((pair["kept_disruption"] > pair["kept_disruption_base"]).sum())
@@ -123,11 +125,13 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def view(df: pd.DataFrame, manifest: Mapping | None = None) -> pd.DataFrame:
+def view(df: pd.DataFrame, manifest: Mapping | None = None, table: pd.DataFrame | None = None) -> pd.DataFrame:
     """``robustvtc report DIR --view encoder``: the kept-token distortion per ε x compressor@budget x attack with
-    its t interval, the overlap, rank correlation, full-token distortion and the paired wins over the baseline."""
-    roles = metrics.attack_roles(list(df["attack"].unique()), manifest)
-    shown = display(screening(df, roles))
+    its t interval, the overlap, rank correlation, full-token distortion and the paired wins over the baseline
+    (``table``: the :func:`screening` of ``df`` when already computed)."""
+    if table is None:
+        table = screening(df, metrics.attack_roles(list(df["attack"].unique()), manifest))
+    shown = display(table)
     return shown.set_index(["ε", "cell", "attack"]) if not shown.empty else shown
 
 

@@ -14,9 +14,7 @@ import pandas as pd
 
 from .. import stats
 from .formatting import format_eps
-from .metrics import CELL
-
-WORST_CASE_CELL = ["eps", "compressor", "budget", "defense"]
+from .metrics import CELL, WORST_CASE_CELL, worst_per_sample
 
 
 @dataclass
@@ -52,7 +50,7 @@ def robustness_gate(df: pd.DataFrame, min_accuracy: float, level: float = stats.
     attacked = df[df["attack"] != "clean"]
     source = attacked if not attacked.empty else df
     what = "worst-case robust accuracy" if not attacked.empty else "clean accuracy"
-    per_sample = source.groupby([*WORST_CASE_CELL, "sample"], sort=True)["correct"].min().reset_index()
+    per_sample = worst_per_sample(source)
     rows = [{**dict(zip(WORST_CASE_CELL, key)), "n": len(g), "correct": int(g["correct"].sum())}
             for key, g in per_sample.groupby(WORST_CASE_CELL, sort=True)]
     cells = pd.DataFrame(rows)
@@ -89,9 +87,10 @@ def comparison_gate(a: pd.DataFrame, b: pd.DataFrame, max_drop: float,
     below ``a``. Samples with the same id in both are paired (Newcombe's paired interval); a cell whose
     samples differ is compared as two independent samples."""
     rows = []
+    b_cells = b.groupby(CELL, sort=True)
     for key, ga in a.groupby(CELL, sort=True):
         try:
-            gb = b.groupby(CELL, sort=True).get_group(key)
+            gb = b_cells.get_group(key)
         except KeyError:
             continue
         sa, sb = ga.groupby("sample")["correct"].min(), gb.groupby("sample")["correct"].min()

@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..stats import wilson
 from .formatting import Block, Section, format_eps, paragraph, percent, table_block
 
 CLEAN, NONE = "clean", "none"
@@ -68,14 +69,6 @@ def _significant_rise(k_low: float, n_low: int, k_high: float, n_high: int, t: T
     return rise > t.tolerance and se > 0 and rise / se > t.z
 
 
-def wilson_lower(k: float, n: int, z: float) -> float:
-    """Lower Wilson score bound of a binomial proportion k/n."""
-    p = k / n
-    centre = p + z * z / (2 * n)
-    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - spread) / (1 + z * z / n)
-
-
 # ---------------------------------------------------------------------------------------------- the checks
 def _prepare(records: pd.DataFrame) -> pd.DataFrame:
     df = records.copy()
@@ -110,7 +103,7 @@ def _largeformat_eps(scope: dict, g: pd.DataFrame, t: Thresholds) -> CheckResult
     top = large[large["eps"] == large["eps"].max()]
     k, n = top["correct"].sum(), len(top)
     figures = {"eps": top["eps"].iloc[0], "accuracy": k / n, "samples": n, "limit": t.near_zero}
-    status = "violated" if k / n > t.near_zero and wilson_lower(k, n, t.z) > t.near_zero else "pass"
+    status = "violated" if k / n > t.near_zero and wilson(k, n, z=t.z)[0] > t.near_zero else "pass"
     return CheckResult("large_eps", scope, status, figures)
 
 

@@ -35,6 +35,7 @@ import pandas as pd
 
 from .. import stats
 from ..errors import UserInputError
+from ..registry import is_import_path
 
 CELL = ["attack", "eps", "compressor", "budget", "defense", "adaptive"]
 N_BOOT = 1000
@@ -126,10 +127,8 @@ def benchmark_score(g: pd.DataFrame) -> float:
     return _mean(g["score"]) if "score" in g else float("nan")
 
 
-def summary(df: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0,
-            level: float = stats.DEFAULT_LEVEL) -> pd.DataFrame:
-    """One row per cell with every per-cell metric and the robust accuracy's Clopper--Pearson interval
-    (``n_boot`` and ``seed`` are kept for callers; accuracies need no resampling)."""
+def summary(df: pd.DataFrame, level: float = stats.DEFAULT_LEVEL) -> pd.DataFrame:
+    """One row per cell with every per-cell metric and the robust accuracy's Clopper--Pearson interval."""
     rows = []
     for key, g in df.groupby(CELL, sort=True):
         lo, hi = accuracy_ci(g["correct"], level)
@@ -153,8 +152,7 @@ def summary(df: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0,
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def clean_accuracy(df: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0,
-                   level: float = stats.DEFAULT_LEVEL) -> pd.DataFrame:
+def clean_accuracy(df: pd.DataFrame, level: float = stats.DEFAULT_LEVEL) -> pd.DataFrame:
     """Accuracy on the clean images per compressor x budget x defense, with its Clopper--Pearson interval."""
     clean = df[df["attack"] == "clean"]
     rows = []
@@ -166,19 +164,25 @@ def clean_accuracy(df: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0,
                                        "score"])
 
 
-def worst_case(df: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0,
-               level: float = stats.DEFAULT_LEVEL) -> pd.DataFrame:
+WORST_CASE_CELL = ["eps", "compressor", "budget", "defense"]
+
+
+def worst_per_sample(df: pd.DataFrame) -> pd.DataFrame:
+    """Per ε x compressor x budget x defense and sample: ``correct`` under every record there (its minimum), the
+    worst case :func:`worst_case` and :func:`~robustvtc.campaign.gates.robustness_gate` count."""
+    return df.groupby([*WORST_CASE_CELL, "sample"], sort=True)["correct"].min().reset_index()
+
+
+def worst_case(df: pd.DataFrame, level: float = stats.DEFAULT_LEVEL) -> pd.DataFrame:
     """Per-sample worst case over every attack at each ε: robust accuracy against the whole attack suite."""
     attacked = df[df["attack"] != "clean"]
-    cols = ["eps", "compressor", "budget", "defense", "attacks", "n", "robust_accuracy", "ci_low", "ci_high"]
+    cols = [*WORST_CASE_CELL, "attacks", "n", "robust_accuracy", "ci_low", "ci_high"]
     if attacked.empty:
         return pd.DataFrame(columns=cols)
-    per_sample = attacked.groupby(["eps", "compressor", "budget", "defense", "sample"], sort=True)
-    worst = per_sample["correct"].min().rename("correct").reset_index()
-    names = attacked.groupby(["eps", "compressor", "budget", "defense"])["attack"].agg(
-        lambda a: ", ".join(sorted(set(a))))
+    worst = worst_per_sample(attacked)
+    names = attacked.groupby(WORST_CASE_CELL)["attack"].agg(lambda a: ", ".join(sorted(set(a))))
     rows = []
-    for key, g in worst.groupby(["eps", "compressor", "budget", "defense"], sort=True):
+    for key, g in worst.groupby(WORST_CASE_CELL, sort=True):
         lo, hi = accuracy_ci(g["correct"], level)
         rows.append({**dict(zip(cols[:4], key)), "attacks": names[key], "n": len(g),
                      "robust_accuracy": g["correct"].mean(), "ci_low": lo, "ci_high": hi})
@@ -192,7 +196,7 @@ def _paired(df: pd.DataFrame, baseline: str, aligned: str, keys: list[str], valu
 
 
 def overestimation_gap(df: pd.DataFrame, baseline: str = "fulltoken", aligned: str = "cage",
-                       n_boot: int = N_BOOT, seed: int = 0, level: float = stats.DEFAULT_LEVEL) -> pd.DataFrame:
+                       level: float = stats.DEFAULT_LEVEL) -> pd.DataFrame:
     """Robust accuracy under ``baseline`` minus under ``aligned``, paired over samples, per compressor x budget:
     Newcombe's paired interval at ``level`` and the exact McNemar p-value (uncorrected; see :func:`verdict`)."""
     keys = ["eps", "compressor", "budget", "defense", "adaptive"]
@@ -233,18 +237,13 @@ def attack_roles(labels: Sequence[str], manifest: Mapping | None = None) -> dict
         if label in recorded:
             roles[label] = recorded[label]  # read without importing the attacks (torch)
             continue
-        from ..attacks import ATTACKS
+        from ..attacks import attack_class
 
         name = names.get(label, label)
-        if name.startswith("torchattacks."):
-            from ..attacks import attack_class
-
-            try:
-                roles[label] = attack_class(name).role
-            except UserInputError:
-                roles[label] = "other"
-            continue
-        roles[label] = getattr(ATTACKS.get(name), "role", "other") if name in ATTACKS.names() else "other"
+        try:  # a registered name or torchattacks.<Class>; a module:Class named by the folder is not imported
+            roles[label] = "other" if is_import_path(name) else attack_class(name).role
+        except UserInputError:
+            roles[label] = "other"
     return roles
 
 
@@ -340,32 +339,18 @@ def verdict(df: pd.DataFrame, roles: Mapping[str, str], level: float = stats.DEF
     return out
 
 
+KEPT_DISTORTION_COLUMNS = ["eps", "compressor", "budget", "attack", "role", "n", "mean", "ci_low", "ci_high",
+                           "versus", "wins", "wins_low", "wins_high"]
+
+
 def kept_distortion(df: pd.DataFrame, roles: Mapping[str, str], level: float = stats.DEFAULT_LEVEL) -> pd.DataFrame:
     """Kept-token distortion (``kept_disruption``, what CAGE maximises) per ε x compressor x budget x attack,
     no defense: the mean with its t interval, and for each aligned attack against the strongest baseline the
-    share of samples where it distorts the kept tokens more (paired wins, Clopper--Pearson)."""
-    cols = ["eps", "compressor", "budget", "attack", "role", "n", "mean", "ci_low", "ci_high", "versus", "wins",
-            "wins_low", "wins_high"]
-    plain = df[(df["defense"] == "none") & ~df["adaptive"].astype(bool) & (df["attack"] != "clean")]
-    plain = plain.dropna(subset=["kept_disruption"])
-    rows = []
-    keys = ["eps", "compressor", "budget"]
-    for key, g in plain.groupby(keys, sort=True):
-        means = g.groupby("attack")["kept_disruption"].mean()
-        bases = [a for a in means.index if roles.get(a) == BASELINE]
-        versus = max(bases, key=lambda a: means[a]) if bases else None  # the baseline that distorts most
-        for attack, a in g.groupby("attack", sort=True):
-            lo, hi = stats.mean_ci(a["kept_disruption"], level)
-            row = {**dict(zip(keys, key)), "attack": attack, "role": roles.get(attack, "other"), "n": len(a),
-                   "mean": a["kept_disruption"].mean(), "ci_low": lo, "ci_high": hi, "versus": None,
-                   "wins": float("nan"), "wins_low": float("nan"), "wins_high": float("nan")}
-            if versus is not None and roles.get(attack) == ALIGNED:
-                pair = _paired(g, versus, attack, [], "kept_disruption")
-                wins = int((pair["kept_disruption_aligned"] > pair["kept_disruption_base"]).sum())
-                row.update(versus=versus, wins=wins / len(pair) if len(pair) else float("nan"))
-                row["wins_low"], row["wins_high"] = stats.clopper_pearson(wins, len(pair), level)
-            rows.append(row)
-    return pd.DataFrame(rows, columns=cols)
+    share of samples where it distorts the kept tokens more (paired wins, Clopper--Pearson): the first columns of
+    :func:`~robustvtc.campaign.encoder_report.screening`, wins for the compression-aligned attacks."""
+    from .encoder_report import screening
+
+    return screening(df, roles, level, compared=ALIGNED)[KEPT_DISTORTION_COLUMNS]
 
 
 FATA_COLUMNS = ["eps", "compressor", "attack", "role", "k_prac", "sr", "full_accuracy", "clean_full_accuracy", "cer",
@@ -452,19 +437,11 @@ def perturbation(df: pd.DataFrame) -> pd.DataFrame:
 def min_robust_accuracy(df: pd.DataFrame) -> tuple[float, dict]:
     """The lowest worst-case robust accuracy over every compressor x budget x defense x ε, and where it is
     (what ``--fail-under`` gates on). Without attacks: the lowest clean accuracy."""
-    table = worst_case(df, n_boot=1)
+    table = worst_case(df)
     if table.empty:
-        table = clean_accuracy(df, n_boot=1).rename(columns={"accuracy": "robust_accuracy"})
+        table = clean_accuracy(df).rename(columns={"accuracy": "robust_accuracy"})
     row = table.loc[table["robust_accuracy"].idxmin()]
     return float(row["robust_accuracy"]), {k: v for k, v in row.items() if k not in ("ci_low", "ci_high")}
-
-
-def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
-    """Robust accuracy per cell in two campaigns and the change (b - a), cells present in both."""
-    sa, sb = summary(a, n_boot=1), summary(b, n_boot=1)
-    merged = sa[[*CELL, "robust_accuracy"]].merge(sb[[*CELL, "robust_accuracy"]], on=CELL, suffixes=("_a", "_b"))
-    merged["change"] = merged["robust_accuracy_b"] - merged["robust_accuracy_a"]
-    return merged
 
 
 # (metric, definition, source) -- the report's glossary

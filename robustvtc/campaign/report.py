@@ -275,16 +275,17 @@ table.t th,table.t td{padding:.15em .35em}}"""
 
 
 def build_tables(df: pd.DataFrame, n_boot: int = metrics.N_BOOT, seed: int = 0,
-                 roles: dict | None = None) -> dict[str, pd.DataFrame]:
+                 roles: dict | None = None, verdict: dict | None = None) -> dict[str, pd.DataFrame]:
+    """The report's tables; ``verdict``: :func:`~.metrics.verdict` of ``df`` and ``roles`` when already computed."""
     roles = roles if roles is not None else metrics.attack_roles(list(df["attack"].unique()))
+    verdict = verdict if verdict is not None else metrics.verdict(df, roles)
     baselines = [a for a, r in roles.items() if r == metrics.BASELINE]
     aligned = [a for a, r in roles.items() if r == metrics.ALIGNED]
-    gap = (metrics.overestimation_gap(df, baselines[0], aligned[0], n_boot=n_boot, seed=seed) if baselines and aligned
-           else metrics.overestimation_gap(df, n_boot=n_boot, seed=seed))
-    return {"summary": metrics.summary(df, n_boot, seed), "clean": metrics.clean_accuracy(df, n_boot, seed),
-            "worst_case": metrics.worst_case(df, n_boot, seed), "gap": gap, "verdict": metrics.verdict(df, roles)["table"],
-            "kept_distortion": metrics.kept_distortion(df, roles), "ranking": metrics.ranking_stability(df, n_boot, seed),
-            "perturbation": metrics.perturbation(df)}
+    gap = (metrics.overestimation_gap(df, baselines[0], aligned[0]) if baselines and aligned
+           else metrics.overestimation_gap(df))
+    return {"summary": metrics.summary(df), "clean": metrics.clean_accuracy(df), "worst_case": metrics.worst_case(df),
+            "gap": gap, "verdict": verdict["table"], "kept_distortion": metrics.kept_distortion(df, roles),
+            "ranking": metrics.ranking_stability(df, n_boot, seed), "perturbation": metrics.perturbation(df)}
 
 
 def _ci(value: float, low: float, high: float, signed: bool = False) -> str:
@@ -355,29 +356,35 @@ def _glossary() -> Section:
 
 
 def write_report(results: str | Path, out: str | Path | None = None, n_boot: int = metrics.N_BOOT,
-                 seed: int = 0, *, locked: bool = False) -> dict[str, Path]:
+                 seed: int = 0, *, locked: bool = False, df: pd.DataFrame | None = None, manifest: dict | None = None,
+                 verdict: dict | None = None) -> dict[str, Path]:
     """Write report.html, summary.md and tables/*.csv for a campaign folder (into ``out``, default
     ``results/report``); returns their paths. Holds the lock of the campaign folder (of ``out`` when it lies
     elsewhere) unless the caller does (``locked``: :func:`~robustvtc.campaign.runner.run_campaign`); refuses,
-    in one line naming it, a symlinked report folder or file and a report file robustvtc did not write."""
+    in one line naming it, a symlinked report folder or file and a report file robustvtc did not write.
+
+    ``df``, ``manifest``: the folder's records and manifest when the caller has read them (else read here);
+    ``verdict``: :func:`~.metrics.verdict` of those records with their attacks' roles, when computed."""
     results = Path(results)
     out = Path(out) if out is not None else results / "report"
     root = check_report_folder(results, out)  # fail fast, before the statistics
     if locked:
-        return _write_report(results, out, n_boot, seed)
+        return _write_report(results, out, n_boot, seed, df=df, manifest=manifest, verdict=verdict)
     with FolderLock(root):
-        return _write_report(results, out, n_boot, seed)
+        return _write_report(results, out, n_boot, seed, df=df, manifest=manifest, verdict=verdict)
 
 
-def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str, Path]:
-    df = metrics.load_records(results)
-    manifest = read_manifest(results) or {}
+def _write_report(results: Path, out: Path, n_boot: int, seed: int, df: pd.DataFrame | None = None,
+                  manifest: dict | None = None, verdict: dict | None = None) -> dict[str, Path]:
+    df = df if df is not None else metrics.load_records(results)
+    manifest = (manifest if manifest is not None else read_manifest(results)) or {}
     from . import encoder_report
 
     if encoder_report.is_encoder_campaign(df, manifest):
         return _write_encoder_report(results, out, df, manifest)
     roles = metrics.attack_roles(list(df["attack"].unique()), manifest)
-    tables = build_tables(df, n_boot, seed, roles)
+    verdict = verdict if verdict is not None else metrics.verdict(df, roles)
+    tables = build_tables(df, n_boot, seed, roles, verdict)
     paths = _write_tables(results, out, tables)
 
     scenario = manifest.get("scenario", {})
@@ -390,7 +397,7 @@ def _write_report(results: Path, out: Path, n_boot: int, seed: int) -> dict[str,
     s = tables["summary"]
     attacked = s[s["attack"] != "clean"]
     num_tokens = manifest.get("model", {}).get("num_visual_tokens")
-    sections: list[Section] = [_verdict_section(df, roles, manifest, num_tokens, gate)]
+    sections: list[Section] = [_verdict_section(verdict, manifest, num_tokens, gate)]
 
     def add(name: str, intro: str, table: pd.DataFrame | None, image: str | None = None,
             formatted: bool = False) -> None:
@@ -552,9 +559,9 @@ def _write_encoder_report(results: Path, out: Path, df: pd.DataFrame, manifest: 
     return _write_documents(out, paths, title, head, sections, manifest)
 
 
-def _verdict_section(df: pd.DataFrame, roles: dict, manifest: dict, num_tokens: int | None, gate: str) -> Section:
-    """The question the report exists for, first: does full-token testing overestimate robustness here?"""
-    v = metrics.verdict(df, roles)
+def _verdict_section(v: dict, manifest: dict, num_tokens: int | None, gate: str) -> Section:
+    """The question the report exists for, first: does full-token testing overestimate robustness here?
+    ``v``: :func:`~.metrics.verdict`."""
     vt = v["table"]
     note = ("Per ε × compressor × budget, no defense: clean accuracy, robust accuracy under the strongest "
             "full-token baseline (" + (", ".join(v["baselines"]) or "none") + ") and under the strongest "

@@ -313,7 +313,8 @@ class Campaign:
                  clean_px: torch.Tensor, seconds: float, done: AbstractSet[tuple], attack=None) -> Iterator[dict]:
         delta = (adv_px - clean_px).flatten(1).float()
         linf, l2 = delta.abs().amax(dim=1).tolist(), delta.norm(dim=1).tolist()
-        full, clean_full = adv[self.full], clean[self.full]
+        full_ok = [self.task.correct(item, p) for item, p in zip(items, adv[self.full].predictions)]
+        clean_full_ok = [self.task.correct(item, p) for item, p in zip(items, clean[self.full].predictions)]
         ranks: dict[tuple[int, int], tuple] = {}
         for cell in cells:
             a, c = adv[cell], clean[cell]
@@ -328,20 +329,20 @@ class Campaign:
                 if key in done:
                     continue
                 pred = a.predictions[b]
+                correct, fields = self.task.judge(item, pred)  # hf benchmarks: score, category, question_id
                 yield {
                     "sample": item.id, "qtype": item.qtype, "question": item.question, "answer": item.answer,
                     "attack": unit.attack, "attack_threat": attack.threat.describe() if attack else None,
                     "eps": unit.eps, "steps": attack.steps if attack else 0,
                     "compressor": cell[0], "budget": cell[1], "defense": defense, "adaptive": adaptive,
-                    "prediction": pred, "correct": self.task.correct(item, pred),
+                    "prediction": pred, "correct": correct,
                     "clean_correct": self.task.correct(item, c.predictions[b]),
-                    "full_token_correct": self.task.correct(item, full.predictions[b]),
-                    "clean_full_token_correct": self.task.correct(item, clean_full.predictions[b]),
+                    "full_token_correct": full_ok[b], "clean_full_token_correct": clean_full_ok[b],
                     "flagged": a.flagged[b],
                     "kept_overlap": value_at(overlap, b), "rank_spearman": value_at(spearman, b),
                     "rank_kendall": value_at(kendall, b), "kept_disruption": value_at(disruption, b),
                     "linf": linf[b], "l2": l2[b], "seconds": seconds, "budget_mapping": self.mappings[cell],
-                    **self.task.record_fields(item, pred),  # hf benchmarks: score, category, question_id
+                    **fields,
                 }
 
     # ------------------------------------------------------------------ side files

@@ -541,11 +541,11 @@ def _plugin_class(c: _Check, name: Any, path: str, registry, extra: Sequence[str
 
 def _class_options(c: _Check, cls, options: dict, path: str, reserved: Sequence[str],
                    base_dir: Path | None) -> dict:
-    """``options`` checked against ``cls.__init__``'s keywords and types; ``cls.path_options`` resolved against
-    the scenario's folder."""
-    params = inspect.signature(cls.__init__).parameters
+    """``options`` checked against the keywords and types of ``cls``'s constructor (none where the class
+    defines no ``__init__``); ``cls.path_options`` resolved against the scenario's folder."""
+    params = inspect.signature(cls).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        allowed = [k for k, p in params.items() if k != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        allowed = [k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
         c.keys(options, path, [*reserved, *allowed])
     options = {k: v for k, v in options.items() if k not in reserved}
     _option_types(c, cls, options, path)
@@ -650,11 +650,7 @@ def _defense(c: _Check, raw: Any, path: str, base_dir: Path | None = None) -> De
     if registry is None:
         c.fail(path, f"no defenses are registered in this install, so {name!r} is unknown", "none")
     cls = _plugin_class(c, name, path, registry, extra=["none"])
-    params = inspect.signature(cls).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        allowed = [k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        c.keys(options, f"{path}.{name}", allowed)
-    options = _resolve_paths(c, cls, dict(options), f"{path}.{name}", base_dir)
+    options = _class_options(c, cls, options, f"{path}.{name}", (), base_dir)
     label = name + ("(" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + ")" if options else "")
     return DefenseSpec(name, label, dict(options))
 

@@ -157,16 +157,19 @@ class Task:
     def record_fields(self, item: Item, prediction: str) -> dict:
         """What a record carries besides the common fields: for hf, ``score`` and the preset's columns that
         :func:`robustvtc.data.hf.aggregate` reads (category, question_id); nothing for the other sources."""
-        if self.spec.source != "hf":
-            return {}
-        return {"score": self.score(item, prediction), **dict(item.meta)}
+        return self.judge(item, prediction)[1]
 
     def correct(self, item: Item, prediction: str) -> bool:
+        return self.judge(item, prediction)[0]
+
+    def judge(self, item: Item, prediction: str) -> tuple[bool, dict]:
+        """(:meth:`correct`, :meth:`record_fields`) of one prediction, scoring it once."""
         from ..scoring import exact_match
 
         if self.spec.source in ("synthetic", "multiple_choice"):
-            return prediction == item.answer
+            return prediction == item.answer, {}
         if self.spec.source == "hf":
-            return self.score(item, prediction) >= CORRECT_AT
-        return exact_match(prediction, item.answers) > 0
+            score = self.score(item, prediction)
+            return score >= CORRECT_AT, {"score": score, **dict(item.meta)}
+        return exact_match(prediction, item.answers) > 0, {}
 
