@@ -381,7 +381,8 @@ def rebuild_manifest_cmd(scenario, output, sets):
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", default=None, type=click.Path(file_okay=False), help="Default: RESULTS/report.")
 @click.option("--view", "view_names", multiple=True, metavar="NAME",
-              help="Print a table instead of writing the report (repeatable): accuracy, by-type, attacks, verdict.")
+              help="Print a table instead of writing the report (repeatable): accuracy, by-type, attacks, verdict, "
+                   "benchmark, difficulty, uniprunebench, encoder.")
 @click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Bootstrap resamples (continuous per-image measures: rank correlations).")
 @click.option("--seed", default=0, show_default=True, help="Bootstrap seed.")

@@ -169,6 +169,13 @@ def test_every_command_has_help_with_examples(command):
     assert res.exit_code == 0 and "Example" in res.output
 
 
+def test_report_help_names_every_view():
+    from robustvtc.campaign.views import VIEWS
+
+    text = " ".join(run("report", "--help").output.split())
+    assert all(name in text for name in VIEWS), text
+
+
 def test_report_json_and_views(run_dir, tmp_path):
     res = CliRunner().invoke(main, ["report", str(run_dir), "-o", str(tmp_path / "r"), "--json", "--fail-under", "0"])
     assert res.exit_code == 0, res.output

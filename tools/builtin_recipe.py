@@ -24,7 +24,7 @@ Recipe (all choices are here and recorded in ``training_report.json``):
     layer ``attend_layer`` must put their attention on the question's first and last object (every object of
     the colour for counts), or on the first token (an attention sink) when the question has none. A tiny LLM
     from scratch otherwise spends most of a CPU budget on the answer-prior plateau before it finds these
-    look-ups (README, "Status"). With ``count_centres``, head 1 of a count question instead spreads its
+    look-ups (docs/builtin-models.md). With ``count_centres``, head 1 of a count question instead spreads its
     attention evenly over the sink and the centre patches of the n objects it counts: its output is then
     (sink value + n centre values) / (1 + n), which says n, where an average over the objects' patches says
     only what colour they are;
@@ -291,7 +291,7 @@ def _alignment_loss(visual: torch.Tensor, batch: dict, idx: torch.Tensor | None,
     shape words highest among those words' input embeddings (and, weighted ``place_weight``, its grid row and
     column words among ``ROW_WORDS`` and ``COLUMN_WORDS``). A question names an object by those words, so the
     LLM's look-up starts from tokens that already point the way. Measured on colour questions with two objects
-    visible (README, "Status"): without it the LLM picks one of the two visible colours at random (52 % at step
+    visible (docs/builtin-models.md): without it the LLM picks one of the two visible colours at random (52 % at step
     300); with it, 62 % at step 300 and 90 % at step 600.
     The place words keep an object's place in its token: attention values carry no position (RoPE rotates only
     queries and keys). Without them a linear probe read an object's grid column from 99.8 % of the tower's
@@ -445,7 +445,7 @@ def _attention_supervision(layer, h, cos_sin, mask, rows, cols, referents, first
     """-log of the attention mass that heads 0 and 1 of ``layer``, at each answer-predicting position, put on the
     question's first and last referent object (every object of the colour for count questions); questions
     without a referent (a "no" existence, a "zero" count) must look at the first token instead, the attention
-    sink, so that "nothing found" is something the heads can say. Measured (README, "Status"), before the readout
+    sink, so that "nothing found" is something the heads can say. Measured (docs/builtin-models.md), before the readout
     supervision existed: 700 stage-2 steps on the shipped tower reached 56.8 % validation accuracy with it, 50.8 %
     without.
     With ``count_centres`` (B, questions, N), head 1 of a count question with n > 0 objects is scored by the
@@ -491,10 +491,10 @@ def _readout_loss(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
     of the question's first and last referent (squared error, so that places are ordered and "left of" becomes a
     comparison) and their colours and shapes (cross-entropy). The heads often looked at the right objects without
     the answer using them; 700 stage-2 steps on the shipped tower reach 78.8 % validation accuracy with this
-    readout, 56.8 % without (README, "Status"). For relations the readout must also give ``MARGIN_SCALE`` x the
+    readout, 56.8 % without (docs/builtin-models.md). For relations the readout must also give ``MARGIN_SCALE`` x the
     signed margin and the relation word: with those and the place words in the alignment, 700 steps answer
     99.3 % of 400 validation relation questions, against 49.5 % without any of the three. For counts it must
-    give the count, which the centre-and-sink split of head 1 makes readable (README, "Status")."""
+    give the count, which the centre-and-sink split of head 1 makes readable (docs/builtin-models.md)."""
     places, kinds = (torch.cat([batch[key][b, :len(q)] for b, q in enumerate(batch["questions"])])
                      for key in ("referent_places", "referent_kinds"))
     place, *kind = outputs.split(READOUT_SIZES, dim=-1)

@@ -1,13 +1,13 @@
-"""Diagnostics and exploratory runs behind the built-in model's training recipe (README, "Status"); not part
+"""Diagnostics and exploratory runs behind the built-in model's training recipe (docs/builtin-models.md); not part
 of the package. One main torch thread each.
 
-    python experiments/builtin_diagnostics.py probe    # how well the shipped feature-layer patches encode colour/shape
-    python experiments/builtin_diagnostics.py vision --steps 1400 --lr 3e-3 --cell --shape-weight 2 --centre-weight 1 \
-        --save tower.pt                                # the recipe's stage 1
-    python experiments/builtin_diagnostics.py llava --steps 800 --attend-weight 0   # stage 2 on the shipped tower
-    python experiments/builtin_diagnostics.py fastv    # FastV's accuracy by the decoder layer it ranks with
-    python experiments/builtin_diagnostics.py attention  # where the supervised heads look, by question type
-    python experiments/builtin_diagnostics.py count      # which counts the shipped model confuses
+    python -m tools.experiments.builtin_diagnostics probe    # how well the feature-layer patches encode colour, shape
+    python -m tools.experiments.builtin_diagnostics vision --steps 1400 --lr 3e-3 --cell --shape-weight 2 \
+        --centre-weight 1 --save tower.pt              # the recipe's stage 1
+    python -m tools.experiments.builtin_diagnostics llava --steps 800 --attend-weight 0   # stage 2 on the shipped tower
+    python -m tools.experiments.builtin_diagnostics fastv    # FastV's accuracy by the decoder layer it ranks with
+    python -m tools.experiments.builtin_diagnostics attention  # where the supervised heads look, by question type
+    python -m tools.experiments.builtin_diagnostics count      # which counts the shipped model confuses
 
 ``probe`` fits a linear classifier on the object patches of the shipped vision tower (80/20 split).
 ``vision`` trains stage 1 alone and prints the shape/colour accuracy of its per-patch heads on the object
