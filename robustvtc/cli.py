@@ -298,7 +298,7 @@ def _encoder_outcome(df, manifest, out, as_json: bool, quiet: bool, tables: dict
         return
     from .campaign import encoder_report, metrics
 
-    table = encoder_report.screening(df, metrics.attack_roles(list(df["attack"].unique()), manifest))
+    table = metrics.screening(df, metrics.attack_roles(list(df["attack"].unique()), manifest))
     sentence = encoder_report.verdict_sentence(table)
     if as_json:
         data = {"folder": str(out), "records": len(df), "samples": int(df["sample"].nunique()),

@@ -11,19 +11,14 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import numpy as np
 import pandas as pd
 
 from .. import stats
 from . import metrics
 from .formatting import Section, format_eps, paragraph, table_block
-from .records import NONE
 
 KIND = "encoder"
 MEASURES = ("kept_disruption", "kept_overlap", "rank_spearman", "full_token_disruption")
-COLUMNS = ["eps", "compressor", "budget", "attack", "role", "n", "mean", "ci_low", "ci_high", "overlap",
-           "overlap_low", "overlap_high", "spearman", "spearman_low", "spearman_high", "full", "full_low",
-           "full_high", "versus", "wins", "wins_low", "wins_high", "ties", "p_value"]
 
 
 def is_encoder_campaign(df: pd.DataFrame | None = None, manifest: Mapping | None = None) -> bool:
@@ -34,54 +29,10 @@ def is_encoder_campaign(df: pd.DataFrame | None = None, manifest: Mapping | None
     return df is not None and "kind" in df and bool((df["kind"] == KIND).any())
 
 
-def _attacked(df: pd.DataFrame) -> pd.DataFrame:
-    return df[(df["defense"] == NONE) & ~df["adaptive"].astype(bool) & (df["attack"] != "clean")]
-
-
-def screening(df: pd.DataFrame, roles: Mapping[str, str], level: float = stats.DEFAULT_LEVEL,
-              compared: str | None = None) -> pd.DataFrame:
-    """One row per ε x compressor x budget x attack: the kept-token distortion (mean, t interval), the kept-set
-    overlap, Spearman rank correlation and full-token distortion (each with its t interval), and for every attack
-    that is not a baseline (with ``compared``: every attack of that role) its paired wins over the strongest
-    baseline (share, Clopper--Pearson, ties, sign-test p-value). Works on any records carrying ``kept_disruption``
-    (full campaigns: ``full_token_disruption`` is NaN)."""
-    plain = _attacked(df).dropna(subset=["kept_disruption"])
-    if "full_token_disruption" not in plain:
-        plain = plain.assign(full_token_disruption=np.nan)
-    rows = []
-    keys = ["eps", "compressor", "budget"]
-    for key, g in plain.groupby(keys, sort=True):
-        means = g.groupby("attack")["kept_disruption"].mean()
-        bases = [a for a in means.index if roles.get(a) == metrics.BASELINE]
-        versus = max(bases, key=lambda a: means[a]) if bases else None
-        for attack, a in g.groupby("attack", sort=True):
-            row = {**dict(zip(keys, key)), "attack": attack, "role": roles.get(attack, "other"), "n": len(a)}
-            for name, col in (("mean", "kept_disruption"), ("overlap", "kept_overlap"),
-                              ("spearman", "rank_spearman"), ("full", "full_token_disruption")):
-                values = pd.to_numeric(a[col], errors="coerce")
-                row[name] = float(values.mean()) if values.notna().any() else float("nan")
-                lo, hi = stats.mean_ci(values, level)
-                row[f"{'ci' if name == 'mean' else name}_low"], row[f"{'ci' if name == 'mean' else name}_high"] = lo, hi
-            row.update(versus=None, wins=float("nan"), wins_low=float("nan"), wins_high=float("nan"),
-                       ties=float("nan"), p_value=float("nan"))
-            role = roles.get(attack)
-            if versus is not None and attack != versus and (role == compared if compared else role != metrics.BASELINE):
-                base = g[g["attack"] == versus][["sample", "kept_disruption"]]
-                pair = a[["sample", "kept_disruption"]].merge(base, on="sample", suffixes=("", "_base"))
-                won = int((pair["kept_disruption"] > pair["kept_disruption_base"]).sum())
-                lost = int((pair["kept_disruption"] < pair["kept_disruption_base"]).sum())
-                n = len(pair)
-                row.update(versus=versus, wins=won / n if n else float("nan"), ties=n - won - lost,
-                           p_value=stats.mcnemar_exact(stats.PairedCounts(0, won, lost, n - won - lost)))
-                row["wins_low"], row["wins_high"] = stats.clopper_pearson(won, n, level)
-            rows.append(row)
-    return pd.DataFrame(rows, columns=COLUMNS)
-
-
 def full_token(df: pd.DataFrame, level: float = stats.DEFAULT_LEVEL) -> pd.DataFrame:
     """Per ε x attack: the full-token distortion (all N tokens, one value per image: it does not depend on the
     compressor), t interval, with the perturbation norms and seconds to craft one image."""
-    plain = _attacked(df)
+    plain = metrics.attacked_plain(df)
     rows = []
     for (eps, attack), g in plain.groupby(["eps", "attack"], sort=True):
         per_image = g.drop_duplicates("sample")
@@ -130,7 +81,7 @@ def view(df: pd.DataFrame, manifest: Mapping | None = None, table: pd.DataFrame 
     its t interval, the overlap, rank correlation, full-token distortion and the paired wins over the baseline
     (``table``: the :func:`screening` of ``df`` when already computed)."""
     if table is None:
-        table = screening(df, metrics.attack_roles(list(df["attack"].unique()), manifest))
+        table = metrics.screening(df, metrics.attack_roles(list(df["attack"].unique()), manifest))
     shown = display(table)
     return shown.set_index(["ε", "cell", "attack"]) if not shown.empty else shown
 

@@ -36,6 +36,7 @@ import pandas as pd
 from .. import stats
 from ..errors import UserInputError
 from ..registry import is_import_path
+from .records import NONE
 
 CELL = ["attack", "eps", "compressor", "budget", "defense", "adaptive"]
 N_BOOT = 1000
@@ -347,10 +348,58 @@ def kept_distortion(df: pd.DataFrame, roles: Mapping[str, str], level: float = s
     """Kept-token distortion (``kept_disruption``, what CAGE maximises) per ε x compressor x budget x attack,
     no defense: the mean with its t interval, and for each aligned attack against the strongest baseline the
     share of samples where it distorts the kept tokens more (paired wins, Clopper--Pearson): the first columns of
-    :func:`~robustvtc.campaign.encoder_report.screening`, wins for the compression-aligned attacks."""
-    from .encoder_report import screening
-
+    :func:`screening`, wins for the compression-aligned attacks."""
     return screening(df, roles, level, compared=ALIGNED)[KEPT_DISTORTION_COLUMNS]
+
+
+SCREENING_COLUMNS = ["eps", "compressor", "budget", "attack", "role", "n", "mean", "ci_low", "ci_high", "overlap",
+           "overlap_low", "overlap_high", "spearman", "spearman_low", "spearman_high", "full", "full_low",
+           "full_high", "versus", "wins", "wins_low", "wins_high", "ties", "p_value"]
+
+
+def attacked_plain(df: pd.DataFrame) -> pd.DataFrame:
+    """The attacked records without defense or adaptive crafting."""
+    return df[(df["defense"] == NONE) & ~df["adaptive"].astype(bool) & (df["attack"] != "clean")]
+
+
+def screening(df: pd.DataFrame, roles: Mapping[str, str], level: float = stats.DEFAULT_LEVEL,
+              compared: str | None = None) -> pd.DataFrame:
+    """One row per ε x compressor x budget x attack: the kept-token distortion (mean, t interval), the kept-set
+    overlap, Spearman rank correlation and full-token distortion (each with its t interval), and for every attack
+    that is not a baseline (with ``compared``: every attack of that role) its paired wins over the strongest
+    baseline (share, Clopper--Pearson, ties, sign-test p-value). Works on any records carrying ``kept_disruption``
+    (full campaigns: ``full_token_disruption`` is NaN)."""
+    plain = attacked_plain(df).dropna(subset=["kept_disruption"])
+    if "full_token_disruption" not in plain:
+        plain = plain.assign(full_token_disruption=np.nan)
+    rows = []
+    keys = ["eps", "compressor", "budget"]
+    for key, g in plain.groupby(keys, sort=True):
+        means = g.groupby("attack")["kept_disruption"].mean()
+        bases = [a for a in means.index if roles.get(a) == BASELINE]
+        versus = max(bases, key=lambda a: means[a]) if bases else None
+        for attack, a in g.groupby("attack", sort=True):
+            row = {**dict(zip(keys, key)), "attack": attack, "role": roles.get(attack, "other"), "n": len(a)}
+            for name, col in (("mean", "kept_disruption"), ("overlap", "kept_overlap"),
+                              ("spearman", "rank_spearman"), ("full", "full_token_disruption")):
+                values = pd.to_numeric(a[col], errors="coerce")
+                row[name] = float(values.mean()) if values.notna().any() else float("nan")
+                lo, hi = stats.mean_ci(values, level)
+                row[f"{'ci' if name == 'mean' else name}_low"], row[f"{'ci' if name == 'mean' else name}_high"] = lo, hi
+            row.update(versus=None, wins=float("nan"), wins_low=float("nan"), wins_high=float("nan"),
+                       ties=float("nan"), p_value=float("nan"))
+            role = roles.get(attack)
+            if versus is not None and attack != versus and (role == compared if compared else role != BASELINE):
+                base = g[g["attack"] == versus][["sample", "kept_disruption"]]
+                pair = a[["sample", "kept_disruption"]].merge(base, on="sample", suffixes=("", "_base"))
+                won = int((pair["kept_disruption"] > pair["kept_disruption_base"]).sum())
+                lost = int((pair["kept_disruption"] < pair["kept_disruption_base"]).sum())
+                n = len(pair)
+                row.update(versus=versus, wins=won / n if n else float("nan"), ties=n - won - lost,
+                           p_value=stats.mcnemar_exact(stats.PairedCounts(0, won, lost, n - won - lost)))
+                row["wins_low"], row["wins_high"] = stats.clopper_pearson(won, n, level)
+            rows.append(row)
+    return pd.DataFrame(rows, columns=SCREENING_COLUMNS)
 
 
 FATA_COLUMNS = ["eps", "compressor", "attack", "role", "k_prac", "sr", "full_accuracy", "clean_full_accuracy", "cer",

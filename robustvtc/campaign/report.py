@@ -540,7 +540,7 @@ def _write_encoder_report(results: Path, out: Path, df: pd.DataFrame, manifest: 
     from . import encoder_report
 
     roles = metrics.attack_roles(list(df["attack"].unique()), manifest)
-    tables = {"encoder_screening": encoder_report.screening(df, roles), "full_token": encoder_report.full_token(df)}
+    tables = {"encoder_screening": metrics.screening(df, roles), "full_token": encoder_report.full_token(df)}
     paths = _write_tables(results, out, tables)
     scenario = manifest.get("scenario", {})
     title = f"robustvtc encoder screening — {scenario.get('name', results.name)}"
