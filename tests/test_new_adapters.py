@@ -1,8 +1,9 @@
-"""Qwen3-VL (+ MoE), InternVL, LLaVA-OneVision and Gemma 3 adapters on tiny random models saved with
-save_pretrained and loaded through load_model(path), offline: the model's own logits with all tokens, the pruned
-path equal to the model with dropped tokens masked (Gemma 3: fed only the kept tokens), the in-LLM attention rows
-equal to eager attention, differentiable preprocessing equal to the HF processor, bf16, and every compressor run or
-refused in one line."""
+"""Every adapter family on tiny random models saved with save_pretrained and loaded through load_model(path),
+offline: the model's own logits with all tokens, the pruned path equal to the model with dropped tokens masked
+(Gemma 3: fed only the kept tokens), the in-LLM attention rows equal to eager attention, bf16, every compressor
+run or refused in one line, the attacks. Then what is particular to Qwen3-VL (+ MoE), InternVL, LLaVA-OneVision
+and Gemma 3 (LLaVA, LLaVA-NeXT and Qwen2(.5)-VL: tests/test_real_adapters.py): dispatch, geometry, prompts,
+preprocessing equal to the HF processor."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,20 +12,26 @@ import torch
 
 from robustvtc.compression import compatible_compressors, list_compressors
 from robustvtc.errors import UserInputError
-from robustvtc.models import (Gemma3Adapter, InternVLAdapter, LlavaOnevisionAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter,
-                              load_model)
+from robustvtc.models import (Gemma3Adapter, InternVLAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen3VLAdapter,
+                              Qwen3VLMoeAdapter, load_model)
+from robustvtc.models.base import VisualEmbeds
 from robustvtc.models.qwen2_vl import Qwen2VLAdapter
 from robustvtc.target import Target
+import test_real_adapters as older
 from test_real_adapters import (CANDIDATES, LLAVA_SPECIAL, QUESTIONS, QWEN_SPECIAL, TINY_KWARGS,
                                 assert_rows_equal_eager_attention, hf_model_inputs, load_tiny, pixels_for, save_tiny,
                                 tiny_tokenizer)
 
 FAMILIES = ["qwen3_vl", "qwen3_vl_moe", "internvl", "llava_onevision", "gemma3"]
+EVERY_FAMILY = [*older.FAMILIES, *FAMILIES]
 CLASSES = {"qwen3_vl": Qwen3VLAdapter, "qwen3_vl_moe": Qwen3VLMoeAdapter, "internvl": InternVLAdapter,
            "llava_onevision": LlavaOnevisionAdapter, "gemma3": Gemma3Adapter}
-BUDGET = {"qwen3_vl": 8, "qwen3_vl_moe": 8, "internvl": 8, "llava_onevision": 10, "gemma3": 8}
-CLS_METHODS = {"fastervlm", "visionzip", "vispruner", "prumerge", "prumerge_plus", "tome", "flowcut", "vscan", "hiprune"}
+BUDGET = {**older.BUDGET, "qwen3_vl": 8, "qwen3_vl_moe": 8, "internvl": 8, "llava_onevision": 10, "gemma3": 8}
+CLS_METHODS = {"fastervlm", "visionzip", "vispruner", "prumerge", "prumerge_plus", "tome", "flowcut", "vscan",
+               "hiprune"}
 RECEIVED_METHODS = {"visionzip_qwen"}  # VisionZip's CLS-free port: published for Qwen2.5-VL (and Qwen2-VL's tower)
+# none of the newer families has a CLS per LLM token or VisionZip's Qwen2.5-VL port
+REFUSED = {**older.REFUSED, **dict.fromkeys(FAMILIES, CLS_METHODS | RECEIVED_METHODS)}
 INTERNVL_SPECIAL = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
 GEMMA3_SPECIAL = ["<pad>", "<unk>", "<bos>", "</s>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                   "<end_of_image>", "<image_soft_token>"]
@@ -34,8 +41,11 @@ GEMMA3_WINDOW = 8
 
 
 def tiny_model(family: str):
+    """A 2-layer, width-64 random model of ``family`` and its tokenizer (the older families: test_real_adapters')."""
     import transformers as T
 
+    if family in older.FAMILIES:
+        return older.tiny_model(family)
     text = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, bos_token_id=3, eos_token_id=3, pad_token_id=0)
     if family.startswith("qwen3_vl"):
@@ -87,7 +97,7 @@ def tiny_model(family: str):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    return save_tiny(tiny_model, FAMILIES, tmp_path_factory)
+    return save_tiny(tiny_model, EVERY_FAMILY, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -133,17 +143,17 @@ def test_gemma3_prompt_from_its_chat_template(saved, tmp_path):
                                  "{question}<end_of_turn>\n<start_of_turn>model\n")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY_FAMILY)
 def test_bf16_loads_and_scores(saved, family):
     a = load_model(str(saved[family]), dtype="bf16", image_size=32 if family.startswith("qwen") else None)
     assert a.dtype == torch.bfloat16
-    scores = Target(a, "pooling", 4 if family != "llava_onevision" else 5).candidate_logprobs(
+    scores = Target(a, "pooling", BUDGET[family]).candidate_logprobs(
         pixels_for(a), QUESTIONS, CANDIDATES)
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
 
 
 # ---------------------------------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY_FAMILY)
 def test_all_tokens_give_the_models_own_logits(adapters, family):
     a = adapters[family]
     px = pixels_for(a)
@@ -154,8 +164,10 @@ def test_all_tokens_give_the_models_own_logits(adapters, family):
         torch.testing.assert_close(ours[b], ref[cand], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma3"])  # gemma3: its window counts fed tokens
+@pytest.mark.parametrize("family", [f for f in EVERY_FAMILY if f != "gemma3"])  # gemma3: its window counts fed tokens
 def test_pruned_path_equals_the_model_with_dropped_tokens_masked(adapters, family):
+    """Pre-LLM pruning = the HF model on the full sequence with the dropped image tokens masked out, at the
+    positions we claim: M-RoPE ids of the unpruned layout (Qwen), contiguous ids (the others)."""
     a = adapters[family]
     px = pixels_for(a, batch=1)
     fwd = Target(a, "random", BUDGET[family], seed=1).forward(px)
@@ -173,6 +185,9 @@ def test_pruned_path_equals_the_model_with_dropped_tokens_masked(adapters, famil
     if isinstance(a, Qwen2VLAdapter):
         positions, _ = a.model.model.get_rope_index(ids, extra["mm_token_type_ids"], extra["image_grid_thw"])
         torch.testing.assert_close(a._positions(torch.ones_like(ids), full, QUESTIONS[:1]), positions)
+        # the compressed layout's ids are the unpruned ids at the kept tokens
+        torch.testing.assert_close(a._positions(torch.ones(1, int(keep.sum()), dtype=torch.long), fwd.embeds,
+                                                QUESTIONS[:1]), positions[:, :, keep])
     else:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
     ref = a.model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).logits[0, -1].log_softmax(-1)
@@ -211,7 +226,7 @@ def test_decoders_it_cannot_follow_are_refused_in_one_line():
         Gemma3Adapter(model, tok)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY_FAMILY)
 def test_in_llm_attention_rows_equal_the_models_eager_attention(adapters, family):
     """What in-LLM methods score with is the model's own attention: q/k norms (Qwen3, Gemma 3), Gemma 3's sliding
     window and its image tokens attending both ways -- every query row, image rows included."""
@@ -238,7 +253,7 @@ def test_gemma3_greedy_answers_equal_the_models_generate(adapters):
     assert [c[:1] for c in cached] == a.generate_ids(fastv.embeds, QUESTIONS, 1, in_llm=fastv.in_llm, cache=False)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY_FAMILY)
 def test_in_llm_at_full_budget_is_exact(adapters, family):
     a = adapters[family]
     px = pixels_for(a)
@@ -318,16 +333,21 @@ def test_onevision_crops_match_the_hf_processor(adapters):
 
 
 # ---------------------------------------------------------------------------------------------- compressors
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY_FAMILY)
 @pytest.mark.parametrize("name", list_compressors())
 def test_every_compressor_runs_or_is_refused(adapters, family, name):
     a = adapters[family]
     budget = a.num_visual_tokens if name == "none" else BUDGET[family]
-    if name in CLS_METHODS or (name in RECEIVED_METHODS and "received_attention" not in a.capabilities):
+    if name in REFUSED[family]:
         with pytest.raises(UserInputError) as err:
             Target(a, name, budget, **TINY_KWARGS.get(name, {}))
         msg = str(err.value)
-        assert len(msg.splitlines()) == 1 and name not in compatible_compressors(a)
+        assert len(msg.splitlines()) == 1
+        if (family, name) in older.REFUSED_BECAUSE:  # the model, not a missing signal
+            assert older.REFUSED_BECAUSE[family, name] in msg
+            pytest.skip(f"{family} refuses {name}: {msg}")
+        assert name not in compatible_compressors(a)
+        assert f"compressor {name!r} needs" in msg and a.family in msg and a.name in msg
         assert f"compatible compressors: {', '.join(compatible_compressors(a))}" in msg
         pytest.skip(f"{family} refuses {name}: {msg}")
     assert name in compatible_compressors(a)
@@ -339,27 +359,31 @@ def test_every_compressor_runs_or_is_refused(adapters, family, name):
     if fwd.in_llm is not None:
         assert fwd.in_llm.last_keep.shape == (2, budget)
     else:
-        assert fwd.plan.weights.shape == (2, budget, a.num_visual_tokens + 1)
+        assert fwd.plan.weights.shape == (2, budget, a.num_visual_tokens + 1) and fwd.plan.lengths is None
+        if isinstance(fwd.embeds, VisualEmbeds):
+            newlines = a.tiles[0] * a.grid[0] if isinstance(a, LlavaNextAdapter) else 0
+            assert [len(s) for s in fwd.embeds.sources] == [budget + newlines] * 2
+            assert [int((s >= 0).sum()) for s in fwd.embeds.sources] == [budget] * 2
     loss.sum().backward()
     assert px.grad is not None and px.grad.abs().sum() > 0 and torch.isfinite(px.grad).all()
 
 
 # ---------------------------------------------------------------------------------------------- attacks
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EVERY_FAMILY)
 @pytest.mark.parametrize("name,kwargs", [("fulltoken", {}), ("cage", {"score": "norm"}), ("known_budget",
                                          {"score": "norm", "budget": 4}), ("stealth", {}), ("cira", {}), ("fata", {})])
 def test_attacks_run_or_are_refused_on_every_family(adapters, family, name, kwargs):
     """The recipes' attacks (and the stealth one against a compressed target) run within epsilon on every family;
-    CIRA and FATA rank by CLS attention, which none of these models has: refused in one line at construction."""
+    CIRA and FATA rank by CLS attention: refused in one line at construction where the model has none."""
     from robustvtc.attacks import get_attack
 
     a = adapters[family]
     px = pixels_for(a, batch=1)
-    if name in ("cira", "fata"):
+    if name in ("cira", "fata") and "cls_token" not in a.capabilities:
         with pytest.raises(UserInputError, match=rf"^{name} needs a CLS token .* accepted: a model that has it, or "):
             get_attack(name, a, eps="4/255", steps=1, **kwargs)
         return
-    model = Target(a, "pooling", 5 if family == "llava_onevision" else 4) if name == "stealth" else a
+    model = Target(a, "pooling", BUDGET[family]) if name == "stealth" else a
     result = get_attack(name, model, eps="4/255", steps=2, random_start=True, **kwargs)(px, QUESTIONS[:1], ["yes"])
     assert result.loss_trace.shape == (3, 1) and torch.isfinite(result.loss_trace).all()
     assert 0 < (result.adv - px).abs().max() <= 4 / 255 + 1e-6

@@ -1,5 +1,7 @@
 """Real-checkpoint adapters (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) on tiny random models saved with
-save_pretrained and loaded through load_model(path), offline; real-data loaders; answer metrics."""
+save_pretrained and loaded through load_model(path), offline: their family-specific behaviour, and the tiny
+models and helpers that tests/test_new_adapters.py runs every family's exactness checks with; real-data loaders;
+answer metrics."""
 from __future__ import annotations
 
 import json
@@ -8,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from robustvtc.compression import compatible_compressors, list_compressors
 from robustvtc.data.loaders import load_multiple_choice, load_pixels, load_vqa_folder, load_vqa_jsonl
 from robustvtc.errors import UserInputError
 from robustvtc.models import (Gemma3Adapter, LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen2VLAdapter,
                               load_model)
-from robustvtc.models.base import VisualEmbeds
 from robustvtc.scoring import exact_match, normalize_answer, option_logprobs, vqa_accuracy
 from robustvtc.target import Target
 
@@ -148,11 +148,6 @@ def hf_model_inputs(a, pixels: torch.Tensor, question: str, image_tokens: int | 
     return dict(input_ids=ids, **inputs)
 
 
-def hf_last_logprobs(a, pixels: torch.Tensor, question: str) -> torch.Tensor:
-    """The transformers model's own next-token log-probabilities after the prompt."""
-    return a.model(**hf_model_inputs(a, pixels, question)).logits[0, -1].log_softmax(-1)
-
-
 class CaptureRows:
     """An in-LLM hook at layer 1 that keeps every visual token and records the attention rows of every query."""
 
@@ -222,113 +217,6 @@ def test_chat_template_gives_the_prompt(saved, tmp_path):
 def test_bad_image_size(saved, family, size, match):
     with pytest.raises(UserInputError, match=match):
         load_model(str(saved[family]), image_size=size)
-
-
-def test_bf16_loads_and_scores(saved):
-    a = load_model(str(saved["qwen2_vl"]), dtype="bf16", image_size=32)
-    assert a.dtype == torch.bfloat16 and a.device.type == "cpu"
-    scores = Target(a, "pooling", 4).candidate_logprobs(pixels_for(a), QUESTIONS, CANDIDATES)
-    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
-
-
-# ---------------------------------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("family", FAMILIES)
-def test_all_tokens_give_the_models_own_logits(adapters, family):
-    a = adapters[family]
-    px = pixels_for(a)
-    ours = Target(a, "none").candidate_logprobs(px, QUESTIONS, CANDIDATES)
-    for b, q in enumerate(QUESTIONS):
-        ref = hf_last_logprobs(a, px[b:b + 1], q)
-        cand = [a.continuation_ids(q, c)[0] for c in CANDIDATES]
-        torch.testing.assert_close(ours[b], ref[cand], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_in_llm_attention_rows_equal_the_models_eager_attention(adapters, family):
-    a = adapters[family]
-    px = pixels_for(a, batch=1)
-    assert_rows_equal_eager_attention(a, px, hf_model_inputs(a, px, QUESTIONS[0]))
-
-
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen2_5_vl"])
-def test_pruned_path_equals_the_model_with_dropped_tokens_masked(adapters, family):
-    """Pre-LLM pruning = the HF model on the full sequence with the dropped image tokens masked out, at the
-    positions we claim: M-RoPE ids of the unpruned layout (Qwen), contiguous ids (LLaVA-NeXT)."""
-    a = adapters[family]
-    px = pixels_for(a, batch=1)
-    target = Target(a, "random", BUDGET[family], seed=1)
-    fwd = target.forward(px)
-    ours = a.candidate_logprobs(fwd.embeds, QUESTIONS[:1], CANDIDATES)[0]
-    full = a._visual_rows(a.project(a.encode(px).features))
-    text = a.prompt_template.format(question=QUESTIONS[0])
-    text = text.replace(a.image_placeholder, a.image_placeholder * full.sources[0].numel())
-    ids = a.tokenizer(text, return_tensors="pt").input_ids
-    start = ids[0].tolist().index(a.image_token_id)
-    kept = fwd.embeds.sources[0]
-    keep = torch.ones(ids.shape[1], dtype=torch.bool)
-    keep[start:start + full.sources[0].numel()] = torch.isin(full.sources[0], kept) | (full.sources[0] < 0)
-    assert int(keep.sum()) == ids.shape[1] - a.num_visual_tokens + BUDGET[family]
-    mask = keep.long().unsqueeze(0)
-    if isinstance(a, Qwen2VLAdapter):
-        positions = a._positions(torch.ones_like(ids), full, QUESTIONS[:1])
-        extra = dict(pixel_values=a.patchify(a.normalize(px)), mm_token_type_ids=(ids == a.image_token_id).int(),
-                     image_grid_thw=torch.tensor([[1, a.grid[0] * a.merge, a.grid[1] * a.merge]]))
-        # our sliced ids are the unpruned ids at the kept tokens
-        torch.testing.assert_close(a._positions(torch.ones(1, int(keep.sum()), dtype=torch.long), fwd.embeds,
-                                                QUESTIONS[:1]), positions[:, :, keep])
-        ref_ids, _ = a.model.model.get_rope_index(ids, extra["mm_token_type_ids"], extra["image_grid_thw"])
-        torch.testing.assert_close(positions, ref_ids)
-    else:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra = dict(pixel_values=a.normalize(a.crops(px)).unsqueeze(0), image_sizes=torch.tensor([a.image_size]))
-    ref = a.model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).logits[0, -1].log_softmax(-1)
-    cand = [a.continuation_ids(QUESTIONS[0], c)[0] for c in CANDIDATES]
-    torch.testing.assert_close(ours, ref[cand], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_in_llm_at_full_budget_is_exact(adapters, family):
-    a = adapters[family]
-    px = pixels_for(a)
-    full = Target(a, "none").candidate_logprobs(px, QUESTIONS, CANDIDATES)
-    for name in ("fastv", "pdrop"):
-        pruned = Target(a, name, a.num_visual_tokens, **TINY_KWARGS[name]).candidate_logprobs(px, QUESTIONS, CANDIDATES)
-        torch.testing.assert_close(pruned, full, atol=1e-6, rtol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------- compressors
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", list_compressors())
-def test_every_compressor_runs_or_is_refused(adapters, family, name):
-    a = adapters[family]
-    budget = a.num_visual_tokens if name == "none" else BUDGET[family]
-    if name in REFUSED[family]:
-        with pytest.raises(UserInputError) as err:
-            Target(a, name, budget, **TINY_KWARGS.get(name, {}))
-        msg = str(err.value)
-        if (family, name) in REFUSED_BECAUSE:
-            assert REFUSED_BECAUSE[family, name] in msg and len(msg.splitlines()) == 1
-            pytest.skip(f"{family} refuses {name}: {msg}")
-        assert f"compressor {name!r} needs" in msg and a.family in msg and a.name in msg
-        assert f"compatible compressors: {', '.join(compatible_compressors(a))}" in msg
-        assert name not in compatible_compressors(a)
-        pytest.skip(f"{family} refuses {name}: {msg}")
-    assert name in compatible_compressors(a)
-    target = Target(a, name, budget, **TINY_KWARGS.get(name, {}))
-    px = pixels_for(a).requires_grad_()
-    fwd = target.forward(px)
-    loss = a.answer_loss(fwd.embeds, QUESTIONS, ["yes", "red"], in_llm=fwd.in_llm)
-    assert torch.isfinite(loss).all()
-    if fwd.in_llm is not None:
-        assert fwd.in_llm.last_keep.shape == (2, budget)
-    else:
-        assert fwd.plan.weights.shape == (2, budget, a.num_visual_tokens + 1) and fwd.plan.lengths is None
-        if isinstance(fwd.embeds, VisualEmbeds):
-            newlines = a.tiles[0] * a.grid[0] if isinstance(a, LlavaNextAdapter) else 0
-            assert [len(s) for s in fwd.embeds.sources] == [budget + newlines] * 2
-            assert [int((s >= 0).sum()) for s in fwd.embeds.sources] == [budget] * 2
-    loss.sum().backward()
-    assert px.grad is not None and px.grad.abs().sum() > 0 and torch.isfinite(px.grad).all()
 
 
 def test_incompatible_compressor_message(adapters):
